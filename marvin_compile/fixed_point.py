@@ -1,0 +1,97 @@
+"""Signed fixed-point numbers (MARViN section 1): validation and the quantizer Q(x; wl, fl)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+Rounding = Literal["nearest", "stochastic"]
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+MIN_WL, MAX_WL = 2, 32
+
+
+class PrecisionError(ValueError):
+    """An invalid (wl, fl) pair or rounding mode; the message names the accepted range."""
+
+
+def check_precision(wl: int, fl: int) -> None:
+    """Raise PrecisionError unless 2 <= wl <= 32 and 0 <= fl < wl (never clamp silently)."""
+    if isinstance(wl, bool) or not isinstance(wl, (int, np.integer)):
+        raise PrecisionError(f"word length must be an integer, got {wl!r}")
+    if isinstance(fl, bool) or not isinstance(fl, (int, np.integer)):
+        raise PrecisionError(f"fractional length must be an integer, got {fl!r}")
+    if not MIN_WL <= wl <= MAX_WL:
+        raise PrecisionError(f"word length wl={wl} is out of range; accepted: {MIN_WL} <= wl <= {MAX_WL}")
+    if not 0 <= fl < wl:
+        raise PrecisionError(f"fractional length fl={fl} is out of range for wl={wl}; accepted: 0 <= fl < wl")
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise PrecisionError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One layer's fixed-point format: word length wl (sign included) and fractional length fl."""
+
+    wl: int
+    fl: int
+
+    def __post_init__(self) -> None:
+        check_precision(self.wl, self.fl)
+
+    @property
+    def step(self) -> float:
+        return 2.0 ** -self.fl
+
+    @property
+    def int_min(self) -> int:
+        return -(2 ** (self.wl - 1))
+
+    @property
+    def int_max(self) -> int:
+        return 2 ** (self.wl - 1) - 1
+
+    @property
+    def lo(self) -> float:
+        """Smallest representable value, -2**(wl-fl-1)."""
+        return self.int_min * self.step
+
+    @property
+    def hi(self) -> float:
+        """Largest representable value, 2**(wl-fl-1) - 2**-fl."""
+        return self.int_max * self.step
+
+
+def quantize(
+    x: torch.Tensor,
+    wl: int,
+    fl: int,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Q(x; wl, fl): round to the 2**-fl grid (ties up, or stochastically) and clamp to the range.
+
+    Computes in the dtype of x; the scaling by a power of two is exact in float32 and float64.
+    """
+    check_precision(wl, fl)
+    check_rounding(rounding)
+    p = Precision(int(wl), int(fl))
+    scaled = x * (2.0 ** fl)
+    if rounding == "nearest":
+        q = torch.floor(scaled + 0.5)
+    else:
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        q = torch.floor(scaled + u)
+    return torch.clamp(q, p.int_min, p.int_max) * p.step
+
+
+def quantize_np(x: np.ndarray, wl: int, fl: int) -> np.ndarray:
+    """Nearest-rounding Q in numpy, in the dtype of x (float64 for references)."""
+    p = Precision(int(wl), int(fl))
+    q = np.floor(x * (2.0 ** fl) + 0.5)
+    return np.clip(q, p.int_min, p.int_max) * p.step

@@ -1,0 +1,121 @@
+"""Tensor-expression kernels of the fixed-point quantizer, shared by the Relax passes.
+
+Runtime arguments keep one compiled variant valid for every (wl, fl) of its kernel class:
+``qp = [2**fl, 2**-fl, -2**(wl-1), 2**(wl-1)-1]`` (float32[4]) and ``fl`` (int32 scalar).
+Stochastic rounding draws ``u ~ U[0, 1)`` from a counter-based hash of (seed, element index, site),
+so it needs no noise tensor in memory and is reproducible under a seed.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+QUANTIZE_NAME = "fxp_quantize"
+SALT_INPUT, SALT_WEIGHT, SALT_BIAS, SALT_OUTPUT = 0x1B873593, 0x68E31DA4, 0x3C6EF372, 0x2545F491
+
+
+def _flat_index(indices, shape) -> tirx.PrimExpr:
+    flat = tirx.const(0, "int64")
+    for i, n in zip(indices, shape):
+        flat = flat * tirx.Cast("int64", n) + tirx.Cast("int64", i)
+    return flat
+
+
+def _hash32(seed: te.Tensor, indices, shape, salt: int) -> tirx.PrimExpr:
+    """murmur3's 32-bit finaliser over (index, seed, salt): a uniform uint32 per element.
+
+    Each step is a Let binding, so the expression stays linear in size instead of doubling.
+    """
+
+    def u32(v: int) -> tirx.PrimExpr:
+        return tirx.const(v, "uint32")
+
+    flat = _flat_index(indices, shape)
+    lo = tirx.Cast("uint32", flat)
+    hi = tirx.Cast("uint32", tirx.shift_right(flat, tirx.const(32, "int64")))
+    start = lo * u32(0x9E3779B1) + seed[()] * u32(0x85EBCA77) + hi * u32(0xC2B2AE3D) + u32(salt)
+    steps = [
+        lambda h: h ^ tirx.shift_right(h, u32(16)),
+        lambda h: h * u32(0x85EBCA6B),
+        lambda h: h ^ tirx.shift_right(h, u32(13)),
+        lambda h: h * u32(0xC2B2AE35),
+        lambda h: h ^ tirx.shift_right(h, u32(16)),
+    ]
+
+    def chain(value: tirx.PrimExpr, rest: list) -> tirx.PrimExpr:
+        if not rest:
+            return value
+        v = tirx.Var("h", "uint32")
+        return tirx.Let(v, value, chain(rest[0](v), rest[1:]))
+
+    return chain(start, steps)
+
+
+def _round_offset(seed: te.Tensor | None, indices, shape, salt: int) -> tirx.PrimExpr:
+    """0.5 for round-to-nearest (ties up); u ~ U[0,1) on a 2**-24 grid for stochastic rounding."""
+    if seed is None:
+        return tirx.const(0.5, "float32")
+    h = _hash32(seed, indices, shape, salt)
+    return tirx.Cast("float32", tirx.shift_right(h, tirx.const(8, "uint32"))) * tirx.const(2.0**-24, "float32")
+
+
+def _quantized_level(t, qp, seed, salt, indices) -> tirx.PrimExpr:
+    v = te.floor(t(*indices) * qp[0] + _round_offset(seed, indices, t.shape, salt))
+    return te.max(te.min(v, qp[3]), qp[2])
+
+
+def fake_quantize(t: te.Tensor, qp: te.Tensor, seed: te.Tensor | None = None, salt: int = 0) -> te.Tensor:
+    """Q(t; wl, fl) in float32: the value on the 2**-fl grid (the paper's float simulation)."""
+    return te.compute(
+        t.shape, lambda *i: _quantized_level(t, qp, seed, salt, i) * qp[1], name=QUANTIZE_NAME
+    )
+
+
+def quantize_to_int(
+    t: te.Tensor, qp: te.Tensor, dtype: str, seed: te.Tensor | None = None, salt: int = 0
+) -> te.Tensor:
+    """The integer level round(t * 2**fl), clamped to the word length, in an integer container."""
+    return te.compute(
+        t.shape,
+        lambda *i: tirx.Cast(dtype, _quantized_level(t, qp, seed, salt, i)),
+        name=QUANTIZE_NAME + "_int",
+    )
+
+
+def requantize(
+    acc: te.Tensor,
+    bias: te.Tensor | None,
+    qp: te.Tensor,
+    fl: te.Tensor,
+    channel_axis: int,
+    seed: te.Tensor | None = None,
+    salt: int = SALT_OUTPUT,
+) -> te.Tensor:
+    """Exact Q of an accumulator on the 2**-2fl grid back to the 2**-fl grid, as float32.
+
+    floor(acc / 2**fl + offset) = (acc + r) >> fl with r = 2**(fl-1) (nearest, ties up) or r
+    uniform in [0, 2**fl) (stochastic): integer arithmetic, so no float rounding can creep in.
+    """
+    dtype = acc.dtype
+    shift = tirx.Cast(dtype, fl[()])
+    one = tirx.const(1, dtype)
+    lo, hi = tirx.Cast(dtype, acc_bound(qp[2])), tirx.Cast(dtype, acc_bound(qp[3]))
+
+    def f(*i):
+        total = acc(*i)
+        if bias is not None:
+            total = total + tirx.shift_left(tirx.Cast(dtype, bias[i[channel_axis]]), shift)
+        if seed is None:
+            r = tirx.shift_right(tirx.shift_left(one, shift), one)
+        else:
+            h = tirx.Cast(dtype, _hash32(seed, i, acc.shape, salt))
+            r = tirx.bitwise_and(h, tirx.shift_left(one, shift) - one)
+        q = tirx.shift_right(total + r, shift)
+        return tirx.Cast("float32", te.max(te.min(q, hi), lo)) * qp[1]
+
+    return te.compute(acc.shape, f, name="fxp_requantize")
+
+
+def acc_bound(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Integer bounds arrive as float32 (exact up to 2**24, far above the integer classes' 2**15)."""
+    return tirx.Cast("int64", v)

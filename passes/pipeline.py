@@ -1,0 +1,57 @@
+"""The compile pipeline, in named phases (mlc-llm style: small passes, one place that orders them).
+
+- partition: split each quantizable layer out of ``main`` (model level, once per model);
+- quantize:  insert runtime-precision fixed-point quantize nodes (per layer, per rounding);
+- lower:     integer kernels of the layer's kernel class, then dead-code cleanup;
+- glue:      ``main`` calls layers through the runtime dispatcher;
+- build:     TVM's standard Relax lowering, fusion and codegen for the target (``tvm.compile``).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from marvin_compile.kernel_classes import KernelClass
+from marvin_compile.passes.bind_dispatch import BindLayerDispatch
+from marvin_compile.passes.extract_layers import ExtractLayers
+from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize
+from marvin_compile.passes.lower_integer import LowerToIntegerKernels
+from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
+
+
+def partition(mod: tvm.IRModule) -> tvm.IRModule:
+    """Phase partition: main plus one float Relax function per quantizable layer."""
+    return tvm.transform.Sequential([ExtractLayers()], name="partition")(mod)
+
+
+def layer_module(func: relax.Function) -> tvm.IRModule:
+    """A module holding one layer function as ``layer``: the unit that is compiled and swapped."""
+    return tvm.IRModule({"layer": func.with_attr("global_symbol", "layer")})
+
+
+def variant_module(func: relax.Function, kernel_class: KernelClass, rounding: str) -> tvm.IRModule:
+    """Phases quantize and lower for one layer and one kernel class."""
+    seq = tvm.transform.Sequential(
+        [
+            InsertFixedPointQuantize(rounding),
+            LowerToIntegerKernels(kernel_class),
+            relax.transform.DeadCodeElimination(["layer"]),
+        ],
+        name="quantize_lower",
+    )
+    return seq(layer_module(func))
+
+
+def glue_module(mod: tvm.IRModule) -> tvm.IRModule:
+    """Phase glue: main with layer calls bound to the runtime dispatcher, layer bodies dropped."""
+    out = BindLayerDispatch()(mod)
+    return relax.transform.DeadCodeElimination(["main"])(out)
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    """Phase build: TVM's default Relax pipeline (legalize, fuse, lower) and codegen."""
+    return tvm.compile(mod, target=target)
+
+
+__all__ = ["LAYER_ATTR", "build", "glue_module", "layer_functions", "layer_module", "partition", "variant_module"]

@@ -1,0 +1,60 @@
+"""Small helpers the passes share: re-emitting bindings under a variable substitution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+
+LAYER_ATTR = "marvin.layer"
+
+
+def substitute(e: relax.Expr, vmap: dict) -> relax.Expr:
+    """Rebuild ``e`` with variables replaced by ``vmap`` (calls, tuples and leaves only)."""
+    if isinstance(e, relax.Var):
+        return vmap.get(e, e)
+    if isinstance(e, relax.Call):
+        return relax.Call(e.op, [substitute(a, vmap) for a in e.args], e.attrs, e.ty_args)
+    if isinstance(e, relax.Tuple):
+        return relax.Tuple([substitute(f, vmap) for f in e.fields])
+    if isinstance(e, relax.TupleGetItem):
+        return relax.TupleGetItem(substitute(e.tuple_value, vmap), e.index)
+    return e
+
+
+def layer_functions(mod: tvm.IRModule) -> list[tuple[relax.GlobalVar, relax.Function]]:
+    """The per-layer Relax functions of a module, in name order."""
+    out = [
+        (gv, f)
+        for gv, f in mod.functions.items()
+        if isinstance(f, relax.Function) and f.attrs is not None and LAYER_ATTR in f.attrs
+    ]
+    return sorted(out, key=lambda p: p[0].name_hint)
+
+
+def param(name: str, shape, dtype: str) -> relax.Var:
+    return relax.Var(name, relax.TensorType(shape, dtype))
+
+
+def map_layers(mod: tvm.IRModule, rewrite: Callable[[relax.BlockBuilder, relax.Function, str], None]) -> tvm.IRModule:
+    """Replace every layer function by ``rewrite(bb, func, name)``, which defines ``name`` in ``bb``.
+
+    Sharing one BlockBuilder lets the rewrites add deduplicated PrimFuncs; callers keep using the
+    original GlobalVars, so ``main`` stays valid.
+    """
+    bb = relax.BlockBuilder(mod)
+    layers = layer_functions(mod)
+    replaced = {}
+    for gv, func in layers:
+        tmp = gv.name_hint + "__rewritten"
+        rewrite(bb, func, tmp)
+        replaced[tmp] = gv
+    old = {gv.name_hint for gv, _ in layers}
+    out = {}
+    for gv, f in bb.get().functions.items():
+        if gv.name_hint in replaced:
+            out[replaced[gv.name_hint]] = f.without_attr("global_symbol")
+        elif gv.name_hint not in old:
+            out[gv] = f
+    return tvm.IRModule(out)

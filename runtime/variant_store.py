@@ -1,0 +1,120 @@
+"""Compiled layer variants: built on first use, kept in memory and in an on-disk cache.
+
+Key = (layer signature, kernel class, rounding, target, toolkit and TVM versions). The layer
+signature hashes the printed float layer function, whose parameters have canonical names, so
+layers with the same shapes and attributes share one variant. Cache files are written to a temp
+file and renamed, so a crash or a concurrent process never leaves a half-written library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from marvin_compile import __version__
+from marvin_compile.kernel_classes import KernelClass
+from marvin_compile.passes import pipeline
+
+ENV_CACHE = "MARVIN_COMPILE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$MARVIN_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/marvin-compile`` (``~/.cache`` by default)."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "marvin-compile"
+
+
+def signature(func: relax.Function) -> str:
+    """Content hash of a float layer function (shapes, dtypes, attributes; not its layer name)."""
+    text = func.without_attr("marvin.layer").script(show_meta=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def variant_key(sig: str, kernel_class: str, rounding: str, target: tvm.target.Target) -> str:
+    text = "|".join([sig, kernel_class, rounding, str(target), __version__, tvm.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Variant:
+    """One loaded variant: ``fn(x, w[, b], qp, fl[, seed])`` returning the layer output."""
+
+    key: str
+    kernel_class: str
+    rounding: str
+    fn: Callable
+    path: Path
+
+
+class VariantStore:
+    """Compile-or-load layer variants for one target and device."""
+
+    compilations = 0  # process-wide count of real compilations (tests assert on it)
+
+    def __init__(self, target: tvm.target.Target, cache_dir: str | os.PathLike | None = None) -> None:
+        self.target = target
+        self.device = tvm.device("cpu" if target.kind.name == "llvm" else target.kind.name, 0)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._memory: dict[str, Variant] = {}
+        self._lock = threading.Lock()
+
+    def path_for(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.so"
+
+    def get(self, func: relax.Function, kernel_class: KernelClass, rounding: str) -> Variant:
+        """The variant of ``func`` for a class and rounding: from memory, disk, or a fresh build."""
+        key = variant_key(signature(func), kernel_class.name, rounding, self.target)
+        with self._lock:
+            if key not in self._memory:
+                path = self.path_for(key)
+                if not path.exists():
+                    self._compile(pipeline.variant_module(func, kernel_class, rounding), path)
+                self._memory[key] = Variant(key, kernel_class.name, rounding, self._load(path, "layer"), path)
+            return self._memory[key]
+
+    def get_float(self, func: relax.Function) -> Variant:
+        """The unquantized float32 layer (the reference path checked against ONNX Runtime)."""
+        key = variant_key(signature(func), "unquantized", "none", self.target)
+        with self._lock:
+            if key not in self._memory:
+                path = self.path_for(key)
+                if not path.exists():
+                    self._compile(pipeline.layer_module(func), path)
+                self._memory[key] = Variant(key, "unquantized", "none", self._load(path, "layer"), path)
+            return self._memory[key]
+
+    def get_module(self, mod: tvm.IRModule, entry: str) -> Callable:
+        """Compile-or-load a whole module (the glue) by content hash; returns its ``entry``."""
+        text = mod.script(show_meta=True) + "|" + str(self.target) + __version__ + tvm.__version__
+        path = self.path_for("module-" + hashlib.sha256(text.encode()).hexdigest()[:32])
+        with self._lock:
+            if not path.exists():
+                self._compile(mod, path)
+            return self._load(path, entry)
+
+    def _compile(self, mod: tvm.IRModule, path: Path) -> None:
+        executable = pipeline.build(mod, self.target)
+        type(self).compilations += 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
+        os.close(fd)
+        try:
+            executable.export_library(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _load(self, path: Path, entry: str) -> Callable:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)
+        return vm[entry]
