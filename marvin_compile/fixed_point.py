@@ -76,18 +76,20 @@ def quantize(
 ) -> torch.Tensor:
     """Q(x; wl, fl): round to the 2**-fl grid (ties up, or stochastically) and clamp to the range.
 
-    Computes in the dtype of x; the scaling by a power of two is exact in float32 and float64.
+    Computes in the dtype of x. Equal to floor(x * 2**fl + 1/2 or + u) evaluated exactly: adding the
+    offset in float32 could round a sum up to the next integer and bias the result.
     """
     check_precision(wl, fl)
     check_rounding(rounding)
     p = Precision(int(wl), int(fl))
-    scaled = x * (2.0 ** fl)
+    scaled = x * (2.0**fl)  # exact: a power-of-two scale
+    floor = torch.floor(scaled)
+    frac = scaled - floor  # exact, so rounding up is decided without float rounding slips
     if rounding == "nearest":
-        q = torch.floor(scaled + 0.5)
+        up = frac >= 0.5
     else:
-        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        q = torch.floor(scaled + u)
-    return torch.clamp(q, p.int_min, p.int_max) * p.step
+        up = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) >= 1.0 - frac
+    return torch.clamp(floor + up.to(x.dtype), p.int_min, p.int_max) * p.step
 
 
 def quantize_np(x: np.ndarray, wl: int, fl: int) -> np.ndarray:

@@ -8,6 +8,7 @@ initializer order, so a Relax layer maps back to its torch module by position an
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,16 +32,18 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
     was_training = model.training
     model.eval()
     try:
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: BATCH_DIM}, "y": {0: BATCH_DIM}},
-            opset_version=17,
-            dynamo=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter keeps names
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: BATCH_DIM}, "y": {0: BATCH_DIM}},
+                opset_version=17,
+                dynamo=False,
+            )
     finally:
         model.train(was_training)
     onnx.checker.check_model(onnx.load(path))

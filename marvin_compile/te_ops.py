@@ -51,17 +51,27 @@ def _hash32(seed: te.Tensor, indices, shape, salt: int) -> tirx.PrimExpr:
     return chain(start, steps)
 
 
-def _round_offset(seed: te.Tensor | None, indices, shape, salt: int) -> tirx.PrimExpr:
-    """0.5 for round-to-nearest (ties up); u ~ U[0,1) on a 2**-24 grid for stochastic rounding."""
-    if seed is None:
-        return tirx.const(0.5, "float32")
+def _uniform(seed: te.Tensor, indices, shape, salt: int) -> tirx.PrimExpr:
+    """u ~ U[0, 1) on a 2**-24 grid."""
     h = _hash32(seed, indices, shape, salt)
     return tirx.Cast("float32", tirx.shift_right(h, tirx.const(8, "uint32"))) * tirx.const(2.0**-24, "float32")
 
 
 def _quantized_level(t, qp, seed, salt, indices) -> tirx.PrimExpr:
-    v = te.floor(t(*indices) * qp[0] + _round_offset(seed, indices, t.shape, salt))
-    return te.max(te.min(v, qp[3]), qp[2])
+    """floor(v + 1/2) or floor(v + u) of v = t * 2**fl, clamped, without float32 rounding slips.
+
+    Adding the offset in float32 can round a sum up to the next integer (v = k + 0.49999997, or a
+    grid value k plus u close to 1), so round up from the exact fraction r = v - floor(v) instead.
+    """
+    v = t(*indices) * qp[0]
+    f = te.floor(v)
+    r = v - f
+    if seed is None:
+        up = r >= tirx.const(0.5, "float32")
+    else:
+        up = _uniform(seed, indices, t.shape, salt) >= tirx.const(1.0, "float32") - r
+    level = f + tirx.Select(up, tirx.const(1.0, "float32"), tirx.const(0.0, "float32"))
+    return te.max(te.min(level, qp[3]), qp[2])
 
 
 def fake_quantize(t: te.Tensor, qp: te.Tensor, seed: te.Tensor | None = None, salt: int = 0) -> te.Tensor:

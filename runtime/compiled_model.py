@@ -70,6 +70,7 @@ class CompiledModel:
         mod = pipeline.partition(imported.mod)
         self.layers = layers_of(mod)
         main = mod["main"]
+        self.input_shape = tuple(int(d) for d in list(main.params[0].ty.shape)[1:])  # after the batch dim
         self._params = [tvm.runtime.tensor(imported.params[p.name], self.device) for p in main.params[1:]]
         self._glue = store.get_module(pipeline.glue_module(mod), "main")
         self._id = next(_IDS)
@@ -119,6 +120,8 @@ class CompiledModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if any(v is None for v in self._variants):
             raise RuntimeError("call set_precision(...) before running the model")
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"input has shape {tuple(x.shape)}; accepted: (batch, {', '.join(map(str, self.input_shape))})")
         self._calls += 1
         out = self._glue(tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device),
                          *self._params, self._id)

@@ -67,6 +67,7 @@ class VariantStore:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._memory: dict[str, Variant] = {}
         self._lock = threading.Lock()
+        self._paths: set[Path] = set()
 
     def path_for(self, key: str) -> Path:
         return self.cache_dir / f"{key}.so"
@@ -102,6 +103,10 @@ class VariantStore:
                 self._compile(mod, path)
             return self._load(path, entry)
 
+    def loaded_paths(self) -> list[Path]:
+        """Every library this store has loaded (variants and glue), for copying into a model dir."""
+        return list(self._paths)
+
     def _compile(self, mod: tvm.IRModule, path: Path) -> None:
         executable = pipeline.build(mod, self.target)
         type(self).compilations += 1
@@ -116,5 +121,6 @@ class VariantStore:
                 os.unlink(tmp)
 
     def _load(self, path: Path, entry: str) -> Callable:
+        self._paths.add(path)
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)
         return vm[entry]

@@ -1,0 +1,319 @@
+"""Kernel throughput: our compiled layer variants (int8, int16, float32) against torch float32.
+
+For representative conv and GEMM shapes (LeNet-5, ResNet-20, a VGG-style conv, a square GEMM) this
+builds a one-layer torch model, compiles it through the marvin-compile pipeline into the variant of
+each kernel class, and times one call of the variant next to ``torch.nn.functional.conv2d`` /
+``linear`` (float32, oneDNN / MKL) on the same data. Throughput is ``2 * MACs / median time``.
+
+Usage::
+
+    .venv/bin/python benchmarks/kernels.py [--batch 128] [--repeat 10] [--quick] [--write-md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from marvin_compile.fixed_point import Precision
+from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
+from marvin_compile.kernel_classes import CLASS_BY_NAME
+from marvin_compile.target import resolve_target
+
+if TYPE_CHECKING:
+    from marvin_compile.runtime.variant_store import VariantStore
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
+PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
+CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: a conv (cin->cout, k x k on hw x hw) or a GEMM (m x k times k x n)."""
+
+    name: str
+    kind: str  # "conv" or "gemm"
+    cin: int  # conv input channels / GEMM reduction k
+    cout: int  # conv output channels / GEMM n
+    k: int = 1  # conv kernel size
+    hw: int = 1  # conv input height = width
+    pad: int = 0
+    m: int | None = None  # GEMM rows; None: the batch
+
+    def rows(self, batch: int) -> int:
+        return self.m if self.m is not None else batch
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (batch, self.cin, self.hw, self.hw)
+        return (self.rows(batch), self.cin)
+
+    def macs(self, batch: int) -> int:
+        """Multiply-accumulates of the conv / GEMM (bias excluded)."""
+        if self.kind == "conv":
+            out = self.hw + 2 * self.pad - self.k + 1
+            return batch * self.cout * out * out * self.cin * self.k * self.k
+        return self.rows(batch) * self.cin * self.cout
+
+    def module(self) -> nn.Module:
+        """The one-layer torch model (with bias), wrapped so the layer has a module name."""
+        torch.manual_seed(0)
+        if self.kind == "conv":
+            layer: nn.Module = nn.Conv2d(self.cin, self.cout, self.k, padding=self.pad, bias=True)
+        else:
+            layer = nn.Linear(self.cin, self.cout, bias=True)
+        return nn.Sequential(layer).eval()
+
+
+SHAPES: tuple[Shape, ...] = (
+    Shape("LeNet-5 conv1 1->6 5x5 @32x32", "conv", 1, 6, 5, 32),
+    Shape("LeNet-5 conv2 6->16 5x5 @14x14", "conv", 6, 16, 5, 14),
+    Shape("LeNet-5 fc 400->120", "gemm", 400, 120),
+    Shape("ResNet-20 16->16 3x3 @32x32 p1", "conv", 16, 16, 3, 32, 1),
+    Shape("ResNet-20 32->32 3x3 @16x16 p1", "conv", 32, 32, 3, 16, 1),
+    Shape("ResNet-20 64->64 3x3 @8x8 p1", "conv", 64, 64, 3, 8, 1),
+    Shape("VGG 128->128 3x3 @16x16 p1", "conv", 128, 128, 3, 16, 1),
+    Shape("GEMM 512x512x512", "gemm", 512, 512, m=512),
+)
+QUICK_SHAPES = ("LeNet-5 conv1 1->6 5x5 @32x32", "LeNet-5 fc 400->120")
+
+
+@dataclass
+class Row:
+    """One table row: a shape, a kernel class and both throughputs."""
+
+    shape: str
+    kernel_class: str
+    ours_gops: float
+    torch_gops: float
+    ours_repeats: int
+    torch_repeats: int
+    rel_err: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_gops / self.torch_gops
+
+
+def median_time(
+    call: Callable[[], object], repeat: int, budget_s: float = CASE_BUDGET_S
+) -> tuple[float, int]:
+    """Median seconds of ``call`` after warm-up, and the repeat count used.
+
+    Warm-up is one call, plus a second when the first was quick; the last warm-up time picks the
+    repeat count so the timed part takes about ``budget_s`` (at least min(3, repeat), at most repeat).
+    """
+    t0 = time.perf_counter()
+    call()
+    est = time.perf_counter() - t0
+    if est < 0.3:
+        t0 = time.perf_counter()
+        call()
+        est = time.perf_counter() - t0
+    n = max(min(3, repeat), min(repeat, int(budget_s / max(est, 1e-9))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), n
+
+
+def bench_shape(shape: Shape, batch: int, repeat: int, store: VariantStore, workdir: str) -> list[Row]:
+    """Time the three kernel-class variants and torch float32 on one shape."""
+    # passes/ and runtime/ are imported here, in their own block, because ruff sorts them as
+    # third-party (their source dirs are not under marvin_compile/) unless configured otherwise.
+    from marvin_compile.passes import pipeline
+    from marvin_compile.runtime.compiled_model import layers_of, precision_args
+
+    model = shape.module()
+    layer = model[0]
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal(shape.input_shape(batch), dtype=np.float32)
+    w_np = layer.weight.detach().numpy().copy()
+    b_np = layer.bias.detach().numpy().copy()
+    macs = shape.macs(batch)
+
+    onnx_path = os.path.join(workdir, "".join(c if c.isalnum() else "_" for c in shape.name) + ".onnx")
+    export_onnx(model, torch.from_numpy(x_np[:1]), onnx_path)
+    layers = layers_of(pipeline.partition(import_onnx(load_onnx(onnx_path)).mod))
+    if len(layers) != 1:
+        raise RuntimeError(f"{shape.name}: expected one layer, found {[lay.name for lay in layers]}")
+
+    x_t, w_t, b_t = torch.from_numpy(x_np), torch.from_numpy(w_np), torch.from_numpy(b_np)
+    with torch.inference_mode():
+        if shape.kind == "conv":
+            torch_call = functools.partial(F.conv2d, x_t, w_t, b_t, padding=shape.pad)
+        else:
+            torch_call = functools.partial(F.linear, x_t, w_t, b_t)
+        ref = torch_call().numpy()
+        torch_s, torch_n = median_time(torch_call, repeat)
+    torch_gops = 2 * macs / torch_s / 1e9
+
+    dev = store.device
+    x, w, b = (tvm.runtime.tensor(a, dev) for a in (x_np, w_np, b_np))
+    rows = []
+    for name, precision in PRECISION.items():
+        variant = store.get(layers[0].func, CLASS_BY_NAME[name], "nearest")
+        qp, fl = precision_args(precision, dev)
+        y = variant.fn(x, w, b, qp, fl).numpy()
+        if y.shape != ref.shape or not np.all(np.isfinite(y)):
+            raise RuntimeError(f"{shape.name} {name}: output {y.shape} (torch {ref.shape}) or not finite")
+        rel_err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        ours_s, ours_n = median_time(lambda v=variant, q=qp, f=fl: v.fn(x, w, b, q, f), repeat)
+        rows.append(Row(shape.name, name, 2 * macs / ours_s / 1e9, torch_gops, ours_n, torch_n, rel_err))
+        print(
+            f"  {shape.name:32s} {name:8s} ours {ours_s * 1e3:9.2f} ms (x{ours_n})  "
+            f"torch {torch_s * 1e3:8.2f} ms (x{torch_n})  rel.err vs torch {rel_err:.1e}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def machine() -> str:
+    """CPU model name and core count from ``lscpu`` (falls back to os.cpu_count)."""
+    info: dict[str, str] = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    model = info.get("Model name", "unknown CPU")
+    try:
+        cores = int(info["Core(s) per socket"]) * int(info.get("Socket(s)", "1"))
+    except (KeyError, ValueError):
+        cores = os.cpu_count() or 0
+    return f"{model}, {cores} cores ({info.get('CPU(s)', os.cpu_count())} logical CPUs)"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| shape | class | ours GOP/s | torch fp32 GOP/s | ratio ours/torch |", "|---|---|--:|--:|--:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.shape} | {r.kernel_class} | {r.ours_gops:.2f} | {r.torch_gops:.1f} | {r.ratio:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def section(rows: list[Row], batch: int, command: str, elapsed_s: float, target: str) -> str:
+    """The BENCHMARKS.md section (markers included)."""
+    gemm_m = ", ".join(f"{s.name}: M={s.m}" for s in SHAPES if s.m is not None)
+    return "\n".join(
+        [
+            BEGIN,
+            "## Kernels: compiled layer variants vs torch float32",
+            "",
+            f"- Machine: {machine()}",
+            f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+            f"- Command: `{command}` (ran {elapsed_s:.0f} s)",
+            f"- torch {torch.__version__}, {torch.get_num_threads()} threads; TVM {tvm.__version__}, "
+            f"target `{target}`",
+            f"- Batch {batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest rounding; "
+            "int8 = Precision(8,4), int16 = Precision(16,8), float32 = Precision(24,12).",
+            "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; repeats chosen so each "
+            "case times ~1.5 s. Ours = one call of the compiled variant (quantize inputs/weights/bias, "
+            "conv/GEMM, requantize), default TVM schedules; torch = `F.conv2d` / `F.linear` float32.",
+            "",
+            markdown_table(rows),
+            END,
+        ]
+    )
+
+
+def write_md(path: Path, text: str) -> None:
+    """Replace the kernels section of ``path``; append it, or create the file, when missing."""
+    if path.exists():
+        old = path.read_text()
+        start, stop = old.find(BEGIN), old.find(END)
+        if start != -1 and stop > start:
+            new = old[:start] + text + old[stop + len(END) :]
+        else:
+            new = old.rstrip("\n") + "\n\n" + text + "\n"
+    else:
+        new = (
+            "# Benchmarks\n\nMeasured numbers of marvin-compile; each section is rewritten by the script "
+            "named in it.\n\n" + text + "\n"
+        )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def command_line() -> str:
+    """The command as run, with the script path relative to the repository when possible."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(REPO))
+    except ValueError:
+        script_text = sys.argv[0]
+    return shlex.join([".venv/bin/python", script_text, *sys.argv[1:]])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=128, help="batch size (GEMM rows for the fc layer)")
+    p.add_argument("--repeat", type=int, default=10, help="max timed repeats per case (fewer for slow cases)")
+    p.add_argument("--quick", action="store_true", help="only 2 shapes and 1 repeat (smoke test)")
+    p.add_argument("--write-md", action="store_true", help="rewrite the kernels section of BENCHMARKS.md")
+    p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file for --write-md")
+    p.add_argument("--cache-dir", default=None, help="variant cache (default: a fresh temp dir)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.repeat < 1:
+        p.error("--batch and --repeat must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    repeat = 1 if args.quick else args.repeat
+    shapes = [s for s in SHAPES if s.name in QUICK_SHAPES] if args.quick else list(SHAPES)
+    from marvin_compile.runtime.variant_store import VariantStore
+
+    target = resolve_target("cpu")
+    print(
+        f"# {machine()}; torch {torch.__version__} threads={torch.get_num_threads()}; "
+        f"TVM {tvm.__version__} target={target}; batch={args.batch}",
+        file=sys.stderr,
+        flush=True,
+    )
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="marvin-bench-") as workdir:
+        store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
+        for shape in shapes:
+            rows.extend(bench_shape(shape, args.batch, repeat, store, workdir))
+    elapsed = time.perf_counter() - start
+    print(f"torch threads: {torch.get_num_threads()}; batch: {args.batch}\n")
+    print(markdown_table(rows))
+    print(f"\ntotal run time: {elapsed:.1f} s", flush=True)
+    if args.write_md:
+        write_md(args.md, section(rows, args.batch, command_line(), elapsed, str(target)))
+        print(f"wrote {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Single-layer variants: worst-case accumulation, stochastic rounding, conv1d and MatMul layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from marvin_compile.fixed_point import Precision
+from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
+from marvin_compile.kernel_classes import CLASS_BY_NAME
+from marvin_compile.runtime.compiled_model import CompiledModel
+
+
+def compiled(module: nn.Module, example: torch.Tensor, tmp_path, store) -> CompiledModel:
+    path = tmp_path / "m.onnx"
+    export_onnx(module, example, path)
+    return CompiledModel(import_onnx(load_onnx(path)), store)
+
+
+@pytest.mark.parametrize("cls,wl,k", [("int8", 8, 65536), ("int16", 16, 4096)])
+def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
+    """Every input and weight at the most negative level: the true sum is K * 2**(2wl-2)."""
+    lin = nn.Linear(k, 2, bias=True)
+    fl = 0
+    lo = -(2 ** (wl - 1))
+    with torch.no_grad():
+        lin.weight.fill_(lo)
+        lin.weight[1, ::2] = 2 ** (wl - 1) - 1  # row 1: alternating signs, partial sums swing widely
+        lin.bias.fill_(lo)
+    model = compiled(lin, torch.zeros(1, k), tmp_path, store)
+    assert CLASS_BY_NAME[cls].accumulator(k) in ("int32", "int64")
+    x = np.full((2, k), lo, dtype=np.float32)
+    model.set_precision(Precision(wl, fl))
+    got = model(x)
+    w = lin.weight.detach().double().numpy()
+    exact = np.clip(x.astype(np.float64) @ w.T + lo, lo, 2 ** (wl - 1) - 1)
+    np.testing.assert_array_equal(got, exact)
+    assert got[0, 0] == 2 ** (wl - 1) - 1  # saturates high, not wrapped to a negative value
+
+
+def test_conv1d_and_matmul_layers(tmp_path, store):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.proj = nn.Parameter(torch.randn(4 * 8, 5) * 0.3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).flatten(1) @ self.proj
+
+    torch.manual_seed(1)
+    net = Net().eval()
+    model = compiled(net, torch.randn(2, 3, 8), tmp_path, store)
+    assert [lay.op for lay in model.layers] == ["conv1d", "matmul"]
+    assert model.layer_names == ["conv", "proj"]
+    wl, fl = 8, 4
+    x = np.random.default_rng(0).normal(size=(4, 3, 8)).astype(np.float32)
+    model.set_precision(Precision(wl, fl))
+
+    def q(v):
+        return np.clip(np.floor(v * 2.0**fl + 0.5), -(2 ** (wl - 1)), 2 ** (wl - 1) - 1) / 2.0**fl
+
+    conv = net.conv
+    xd = torch.from_numpy(q(x.astype(np.float64)))
+    h = torch.nn.functional.conv1d(xd, torch.from_numpy(q(conv.weight.detach().double().numpy())),
+                                   torch.from_numpy(q(conv.bias.detach().double().numpy())), padding=1)
+    h = torch.relu(torch.from_numpy(q(h.numpy()))).flatten(1).numpy()
+    want = q(q(h) @ q(net.proj.detach().double().numpy()))
+    np.testing.assert_array_equal(model(x), want)
+
+
+@pytest.mark.parametrize("wl,fl", [(8, 3), (16, 9), (24, 10)])
+def test_stochastic_rounding_is_unbiased_and_seeded(wl, fl, tmp_path, store):
+    """A 1x1 conv with weight 1: the output is Q(x) stochastic, whose mean must be x."""
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    model = compiled(conv, torch.zeros(1, 1, 16, 16), tmp_path, store)
+    rng = np.random.default_rng(3)
+    x = (rng.uniform(-2, 2, size=(1, 1, 16, 16))).astype(np.float32)
+    model.set_precision(Precision(wl, fl), "stochastic", seed=7)
+    draws = np.stack([model(x) for _ in range(400)])
+    step = 2.0**-fl
+    assert np.all(np.abs(draws - x) < step)  # always one of the two neighbouring grid points
+    assert np.all(np.isclose(draws / step, np.round(draws / step)))
+    # mean error per element: std <= step/2/sqrt(400); over 256 elements check 5 sigma on the average
+    bias = (draws.mean(axis=0) - x) / step
+    assert abs(bias.mean()) < 5 * 0.5 / np.sqrt(400 * 256)
+    assert np.abs(bias).max() < 0.2
+    model.set_precision(Precision(wl, fl), "stochastic", seed=7)
+    again = np.stack([model(x) for _ in range(3)])
+    np.testing.assert_array_equal(again, draws[:3])
+    model.set_precision(Precision(wl, fl), "stochastic", seed=8)
+    assert not np.array_equal(model(x), draws[0])
