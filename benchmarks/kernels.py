@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
 PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
+BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
 CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
 
 
@@ -98,6 +99,15 @@ SHAPES: tuple[Shape, ...] = (
 QUICK_SHAPES = ("LeNet-5 conv1 1->6 5x5 @32x32", "LeNet-5 fc 400->120")
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds per call, timed repeats, and CPU seconds per wall second (busy threads)."""
+
+    median_s: float
+    repeats: int
+    threads: float
+
+
 @dataclass
 class Row:
     """One table row: a shape, a kernel class and both throughputs."""
@@ -106,8 +116,8 @@ class Row:
     kernel_class: str
     ours_gops: float
     torch_gops: float
-    ours_repeats: int
-    torch_repeats: int
+    ours: Timing
+    torch: Timing
     rel_err: float
 
     @property
@@ -115,10 +125,8 @@ class Row:
         return self.ours_gops / self.torch_gops
 
 
-def median_time(
-    call: Callable[[], object], repeat: int, budget_s: float = CASE_BUDGET_S
-) -> tuple[float, int]:
-    """Median seconds of ``call`` after warm-up, and the repeat count used.
+def median_time(call: Callable[[], object], repeat: int, budget_s: float = CASE_BUDGET_S) -> Timing:
+    """Median seconds of ``call`` after warm-up, with the repeat count and busy threads.
 
     Warm-up is one call, plus a second when the first was quick; the last warm-up time picks the
     repeat count so the timed part takes about ``budget_s`` (at least min(3, repeat), at most repeat).
@@ -132,11 +140,12 @@ def median_time(
         est = time.perf_counter() - t0
     n = max(min(3, repeat), min(repeat, int(budget_s / max(est, 1e-9))))
     times = []
+    cpu0 = _own_cpu_s()
     for _ in range(n):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), n
+    return Timing(statistics.median(times), n, (_own_cpu_s() - cpu0) / sum(times))
 
 
 def bench_shape(shape: Shape, batch: int, repeat: int, store: VariantStore, workdir: str) -> list[Row]:
@@ -167,8 +176,8 @@ def bench_shape(shape: Shape, batch: int, repeat: int, store: VariantStore, work
         else:
             torch_call = functools.partial(F.linear, x_t, w_t, b_t)
         ref = torch_call().numpy()
-        torch_s, torch_n = median_time(torch_call, repeat)
-    torch_gops = 2 * macs / torch_s / 1e9
+        torch_t = median_time(torch_call, repeat)
+    torch_gops = 2 * macs / torch_t.median_s / 1e9
 
     dev = store.device
     x, w, b = (tvm.runtime.tensor(a, dev) for a in (x_np, w_np, b_np))
@@ -180,15 +189,52 @@ def bench_shape(shape: Shape, batch: int, repeat: int, store: VariantStore, work
         if y.shape != ref.shape or not np.all(np.isfinite(y)):
             raise RuntimeError(f"{shape.name} {name}: output {y.shape} (torch {ref.shape}) or not finite")
         rel_err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-        ours_s, ours_n = median_time(lambda v=variant, q=qp, f=fl: v.fn(x, w, b, q, f), repeat)
-        rows.append(Row(shape.name, name, 2 * macs / ours_s / 1e9, torch_gops, ours_n, torch_n, rel_err))
+        ours_t = median_time(lambda v=variant, q=qp, f=fl: v.fn(x, w, b, q, f), repeat)
+        rows.append(
+            Row(shape.name, name, 2 * macs / ours_t.median_s / 1e9, torch_gops, ours_t, torch_t, rel_err)
+        )
         print(
-            f"  {shape.name:32s} {name:8s} ours {ours_s * 1e3:9.2f} ms (x{ours_n})  "
-            f"torch {torch_s * 1e3:8.2f} ms (x{torch_n})  rel.err vs torch {rel_err:.1e}",
+            f"  {shape.name:32s} {name:8s} ours {ours_t.median_s * 1e3:9.2f} ms (x{ours_t.repeats}, "
+            f"{ours_t.threads:.1f} thr)  torch {torch_t.median_s * 1e3:8.2f} ms (x{torch_t.repeats}, "
+            f"{torch_t.threads:.1f} thr)  rel.err vs torch {rel_err:.1e}",
             file=sys.stderr,
             flush=True,
         )
     return rows
+
+
+def _busy_cpu_s() -> float | None:
+    """Busy CPU seconds of the whole machine so far, from /proc/stat (None where unavailable)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process, all threads."""
+    return time.process_time()
+
+
+class LoadMeter:
+    """Share of the machine's CPU time that other processes used while we ran.
+
+    A busy neighbour matters here: with torch's default threads = cores, one stolen core makes
+    every parallel region wait for the scheduler, so contended torch times are not comparable.
+    """
+
+    def __init__(self) -> None:
+        self.wall0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
+
+    def other_share(self) -> float | None:
+        busy = _busy_cpu_s()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.wall0
+        other = (busy - self.busy0) - (_own_cpu_s() - self.own0)
+        return max(0.0, other) / (wall * (os.cpu_count() or 1))
 
 
 def machine() -> str:
@@ -218,8 +264,11 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def section(rows: list[Row], batch: int, command: str, elapsed_s: float, target: str) -> str:
+def section(
+    rows: list[Row], batch: int, command: str, elapsed_s: float, target: str, other_load: float | None
+) -> str:
     """The BENCHMARKS.md section (markers included)."""
+    load = "unknown" if other_load is None else f"{100 * other_load:.0f}% of all CPUs"
     gemm_m = ", ".join(f"{s.name}: M={s.m}" for s in SHAPES if s.m is not None)
     return "\n".join(
         [
@@ -228,7 +277,7 @@ def section(rows: list[Row], batch: int, command: str, elapsed_s: float, target:
             "",
             f"- Machine: {machine()}",
             f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-            f"- Command: `{command}` (ran {elapsed_s:.0f} s)",
+            f"- Command: `{command}` (ran {elapsed_s:.0f} s; other processes' load meanwhile: {load})",
             f"- torch {torch.__version__}, {torch.get_num_threads()} threads; TVM {tvm.__version__}, "
             f"target `{target}`",
             f"- Batch {batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest rounding; "
@@ -236,11 +285,25 @@ def section(rows: list[Row], batch: int, command: str, elapsed_s: float, target:
             "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; repeats chosen so each "
             "case times ~1.5 s. Ours = one call of the compiled variant (quantize inputs/weights/bias, "
             "conv/GEMM, requantize), default TVM schedules; torch = `F.conv2d` / `F.linear` float32.",
+            f"- Busy threads while timing (CPU s / wall s): ours {_span([r.ours.threads for r in rows])}, "
+            f"torch {_span([r.torch.threads for r in rows])}.",
+            *(
+                [
+                    f"- **Warning: other processes used {load} during the run; torch's multi-threaded "
+                    "times are unreliable (a stolen core stalls every parallel region).**"
+                ]
+                if other_load is not None and other_load > BUSY
+                else []
+            ),
             "",
             markdown_table(rows),
             END,
         ]
     )
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "n/a"
 
 
 def write_md(path: Path, text: str) -> None:
@@ -288,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start = time.perf_counter()
+    start, meter = time.perf_counter(), LoadMeter()
     repeat = 1 if args.quick else args.repeat
     shapes = [s for s in SHAPES if s.name in QUICK_SHAPES] if args.quick else list(SHAPES)
     from marvin_compile.runtime.variant_store import VariantStore
@@ -305,12 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
         for shape in shapes:
             rows.extend(bench_shape(shape, args.batch, repeat, store, workdir))
-    elapsed = time.perf_counter() - start
+    elapsed, other_load = time.perf_counter() - start, meter.other_share()
     print(f"torch threads: {torch.get_num_threads()}; batch: {args.batch}\n")
     print(markdown_table(rows))
     print(f"\ntotal run time: {elapsed:.1f} s", flush=True)
+    if other_load is not None:
+        print(f"other processes' load during the run: {100 * other_load:.0f}% of all CPUs")
+        if other_load > BUSY:
+            print(
+                "WARNING: the machine was busy; torch's multi-threaded times are unreliable", file=sys.stderr
+            )
     if args.write_md:
-        write_md(args.md, section(rows, args.batch, command_line(), elapsed, str(target)))
+        write_md(args.md, section(rows, args.batch, command_line(), elapsed, str(target), other_load))
         print(f"wrote {args.md}")
     return 0
 

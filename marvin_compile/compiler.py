@@ -82,7 +82,9 @@ def load_compiled(model_dir: str | os.PathLike) -> CompiledModel:
     d = Path(model_dir)
     manifest_path = d / MANIFEST
     if not manifest_path.is_file():
-        raise ModelError(f"{d} is not a compiled model directory (no {MANIFEST}); run `marvin-compile compile` first")
+        raise ModelError(
+            f"{d} is not a compiled model directory (no {MANIFEST}); run `marvin-compile compile` first"
+        )
     manifest = json.loads(manifest_path.read_text())
     tgt = resolve_target(manifest["target"])
     return CompiledModel(import_onnx(load_onnx(d / manifest["model"])), VariantStore(tgt, d / "variants"))

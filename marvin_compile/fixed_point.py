@@ -46,7 +46,7 @@ class Precision:
 
     @property
     def step(self) -> float:
-        return 2.0 ** -self.fl
+        return 2.0**-self.fl
 
     @property
     def int_min(self) -> int:
@@ -95,5 +95,5 @@ def quantize(
 def quantize_np(x: np.ndarray, wl: int, fl: int) -> np.ndarray:
     """Nearest-rounding Q in numpy, in the dtype of x (float64 for references)."""
     p = Precision(int(wl), int(fl))
-    q = np.floor(x * (2.0 ** fl) + 0.5)
+    q = np.floor(x * (2.0**fl) + 0.5)
     return np.clip(q, p.int_min, p.int_max) * p.step

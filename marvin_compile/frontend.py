@@ -26,8 +26,14 @@ class ModelError(ValueError):
     """A model file that is missing, malformed or uses operators we cannot import."""
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike) -> str:
-    """Export in eval mode with a symbolic batch dimension, check with onnx.checker."""
+def export_onnx(
+    model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, fold_batchnorm: bool = True
+) -> str:
+    """Export in eval mode with a symbolic batch dimension, check with onnx.checker.
+
+    ``fold_batchnorm=False`` keeps BatchNormalization nodes apart from the convolutions, so each
+    Conv in the graph has exactly the torch module's parameters (what the training bridge needs).
+    """
     path = os.fspath(path)
     was_training = model.training
     model.eval()
@@ -43,6 +49,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
                 dynamic_axes={"x": {0: BATCH_DIM}, "y": {0: BATCH_DIM}},
                 opset_version=17,
                 dynamo=False,
+                training=torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=fold_batchnorm,
             )
     finally:
         model.train(was_training)
@@ -75,7 +83,7 @@ def check_supported(model: onnx.ModelProto) -> None:
             raise ModelError(
                 f"unsupported ONNX operator {node.op_type!r} (domain {node.domain or 'ai.onnx'!r}) in node "
                 f"{node.name or '<unnamed>'!r}; supported: the ai.onnx operators of TVM's Relax frontend, "
-                f"e.g. Conv, Gemm, MatMul, Relu, Add, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape"
+                "e.g. Conv, Gemm, MatMul, Relu, Add, MaxPool, AveragePool, GlobalAveragePool, Flatten"
             )
 
 
@@ -114,7 +122,7 @@ def import_onnx(model: onnx.ModelProto) -> ImportedModel:
     relax_names = [p.name for p in main.params[num_input:]]
     inits = list(model.graph.initializer)
     onnx_names, params = {}, {}
-    for rname, value in zip(relax_names, values):
+    for rname, value in zip(relax_names, values, strict=True):
         match = next(i for i in inits if _sanitized(i.name) == rname or i.name == rname)
         if not np.array_equal(numpy_helper.to_array(match), value):
             raise AssertionError(f"initializer {match.name} does not match Relax parameter {rname}")

@@ -31,7 +31,7 @@ class KernelClass:
             return "float32"
         product = 2 ** (self.max_wl - 1) * 2 ** (self.max_wl - 1)
         bias = 2 ** (self.max_wl - 1) * 2 ** (self.max_wl - 1)  # |b| << fl with fl < wl
-        bound = reduction * product + bias + 2 ** self.max_wl  # + rounding offset
+        bound = reduction * product + bias + 2**self.max_wl  # + rounding offset
         for acc in ("int32", "int64"):
             if bound < 2 ** (int(acc[3:]) - 1):
                 return acc

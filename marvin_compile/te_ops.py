@@ -16,7 +16,7 @@ SALT_INPUT, SALT_WEIGHT, SALT_BIAS, SALT_OUTPUT = 0x1B873593, 0x68E31DA4, 0x3C6E
 
 def _flat_index(indices, shape) -> tirx.PrimExpr:
     flat = tirx.const(0, "int64")
-    for i, n in zip(indices, shape):
+    for i, n in zip(indices, shape, strict=True):
         flat = flat * tirx.Cast("int64", n) + tirx.Cast("int64", i)
     return flat
 
@@ -54,7 +54,9 @@ def _hash32(seed: te.Tensor, indices, shape, salt: int) -> tirx.PrimExpr:
 def _uniform(seed: te.Tensor, indices, shape, salt: int) -> tirx.PrimExpr:
     """u ~ U[0, 1) on a 2**-24 grid."""
     h = _hash32(seed, indices, shape, salt)
-    return tirx.Cast("float32", tirx.shift_right(h, tirx.const(8, "uint32"))) * tirx.const(2.0**-24, "float32")
+    return tirx.Cast("float32", tirx.shift_right(h, tirx.const(8, "uint32"))) * tirx.const(
+        2.0**-24, "float32"
+    )
 
 
 def _quantized_level(t, qp, seed, salt, indices) -> tirx.PrimExpr:
@@ -76,9 +78,7 @@ def _quantized_level(t, qp, seed, salt, indices) -> tirx.PrimExpr:
 
 def fake_quantize(t: te.Tensor, qp: te.Tensor, seed: te.Tensor | None = None, salt: int = 0) -> te.Tensor:
     """Q(t; wl, fl) in float32: the value on the 2**-fl grid (the paper's float simulation)."""
-    return te.compute(
-        t.shape, lambda *i: _quantized_level(t, qp, seed, salt, i) * qp[1], name=QUANTIZE_NAME
-    )
+    return te.compute(t.shape, lambda *i: _quantized_level(t, qp, seed, salt, i) * qp[1], name=QUANTIZE_NAME)
 
 
 def quantize_to_int(

@@ -56,7 +56,9 @@ class ExtractLayers:
                             args = [substitute(lay.x, vmap), lay.weight]
                             if lay.bias is not None:
                                 args.append(lay.bias)
-                            vmap[b.var] = bb.emit(relax.Call(gvars[lay.name], args), lay.name.replace(".", "_"))
+                            vmap[b.var] = bb.emit(
+                                relax.Call(gvars[lay.name], args), lay.name.replace(".", "_")
+                            )
                 out = bb.emit_output(substitute(main.body.body, vmap))
             bb.emit_func_output(out)
         return bb.get()

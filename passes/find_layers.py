@@ -68,7 +68,9 @@ def op_name(e: relax.Expr) -> str | None:
 
 def find_quantizable_layers(func: relax.Function) -> list[LayerMatch]:
     """Match ``core(x, W[^T]) [+ reshape(B)]`` where W and B are parameters of ``func``."""
-    params = set(func.params[int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 1 :])
+    params = set(
+        func.params[int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 1 :]
+    )
     uses = _uses(func)
     bindings = [b for block in func.body.blocks for b in block.bindings]
     value_of = {b.var: b for b in bindings}

@@ -45,15 +45,22 @@ class InsertFixedPointQuantize:
         with bb.function(name, tensors + extra, attrs=attrs):
             with bb.dataflow():
                 vmap = {
-                    old: bb.emit_te(te_ops.fake_quantize, new, qp, seed, salt, primfunc_name_hint=te_ops.QUANTIZE_NAME)
-                    for old, new, salt in zip(func.params, tensors, SALTS)
+                    old: bb.emit_te(
+                        te_ops.fake_quantize, new, qp, seed, salt, primfunc_name_hint=te_ops.QUANTIZE_NAME
+                    )
+                    for old, new, salt in zip(func.params, tensors, SALTS, strict=False)
                 }
                 for block in func.body.blocks:
                     for b in block.bindings:
                         vmap[b.var] = bb.emit(substitute(b.value, vmap))
                 y = substitute(func.body.body, vmap)
                 out = bb.emit_te(
-                    te_ops.fake_quantize, y, qp, seed, te_ops.SALT_OUTPUT, primfunc_name_hint=te_ops.QUANTIZE_NAME
+                    te_ops.fake_quantize,
+                    y,
+                    qp,
+                    seed,
+                    te_ops.SALT_OUTPUT,
+                    primfunc_name_hint=te_ops.QUANTIZE_NAME,
                 )
                 out = bb.emit_output(out)
             bb.emit_func_output(out)

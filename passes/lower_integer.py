@@ -75,7 +75,9 @@ class LowerToIntegerKernels:
         core, bindings = _core_binding(func)
         x_arg, w_arg = core.value.args[0], core.value.args[1]
         if not (_is_quantize(x_arg, bindings) and _is_quantize(w_arg, bindings)):
-            raise ValueError(f"layer {func.attrs['marvin.layer']} is not quantized; run InsertFixedPointQuantize first")
+            raise ValueError(
+                f"layer {func.attrs['marvin.layer']} is not quantized; run InsertFixedPointQuantize first"
+            )
         params = [param(p.name, p.ty.shape, p.ty.dtype) for p in func.params]
         by_name = {p.name: p for p in params}
         x, w, b = by_name["x"], by_name["w"], by_name.get("b")
@@ -87,8 +89,24 @@ class LowerToIntegerKernels:
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": self.kernel_class.name}
         with bb.function(name, params, attrs=attrs):
             with bb.dataflow():
-                xi = bb.emit_te(te_ops.quantize_to_int, x, qp, container, seed, SALTS[0], primfunc_name_hint="fxp_quantize_int")
-                wi = bb.emit_te(te_ops.quantize_to_int, w, qp, container, seed, SALTS[1], primfunc_name_hint="fxp_quantize_int")
+                xi = bb.emit_te(
+                    te_ops.quantize_to_int,
+                    x,
+                    qp,
+                    container,
+                    seed,
+                    SALTS[0],
+                    primfunc_name_hint="fxp_quantize_int",
+                )
+                wi = bb.emit_te(
+                    te_ops.quantize_to_int,
+                    w,
+                    qp,
+                    container,
+                    seed,
+                    SALTS[1],
+                    primfunc_name_hint="fxp_quantize_int",
+                )
                 if w_arg in bindings and op_name(bindings[w_arg].value) == "relax.permute_dims":
                     wi = bb.emit(relax.op.permute_dims(wi, bindings[w_arg].value.attrs.axes))
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])

@@ -54,4 +54,12 @@ def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
     return tvm.compile(mod, target=target)
 
 
-__all__ = ["LAYER_ATTR", "build", "glue_module", "layer_functions", "layer_module", "partition", "variant_module"]
+__all__ = [
+    "LAYER_ATTR",
+    "build",
+    "glue_module",
+    "layer_functions",
+    "layer_module",
+    "partition",
+    "variant_module",
+]

@@ -30,14 +30,16 @@ def layer_functions(mod: tvm.IRModule) -> list[tuple[relax.GlobalVar, relax.Func
         for gv, f in mod.functions.items()
         if isinstance(f, relax.Function) and f.attrs is not None and LAYER_ATTR in f.attrs
     ]
-    return sorted(out, key=lambda p: p[0].name_hint)
+    return sorted(out, key=lambda p: (len(p[0].name_hint), p[0].name_hint))  # layer_2 before layer_10
 
 
 def param(name: str, shape, dtype: str) -> relax.Var:
     return relax.Var(name, relax.TensorType(shape, dtype))
 
 
-def map_layers(mod: tvm.IRModule, rewrite: Callable[[relax.BlockBuilder, relax.Function, str], None]) -> tvm.IRModule:
+def map_layers(
+    mod: tvm.IRModule, rewrite: Callable[[relax.BlockBuilder, relax.Function, str], None]
+) -> tvm.IRModule:
     """Replace every layer function by ``rewrite(bb, func, name)``, which defines ``name`` in ``bb``.
 
     Sharing one BlockBuilder lets the rewrites add deduplicated PrimFuncs; callers keep using the

@@ -47,8 +47,15 @@ def layers_of(mod: tvm.IRModule) -> list[Layer]:
     out = []
     for _, f in pipeline.layer_functions(mod):
         w = f.params[1].ty.shape
-        out.append(Layer(str(f.attrs["marvin.layer"]), str(f.attrs["marvin.op"]), f, tuple(int(d) for d in w),
-                         len(f.params) == 3))
+        out.append(
+            Layer(
+                str(f.attrs["marvin.layer"]),
+                str(f.attrs["marvin.op"]),
+                f,
+                tuple(int(d) for d in w),
+                len(f.params) == 3,
+            )
+        )
     return out
 
 
@@ -103,7 +110,7 @@ class CompiledModel:
             missing = [n for n in self.layer_names if n not in config]
             if unknown or missing:
                 raise KeyError(
-                    f"precision config must name every layer exactly; unknown: {unknown}, missing: {missing}; "
+                    f"precision config must name every layer; unknown: {unknown}, missing: {missing}; "
                     f"layers: {self.layer_names}"
                 )
         self.rounding, self._seed, self._calls = rounding, seed, 0
@@ -121,10 +128,14 @@ class CompiledModel:
         if any(v is None for v in self._variants):
             raise RuntimeError("call set_precision(...) before running the model")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input has shape {tuple(x.shape)}; accepted: (batch, {', '.join(map(str, self.input_shape))})")
+            dims = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"input has shape {tuple(x.shape)}; accepted: (batch, {dims})")
         self._calls += 1
-        out = self._glue(tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device),
-                         *self._params, self._id)
+        out = self._glue(
+            tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device),
+            *self._params,
+            self._id,
+        )
         return out.numpy()
 
     def _run_layer(self, index: int, args: tuple, out: tvm.runtime.Tensor) -> None:

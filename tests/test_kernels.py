@@ -64,8 +64,12 @@ def test_conv1d_and_matmul_layers(tmp_path, store):
 
     conv = net.conv
     xd = torch.from_numpy(q(x.astype(np.float64)))
-    h = torch.nn.functional.conv1d(xd, torch.from_numpy(q(conv.weight.detach().double().numpy())),
-                                   torch.from_numpy(q(conv.bias.detach().double().numpy())), padding=1)
+    h = torch.nn.functional.conv1d(
+        xd,
+        torch.from_numpy(q(conv.weight.detach().double().numpy())),
+        torch.from_numpy(q(conv.bias.detach().double().numpy())),
+        padding=1,
+    )
     h = torch.relu(torch.from_numpy(q(h.numpy()))).flatten(1).numpy()
     want = q(q(h) @ q(net.proj.detach().double().numpy()))
     np.testing.assert_array_equal(model(x), want)
