@@ -45,7 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
 PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
 BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
-CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
+CASE_BUDGET_S = 1.5
+# TVM's thread pool pins the calling thread to CPU 0 on its first use (TVM_BIND_THREADS, with
+# MaxConcurrency = cores / 2); torch is timed with the affinity the process started with.
+_START_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def restore_affinity() -> bool:
+    """Undo TVM's pinning of this thread; True when it had been narrowed."""
+    if _START_AFFINITY is None or os.sched_getaffinity(0) == _START_AFFINITY:
+        return False
+    os.sched_setaffinity(0, _START_AFFINITY)
+    return True  # timed seconds aimed at per (shape, implementation) after warm-up
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,7 @@ def bench_shape(shape: Shape, batch: int, repeat: int, store: VariantStore, work
         raise RuntimeError(f"{shape.name}: expected one layer, found {[lay.name for lay in layers]}")
 
     x_t, w_t, b_t = torch.from_numpy(x_np), torch.from_numpy(w_np), torch.from_numpy(b_np)
+    restore_affinity()
     with torch.inference_mode():
         if shape.kind == "conv":
             torch_call = functools.partial(F.conv2d, x_t, w_t, b_t, padding=shape.pad)

@@ -21,11 +21,9 @@ from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME, KERNEL_CLASSES
 from marvin_compile.passes import pipeline
 from marvin_compile.runtime.compiled_model import layers_of
-from marvin_compile.runtime.torch_bridge import BRIDGED, CompiledLayer, bridge
+from marvin_compile.runtime.torch_bridge import BACKWARDS, BRIDGED, CompiledLayer, bridge
 from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.target import resolve_target
-
-BACKWARDS = ("float",)
 
 
 @dataclass
@@ -100,9 +98,12 @@ def quantize_(
             continue  # e.g. a MatMul with a bare parameter: it stays in PyTorch
         if (module.bias is not None) != layer.has_bias:
             raise AssertionError(f"layer {layer.name}: ONNX and torch disagree on the bias")
-        cl = CompiledLayer(layer, store, config.rounding)
-        for cls in config.precompile:
-            store.get(layer.func, CLASS_BY_NAME[cls], config.rounding)
+        cl = CompiledLayer(layer, store, config.rounding, config.backward)
+        for name in config.precompile:
+            cls = CLASS_BY_NAME[name]
+            store.get(layer.func, cls, config.rounding)
+            if config.backward == "lowbit" and cls.is_integer:
+                store.get_gradients(layer.func, cls)
         cl.set_precision(config.initial)
         bridge(module, cl, generator)
         compiled[layer.name] = cl

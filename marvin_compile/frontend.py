@@ -138,4 +138,6 @@ def _sanitized(name: str) -> str:
 
 def layer_name(weight_onnx_name: str) -> str:
     """The torch module name of a layer from its weight's initializer name."""
+    if weight_onnx_name == "weight":  # the exported module is itself the layer
+        return ""
     return weight_onnx_name.removesuffix(".weight")

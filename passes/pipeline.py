@@ -3,6 +3,7 @@
 - partition: split each quantizable layer out of ``main`` (model level, once per model);
 - quantize:  insert runtime-precision fixed-point quantize nodes (per layer, per rounding);
 - lower:     integer kernels of the layer's kernel class, then dead-code cleanup;
+- lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
 - glue:      ``main`` calls layers through the runtime dispatcher;
 - build:     TVM's standard Relax lowering, fusion and codegen for the target (``tvm.compile``).
 """
@@ -15,6 +16,7 @@ from tvm import relax
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.bind_dispatch import BindLayerDispatch
 from marvin_compile.passes.extract_layers import ExtractLayers
+from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
@@ -39,6 +41,15 @@ def variant_module(func: relax.Function, kernel_class: KernelClass, rounding: st
             relax.transform.DeadCodeElimination(["layer"]),
         ],
         name="quantize_lower",
+    )
+    return seq(layer_module(func))
+
+
+def gradient_module(func: relax.Function, kernel_class: KernelClass) -> tvm.IRModule:
+    """Phase lower for the low-bit backward: the layer's integer ``dx`` and ``dw`` products."""
+    seq = tvm.transform.Sequential(
+        [AddGradientKernels(kernel_class), relax.transform.DeadCodeElimination(["dx", "dw"])],
+        name="gradient_lower",
     )
     return seq(layer_module(func))
 

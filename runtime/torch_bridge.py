@@ -2,13 +2,16 @@
 
 Tensors cross into TVM through DLPack (zero-copy, CPU or CUDA). The forward computes
 ``Q(layer(Q(x), Q(w), Q(b)))`` in the variant of the layer's kernel class; gradients of the
-activation quantizers are straight-through, so the backward is the float layer's backward taken
-at the quantized input and weight (MARViN's reference behaviour, ``backward="float"``).
+activation quantizers are straight-through, so the backward is the layer's backward taken at the
+quantized input and weight: in float32 PyTorch (MARViN's reference behaviour, ``backward="float"``)
+or, with ``backward="lowbit"`` and an integer class, in the layer's integer gradient kernels with
+the incoming gradient quantized stochastically at a per-call dynamic scale.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +25,7 @@ from marvin_compile.runtime.compiled_model import Layer, precision_args
 from marvin_compile.runtime.variant_store import Variant, VariantStore
 
 BRIDGED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+BACKWARDS = ("float", "lowbit")
 
 
 def to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
@@ -35,8 +39,10 @@ class CompiledLayer:
     layer: Layer
     store: VariantStore
     rounding: str
+    backward: str = "float"
     precision: Precision | None = None
     variant: Variant | None = None
+    gradients: Variant | None = None  # integer dx/dw kernels (lowbit backward, integer classes)
     swaps: int = 0
     _args: tuple = field(default=(), repr=False)
 
@@ -49,6 +55,8 @@ class CompiledLayer:
             self.swaps += 1
         if self.variant is None or self.variant.kernel_class != cls.name:
             self.variant = self.store.get(self.layer.func, cls, self.rounding)
+            lowbit = self.backward == "lowbit" and cls.is_integer
+            self.gradients = self.store.get_gradients(self.layer.func, cls) if lowbit else None
         self.precision = p
         self._args = precision_args(p, self.store.device)
 
@@ -59,10 +67,27 @@ class CompiledLayer:
             extra.append(tvm.runtime.tensor(np.array(seed, dtype=np.uint32), self.store.device))
         return torch.from_dlpack(self.variant.fn(*args, *extra))
 
+    def run_gradients(
+        self, g: torch.Tensor, xq: torch.Tensor, w: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dx, dw) in integer kernels; g is scaled so its largest magnitude fills the word length."""
+        p = self.precision
+        amax = float(g.abs().max())
+        if amax == 0.0:
+            return torch.zeros_like(xq), torch.zeros_like(w)
+        scale = min(max(math.floor(math.log2(p.int_max / amax)), -126), 126)
+        dev = self.store.device
+        qp_g = tvm.runtime.tensor(np.array([2.0**scale, 2.0**-scale, p.int_min, p.int_max], np.float32), dev)
+        qp, seed_t = self._args[0], tvm.runtime.tensor(np.array(seed, dtype=np.uint32), dev)
+        vm = self.gradients.fn
+        gx = vm["dx"](to_tvm(g), to_tvm(w), qp_g, qp, seed_t)
+        gw = vm["dw"](to_tvm(xq), to_tvm(g), qp, qp_g, seed_t)
+        return torch.from_dlpack(gx), torch.from_dlpack(gw)
+
 
 class _QuantizedLayerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, module, seed):  # noqa: ANN001 - autograd signature
+    def forward(ctx, x, weight, bias, module, seed, grad_seed):  # noqa: ANN001 - autograd signature
         layer: CompiledLayer = module.marvin
         p = layer.precision
         gen = module.marvin_generator
@@ -71,6 +96,7 @@ class _QuantizedLayerFn(torch.autograd.Function):
         ctx.save_for_backward(xq, weight)
         ctx.module = module
         ctx.has_bias = bias is not None
+        ctx.grad_seed = grad_seed
         return y
 
     @staticmethod
@@ -78,7 +104,11 @@ class _QuantizedLayerFn(torch.autograd.Function):
         xq, weight = ctx.saved_tensors
         module = ctx.module
         grad = grad.contiguous()
-        if isinstance(module, nn.Linear):
+        layer: CompiledLayer = module.marvin
+        if layer.gradients is not None:
+            gx, gw = layer.run_gradients(grad, xq, weight, ctx.grad_seed)
+            gb = grad.sum(dim=[0, *range(2, grad.dim())]) if ctx.has_bias else None
+        elif isinstance(module, nn.Linear):
             gx = grad @ weight
             gw = grad.reshape(-1, grad.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
             gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
@@ -94,22 +124,22 @@ class _QuantizedLayerFn(torch.autograd.Function):
             gx = conv_input(xq.shape, weight, grad, **kw)
             gw = conv_weight(xq, weight.shape, grad, **kw)
             gb = grad.sum(dim=[0, *range(2, grad.dim())]) if ctx.has_bias else None
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 def _bridged_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if module.marvin.precision is None:
         raise RuntimeError(f"layer {module.marvin.layer.name} has no precision yet; call set_precision first")
     gen = module.marvin_generator
-    seed = int(torch.randint(0, 2**32 - 1, (1,), generator=gen).item())
-    return _QuantizedLayerFn.apply(x, module.weight, module.bias, module, seed)
+    seed, grad_seed = (int(s) for s in torch.randint(0, 2**32 - 1, (2,), generator=gen))
+    return _QuantizedLayerFn.apply(x, module.weight, module.bias, module, seed, grad_seed)
 
 
 def bridge(module: nn.Module, layer: CompiledLayer, generator: torch.Generator) -> None:
     """Route ``module``'s forward through its compiled variant; parameters and state_dict unchanged."""
     if not isinstance(module, BRIDGED):
         raise TypeError(f"cannot bridge {type(module).__name__}; accepted: Conv1d, Conv2d, Linear")
-    if module.padding_mode != "zeros" if isinstance(module, nn.Conv1d | nn.Conv2d) else False:
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
         raise ValueError(f"layer {layer.layer.name}: padding_mode={module.padding_mode!r}; accepted: 'zeros'")
     module.marvin = layer
     module.marvin_generator = generator

@@ -47,7 +47,8 @@ def variant_key(sig: str, kernel_class: str, rounding: str, target: tvm.target.T
 
 @dataclass
 class Variant:
-    """One loaded variant: ``fn(x, w[, b], qp, fl[, seed])`` returning the layer output."""
+    """One loaded variant: ``fn(x, w[, b], qp, fl[, seed])`` returning the layer output
+    (for gradient variants, the VM whose ``dx`` and ``dw`` are the backward products)."""
 
     key: str
     kernel_class: str
@@ -75,23 +76,40 @@ class VariantStore:
     def get(self, func: relax.Function, kernel_class: KernelClass, rounding: str) -> Variant:
         """The variant of ``func`` for a class and rounding: from memory, disk, or a fresh build."""
         key = variant_key(signature(func), kernel_class.name, rounding, self.target)
-        with self._lock:
-            if key not in self._memory:
-                path = self.path_for(key)
-                if not path.exists():
-                    self._compile(pipeline.variant_module(func, kernel_class, rounding), path)
-                self._memory[key] = Variant(key, kernel_class.name, rounding, self._load(path, "layer"), path)
-            return self._memory[key]
+        return self._cached(
+            key, kernel_class.name, rounding, lambda: pipeline.variant_module(func, kernel_class, rounding)
+        )
 
     def get_float(self, func: relax.Function) -> Variant:
         """The unquantized float32 layer (the reference path checked against ONNX Runtime)."""
         key = variant_key(signature(func), "unquantized", "none", self.target)
+        return self._cached(key, "unquantized", "none", lambda: pipeline.layer_module(func))
+
+    def get_gradients(self, func: relax.Function, kernel_class: KernelClass) -> Variant:
+        """The low-bit backward products of a layer; ``fn`` is the VM, with entries ``dx`` and ``dw``."""
+        key = variant_key(signature(func), kernel_class.name, "gradients", self.target)
+        return self._cached(
+            key,
+            kernel_class.name,
+            "stochastic",
+            lambda: pipeline.gradient_module(func, kernel_class),
+            entry=None,
+        )
+
+    def _cached(
+        self,
+        key: str,
+        kernel_class: str,
+        rounding: str,
+        build: Callable[[], tvm.IRModule],
+        entry: str | None = "layer",
+    ) -> Variant:
         with self._lock:
             if key not in self._memory:
                 path = self.path_for(key)
                 if not path.exists():
-                    self._compile(pipeline.layer_module(func), path)
-                self._memory[key] = Variant(key, "unquantized", "none", self._load(path, "layer"), path)
+                    self._compile(build(), path)
+                self._memory[key] = Variant(key, kernel_class, rounding, self._load(path, entry), path)
             return self._memory[key]
 
     def get_module(self, mod: tvm.IRModule, entry: str) -> Callable:
@@ -120,7 +138,8 @@ class VariantStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _load(self, path: Path, entry: str) -> Callable:
+    def _load(self, path: Path, entry: str | None) -> Callable:
+        """The VM function ``entry`` of a library, or the VM itself when ``entry`` is None."""
         self._paths.add(path)
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)
-        return vm[entry]
+        return vm if entry is None else vm[entry]
