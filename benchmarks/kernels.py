@@ -298,7 +298,9 @@ def section(
             "case times ~1.5 s. Ours = one call of the compiled variant (quantize inputs/weights/bias, "
             "conv/GEMM, requantize), default TVM schedules; torch = `F.conv2d` / `F.linear` float32.",
             f"- Busy threads while timing (CPU s / wall s): ours {_span([r.ours.threads for r in rows])}, "
-            f"torch {_span([r.torch.threads for r in rows])}.",
+            f"torch {_span([r.torch.threads for r in rows])}. TVM pins the calling thread to CPU 0 on "
+            "first use (its pool assumes hyper-threading: cores / 2 = 1 worker here); the script restores "
+            "the affinity before timing torch.",
             *(
                 [
                     f"- **Warning: other processes used {load} during the run; torch's multi-threaded "

@@ -8,6 +8,8 @@ fixed-point value, not a float32 approximation of it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import tvm
 from tvm import relax
 
@@ -15,7 +17,7 @@ from marvin_compile import te_ops
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import ROUNDING_ATTR, SALTS
-from marvin_compile.passes.utils import map_layers, param
+from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param
 
 ACC_ATTR = "marvin.accumulator"
 
@@ -61,17 +63,23 @@ def _integer_core(core: relax.Call, x: relax.Expr, w: relax.Expr, acc: str) -> r
 
 @tvm.transform.module_pass(opt_level=0, name="LowerToIntegerKernels")
 class LowerToIntegerKernels:
-    """Rewrite quantized layers into the integer kernels of one kernel class (no-op for float32)."""
+    """Rewrite quantized layers into integer kernels of their class (one class, or one per layer name)."""
 
-    def __init__(self, kernel_class: KernelClass) -> None:
+    def __init__(self, kernel_class: KernelClass | Mapping[str, KernelClass]) -> None:
         self.kernel_class = kernel_class
 
+    def _class_of(self, func: relax.Function) -> KernelClass:
+        if isinstance(self.kernel_class, KernelClass):
+            return self.kernel_class
+        return self.kernel_class[str(func.attrs[LAYER_ATTR])]
+
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        if not self.kernel_class.is_integer:
-            return mod
         return map_layers(mod, self._rewrite)
 
     def _rewrite(self, bb: relax.BlockBuilder, func: relax.Function, name: str) -> None:
+        kernel_class = self._class_of(func)
+        if not kernel_class.is_integer:
+            return  # the float32 class runs the quantized float graph as it is
         core, bindings = _core_binding(func)
         x_arg, w_arg = core.value.args[0], core.value.args[1]
         if not (_is_quantize(x_arg, bindings) and _is_quantize(w_arg, bindings)):
@@ -84,9 +92,9 @@ class LowerToIntegerKernels:
         qp, fl, seed = by_name["qp"], by_name["fl"], by_name.get("seed")
         weight_shape = [int(d) for d in w.ty.shape]
         reduction = weight_shape[1] * (1 if core.value.op.name == "relax.matmul" else _prod(weight_shape[2:]))
-        acc = self.kernel_class.accumulator(reduction)
-        container = self.kernel_class.container
-        attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": self.kernel_class.name}
+        acc = kernel_class.accumulator(reduction)
+        container = kernel_class.container
+        attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
         with bb.function(name, params, attrs=attrs):
             with bb.dataflow():
                 xi = bb.emit_te(

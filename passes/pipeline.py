@@ -4,18 +4,24 @@
 - quantize:  insert runtime-precision fixed-point quantize nodes (per layer, per rounding);
 - lower:     integer kernels of the layer's kernel class, then dead-code cleanup;
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
+- freeze:    deployment: precisions and weights become constants, folded into integer containers;
 - glue:      ``main`` calls layers through the runtime dispatcher;
 - build:     TVM's standard Relax lowering, fusion and codegen for the target (``tvm.compile``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import tvm
 from tvm import relax
 
-from marvin_compile.kernel_classes import KernelClass
+from marvin_compile.fixed_point import Precision
+from marvin_compile.kernel_classes import KernelClass, class_for_wl
 from marvin_compile.passes.bind_dispatch import BindLayerDispatch
 from marvin_compile.passes.extract_layers import ExtractLayers
+from marvin_compile.passes.freeze_precision import FreezeLayerPrecision
 from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
@@ -52,6 +58,25 @@ def gradient_module(func: relax.Function, kernel_class: KernelClass) -> tvm.IRMo
         name="gradient_lower",
     )
     return seq(layer_module(func))
+
+
+def freeze(
+    mod: tvm.IRModule, precision: Mapping[str, Precision], params: Mapping[str, np.ndarray]
+) -> tvm.IRModule:
+    """Deployment: every layer quantized (nearest) at its own class and precision, weights folded."""
+    classes = {name: class_for_wl(p.wl) for name, p in precision.items()}
+    seq = tvm.transform.Sequential(
+        [
+            InsertFixedPointQuantize("nearest"),
+            LowerToIntegerKernels(classes),
+            relax.transform.BindParams("main", dict(params)),
+            FreezeLayerPrecision(precision),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(["main"]),
+        ],
+        name="freeze",
+    )
+    return seq(mod)
 
 
 def glue_module(mod: tvm.IRModule) -> tvm.IRModule:

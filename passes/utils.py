@@ -40,7 +40,8 @@ def param(name: str, shape, dtype: str) -> relax.Var:
 def map_layers(
     mod: tvm.IRModule, rewrite: Callable[[relax.BlockBuilder, relax.Function, str], None]
 ) -> tvm.IRModule:
-    """Replace every layer function by ``rewrite(bb, func, name)``, which defines ``name`` in ``bb``.
+    """Replace every layer function by ``rewrite(bb, func, name)``, which defines ``name`` in ``bb``
+    (a rewrite that defines nothing keeps the layer as it is).
 
     Sharing one BlockBuilder lets the rewrites add deduplicated PrimFuncs; callers keep using the
     original GlobalVars, so ``main`` stays valid.
@@ -52,9 +53,11 @@ def map_layers(
         tmp = gv.name_hint + "__rewritten"
         rewrite(bb, func, tmp)
         replaced[tmp] = gv
-    old = {gv.name_hint for gv, _ in layers}
+    built = bb.get()
+    defined = {gv.name_hint for gv in built.functions}
+    old = {gv.name_hint for gv, _ in layers if gv.name_hint + "__rewritten" in defined}
     out = {}
-    for gv, f in bb.get().functions.items():
+    for gv, f in built.functions.items():
         if gv.name_hint in replaced:
             out[replaced[gv.name_hint]] = f.without_attr("global_symbol")
         elif gv.name_hint not in old:

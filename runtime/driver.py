@@ -398,7 +398,7 @@ class _MarvinRun:
             out = self.model(x[idx])
             loss = F.cross_entropy(out, y[idx])
             (loss * (len(idx) / n)).backward()
-            total_loss += float(loss) * len(idx) / n
+            total_loss += float(loss.detach()) * len(idx) / n
             correct += int((out.argmax(1) == y[idx]).sum())
         self.opt.step(loss=total_loss)
         self.opt.zero_grad(set_to_none=True)

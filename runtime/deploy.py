@@ -1,0 +1,309 @@
+"""Deploy a trained mixed-precision model: one compiled TVM library and a standard ONNX QDQ model.
+
+- Batch norm is folded into the preceding convolution (torch.fx), and the folded layer's fl is
+  re-derived by MARViN's push-down rule on the folded weights (its wl is kept).
+- ``model.so``: the whole model at its final precisions as one TVM module; weights and biases are
+  constant-folded into their integer containers (int8/int16), the float32 class stays float.
+- ``model.qdq.onnx``: QuantizeLinear/DequantizeLinear pairs with scale 2**-fl and zero point 0
+  around every integer-class layer, Clip where wl is narrower than the container; ONNX Runtime
+  runs it with no custom ops. ONNX rounds ties to even where MARViN rounds them up, so the two
+  forms can differ by one step on exact ties.
+- ``manifest.json``: per layer wl, fl, class, parameter bytes; sizes measured from the files;
+  versions; SHA-256 checksums that ``load`` verifies before it loads any shared library.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import tvm
+from onnx import helper, numpy_helper, version_converter
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+from tvm import relax
+
+from marvin_compile import __version__
+from marvin_compile.fixed_point import Precision
+from marvin_compile.frontend import ModelError, export_onnx, import_onnx, load_onnx
+from marvin_compile.kernel_classes import class_for_wl
+from marvin_compile.passes import pipeline
+from marvin_compile.report import atomic_write_json
+from marvin_compile.runtime.controller import push_down
+from marvin_compile.target import resolve_target
+
+MANIFEST = "manifest.json"
+LIBRARY, QDQ, FLOAT_ONNX = "model.so", "model.qdq.onnx", "model.float.onnx"
+QDQ_OPSET = 21  # int16 QuantizeLinear needs opset 21
+PUSH_DOWN_BINS = 50
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, set[str]]:
+    """Eval-mode copy with every Conv->BatchNorm pair folded; returns the names of changed layers."""
+    model = copy.deepcopy(model).eval()
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, set()
+    before = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)
+    }
+    fused = fuse(model)
+    after = dict(fused.named_modules())
+    changed = {n for n, w in before.items() if n in after and not torch.equal(after[n].weight, w)}
+    return fused, changed
+
+
+def refit_precision(weight: torch.Tensor, wl: int) -> Precision:
+    """fl for folded weights: the largest fl without clamping at wl, then MARViN's push-down."""
+    amax = float(weight.abs().max())
+    int_bits = max(math.floor(math.log2(amax)) + 1, 0) if amax > 0 else 0
+    fl = min(max(wl - 1 - int_bits, 0), wl - 1)
+    new_wl, new_fl = push_down(weight.detach().float(), wl, fl, PUSH_DOWN_BINS, min_fl=min(4, fl))
+    return Precision(new_wl, new_fl)
+
+
+def compile_library(
+    onnx_path: Path, precision: Mapping[str, Precision], target: tvm.target.Target
+) -> relax.VMExecutable:
+    """The deploy pipeline: partition, quantize (nearest), lower per layer class, freeze, build."""
+    imported = import_onnx(load_onnx(onnx_path))
+    mod = pipeline.partition(imported.mod)
+    mod = pipeline.freeze(mod, precision, imported.params)
+    return pipeline.build(mod, target)
+
+
+def _quant_dtype(wl: int) -> int:
+    return onnx.TensorProto.INT8 if wl <= 8 else onnx.TensorProto.INT16
+
+
+def _np_dtype(wl: int) -> type:
+    return np.int8 if wl <= 8 else np.int16
+
+
+def _levels(values: np.ndarray, p: Precision) -> np.ndarray:
+    return np.clip(np.floor(values.astype(np.float64) * 2.0**p.fl + 0.5), p.int_min, p.int_max)
+
+
+def qdq_model(float_model: onnx.ModelProto, precision: Mapping[str, Precision]) -> onnx.ModelProto:
+    """Wrap every integer-class Conv/Gemm/MatMul in QDQ pairs of its layer's precision."""
+    model = version_converter.convert_version(float_model, QDQ_OPSET)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, extra_inits = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        extra_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def qdq(tensor: str, p: Precision, tag: str, dtype: int) -> list[onnx.NodeProto]:
+        scale = const(f"{tag}_scale", np.array(2.0**-p.fl, np.float32))
+        zero = const(f"{tag}_zero", np.array(0, _np_dtype(p.wl)))
+        nodes, src = [], tensor
+        container_bits = 8 if p.wl <= 8 else 16
+        if p.wl < container_bits:
+            lo = const(f"{tag}_lo", np.array(p.lo, np.float32))
+            hi = const(f"{tag}_hi", np.array(p.hi, np.float32))
+            nodes.append(helper.make_node("Clip", [src, lo, hi], [f"{tag}_clipped"]))
+            src = f"{tag}_clipped"
+        nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [f"{tag}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_q", scale, zero], [f"{tag}_dq"]))
+        del dtype
+        return nodes
+
+    for node in graph.node:
+        weight = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
+        name = _layer_of(weight) if weight in inits else None
+        p = precision.get(name) if name is not None else None
+        if p is None or not class_for_wl(p.wl).is_integer:
+            new_nodes.append(node)
+            continue
+        tag = name.replace(".", "_") or "layer"
+        new_nodes += qdq(node.input[0], p, f"{tag}_x", _quant_dtype(p.wl))
+        w = numpy_helper.to_array(inits[weight])
+        wq = const(f"{tag}_wq", _levels(w, p).astype(_np_dtype(p.wl)))
+        scale = const(f"{tag}_w_scale", np.array(2.0**-p.fl, np.float32))
+        zero = const(f"{tag}_w_zero", np.array(0, _np_dtype(p.wl)))
+        new_nodes.append(helper.make_node("DequantizeLinear", [wq, scale, zero], [f"{tag}_w_dq"]))
+        inputs = [f"{tag}_x_dq", f"{tag}_w_dq"]
+        if len(node.input) > 2 and node.input[2]:
+            b = numpy_helper.to_array(inits[node.input[2]])
+            bq = const(f"{tag}_bq", (_levels(b, p) * 2.0**p.fl).astype(np.int32))  # on the 2**-2fl grid
+            bscale = const(f"{tag}_b_scale", np.array(2.0 ** (-2 * p.fl), np.float32))
+            bzero = const(f"{tag}_b_zero", np.array(0, np.int32))
+            new_nodes.append(helper.make_node("DequantizeLinear", [bq, bscale, bzero], [f"{tag}_b_dq"]))
+            inputs.append(f"{tag}_b_dq")
+        out = node.output[0]
+        core = helper.make_node(node.op_type, inputs, [f"{tag}_y"], name=node.name)
+        core.attribute.extend(node.attribute)
+        new_nodes.append(core)
+        tail = qdq(f"{tag}_y", p, f"{tag}_y", _quant_dtype(p.wl))
+        tail[-1].output[0] = out
+        new_nodes += tail
+    used = {i for n in new_nodes for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + extra_inits)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _layer_of(weight_name: str) -> str:
+    from marvin_compile.frontend import layer_name
+
+    return layer_name(weight_name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save(write, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def deploy(
+    model: nn.Module,
+    example: torch.Tensor,
+    precision: Mapping[str, Precision],
+    out_dir: str | os.PathLike,
+    target: str | dict = "cpu",
+) -> dict:
+    """Fold, refit, compile and export ``model`` at its per-layer ``precision`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tgt = resolve_target(target)
+    folded, changed = fold_batchnorm(model)
+    modules = dict(folded.named_modules())
+    final: dict[str, Precision] = {}
+    for name, p in precision.items():
+        if name not in modules:
+            raise ModelError(f"precision names layer {name!r}, which the model does not have")
+        final[name] = refit_precision(modules[name].weight, p.wl) if name in changed else p
+    _atomic_save(lambda tmp: export_onnx(folded, example[:2], tmp), out / FLOAT_ONNX)
+    float_model = load_onnx(out / FLOAT_ONNX)
+    layer_names = {
+        _layer_of(n.input[1]) for n in float_model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+    }
+    missing = sorted(layer_names & set(modules) - set(final))
+    if missing:
+        raise ModelError(f"no precision for layers {missing}; give one for every Conv/Linear layer")
+    executable = compile_library(out / FLOAT_ONNX, final, tgt)
+    _atomic_save(executable.export_library, out / LIBRARY)
+    qdq = qdq_model(float_model, final)
+    _atomic_save(lambda tmp: onnx.save(qdq, tmp), out / QDQ)
+
+    layers = []
+    for name, p in final.items():
+        m = modules[name]
+        cls = class_for_wl(p.wl)
+        n_params = sum(t.numel() for t in (m.weight, m.bias) if t is not None)
+        item = {"int8": 1, "int16": 2, "float32": 4}[cls.name]
+        layers.append(
+            {
+                "name": name,
+                "wl": p.wl,
+                "fl": p.fl,
+                "kernel_class": cls.name,
+                "trained": {"wl": precision[name].wl, "fl": precision[name].fl},
+                "batchnorm_folded": name in changed,
+                "parameter_bytes": n_params * item,
+                "float32_parameter_bytes": n_params * 4,
+            }
+        )
+    files = {f: out / f for f in (LIBRARY, QDQ, FLOAT_ONNX)}
+    manifest = {
+        "kind": "deployed",
+        "toolkit": __version__,
+        "tvm": tvm.__version__,
+        "onnxruntime_opset": QDQ_OPSET,
+        "target": json.loads(str(tgt)),
+        "input_shape": ["N", *example.shape[1:]],
+        "layers": layers,
+        "size": {
+            "parameter_bytes": sum(lay["parameter_bytes"] for lay in layers),
+            "float32_parameter_bytes": sum(lay["float32_parameter_bytes"] for lay in layers),
+            "qdq_onnx_bytes": files[QDQ].stat().st_size,
+            "float32_onnx_bytes": files[FLOAT_ONNX].stat().st_size,
+            "library_bytes": files[LIBRARY].stat().st_size,
+        },
+        "checksums": {f: _sha256(p) for f, p in files.items()},
+    }
+    manifest["size"]["qdq_vs_float32"] = (
+        manifest["size"]["qdq_onnx_bytes"] / manifest["size"]["float32_onnx_bytes"]
+    )
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+class DeployedModel:
+    """A loaded ``model.so``: call it on a numpy array or a torch tensor (batch first)."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.manifest = manifest
+        tgt = resolve_target(manifest["target"])
+        self.device = tvm.device("cpu" if tgt.kind.name == "llvm" else tgt.kind.name, 0)
+        self._main = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)["main"]
+        self.input_shape = tuple(manifest["input_shape"][1:])
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        is_torch = isinstance(x, torch.Tensor)
+        arr = x.detach().cpu().numpy() if is_torch else np.asarray(x)
+        if arr.ndim != len(self.input_shape) + 1 or tuple(arr.shape[1:]) != self.input_shape:
+            dims = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"input has shape {tuple(arr.shape)}; accepted: (batch, {dims})")
+        y = self._main(tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device)).numpy()
+        return torch.from_numpy(y) if is_torch else y
+
+
+def _check_not_shared(path: Path) -> None:
+    """Never load code from a place other users can write to or that another user owns."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"refusing to load {path}: it is writable by group or others (chmod go-w)")
+    if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0):
+        raise PermissionError(f"refusing to load {path}: owned by uid {st.st_uid}, not by you")
+
+
+def load(model_dir: str | os.PathLike) -> DeployedModel:
+    """Verify a deployed directory (ownership, permissions, checksums) and load its library."""
+    d = Path(model_dir)
+    manifest_path = d / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelError(
+            f"{d} is not a deployed model directory (no {MANIFEST}); run `marvin-compile deploy`"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("kind") != "deployed":
+        raise ModelError(f"{d} holds a compiled model, not a deployed one; use `marvin-compile run` on it")
+    for p in (d, d / LIBRARY, manifest_path):
+        _check_not_shared(p)
+    for name, digest in manifest["checksums"].items():
+        if not (d / name).is_file():
+            raise ModelError(f"{d / name} is missing")
+        if _sha256(d / name) != digest:
+            raise ModelError(
+                f"checksum mismatch for {d / name}: the file changed after deployment; redeploy it"
+            )
+    return DeployedModel(d / LIBRARY, manifest)
