@@ -30,10 +30,10 @@ def _hash32(seed: te.Tensor, indices, shape, salt: int) -> tirx.PrimExpr:
     def u32(v: int) -> tirx.PrimExpr:
         return tirx.const(v, "uint32")
 
-    flat = _flat_index(indices, shape)
-    lo = tirx.Cast("uint32", flat)
-    hi = tirx.Cast("uint32", tirx.shift_right(flat, tirx.const(32, "int64")))
-    start = lo * u32(0x9E3779B1) + seed[()] * u32(0x85EBCA77) + hi * u32(0xC2B2AE3D) + u32(salt)
+    # The element index modulo 2**32: tensors of 4G elements are out of scope, and GPU lowering
+    # narrows indices to int32, where a 32-bit shift would be invalid.
+    index = tirx.Cast("uint32", _flat_index(indices, shape))
+    start = index * u32(0x9E3779B1) + seed[()] * u32(0x85EBCA77) + u32(salt)
     steps = [
         lambda h: h ^ tirx.shift_right(h, u32(16)),
         lambda h: h * u32(0x85EBCA6B),

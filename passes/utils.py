@@ -56,10 +56,13 @@ def map_layers(
     built = bb.get()
     defined = {gv.name_hint for gv in built.functions}
     old = {gv.name_hint for gv, _ in layers if gv.name_hint + "__rewritten" in defined}
+    symbols = {gv: f.attrs.get("global_symbol") if f.attrs is not None else None for gv, f in layers}
     out = {}
     for gv, f in built.functions.items():
         if gv.name_hint in replaced:
-            out[replaced[gv.name_hint]] = f.without_attr("global_symbol")
+            orig = replaced[gv.name_hint]
+            f = f.without_attr("global_symbol")  # bb.function named it after the temporary name
+            out[orig] = f if symbols[orig] is None else f.with_attr("global_symbol", symbols[orig])
         elif gv.name_hint not in old:
             out[gv] = f
     return tvm.IRModule(out)
