@@ -59,6 +59,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# `train` flags named like their TrainConfig fields; None means "not given" (the config's default).
+_TRAIN_FIELDS = ("model", "dataset", "epochs", "batch_size", "target", "backward", "seed", "lr", "data_root",
+                 "cache_dir")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from marvin_compile.runtime.driver import TrainConfig, load_config, summary, train
+
+    given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
+    if args.resume is not None:
+        run_dir = args.resume or args.out
+        if run_dir is None or (args.out is not None and args.resume and args.out != args.resume):
+            raise ValueError("--resume needs the run folder: --resume RUN, or --out RUN --resume")
+        extra = [f"--{name.replace('_', '-')}" for name in given if name != "cache_dir"]
+        if extra:
+            raise ValueError(f"--resume continues RUN with its saved config; drop {', '.join(extra)}")
+        config = load_config(run_dir)
+        config.baseline = config.baseline or args.baseline
+        config.cache_dir = given.get("cache_dir", config.cache_dir)
+        metrics = train(config, resume=True)
+    else:
+        if args.out is None or "model" not in given or "dataset" not in given:
+            raise ValueError("train needs --model, --dataset and --out (or --resume RUN to continue a run)")
+        config = TrainConfig(out=args.out, baseline=args.baseline, **given)
+        metrics = train(config)
+    print(summary(metrics, config.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marvin-compile", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rounding", choices=ROUNDINGS, default="nearest")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_cmd_run)
+
+    t = sub.add_parser("train", help="MARViN training: precision decided per layer during training")
+    t.add_argument("--model", help="lenet5, resnet20, or package.module:callable")
+    t.add_argument("--dataset", help="digits, npz:PATH, or torchvision:NAME[:ROOT] (local files only)")
+    t.add_argument("--epochs", type=int, help="epochs (default 8)")
+    t.add_argument("--batch-size", type=int, help="batch size (default 128)")
+    t.add_argument("--target", help="cpu (default), cuda, or a TVM JSON-dict target")
+    t.add_argument("--out", help="run folder: metrics.json, precision.png, checkpoint.pt")
+    t.add_argument("--baseline", action="store_true", help="also train the float32 PyTorch counterpart")
+    t.add_argument("--backward", help="float (default: PyTorch float backward) or lowbit (integer kernels)")
+    t.add_argument("--seed", type=int, help="seed of initial weights, data order and rounding (default 0)")
+    t.add_argument("--lr", type=float, help="learning rate (default 0.05, cosine-annealed)")
+    t.add_argument("--data-root", help="root for torchvision datasets whose spec names none")
+    t.add_argument("--cache-dir", default=None, help="variant cache (default ~/.cache/marvin-compile)")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="continue RUN (or --out) from its checkpoint with its saved config")
+    t.set_defaults(func=_cmd_train)
     return p
 
 

@@ -62,11 +62,17 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, set[str]]:
     return fused, changed
 
 
-def refit_precision(weight: torch.Tensor, wl: int) -> Precision:
-    """fl for folded weights: the largest fl without clamping at wl, then MARViN's push-down."""
-    amax = float(weight.abs().max())
+def refit_precision(weight: torch.Tensor, trained: Precision) -> Precision:
+    """(wl, fl) for folded weights by MARViN's push-down, starting from the trained pair.
+
+    The start fl is the trained one, lowered if the folded weights would clamp at it; the pair
+    also governs the layer's activations, so it never gains fractional bits (and range) over
+    what training used.
+    """
+    wl = trained.wl
+    amax = float(weight.detach().abs().max())
     int_bits = max(math.floor(math.log2(amax)) + 1, 0) if amax > 0 else 0
-    fl = min(max(wl - 1 - int_bits, 0), wl - 1)
+    fl = min(trained.fl, max(wl - 1 - int_bits, 0))
     new_wl, new_fl = push_down(weight.detach().float(), wl, fl, PUSH_DOWN_BINS, min_fl=min(4, fl))
     return Precision(new_wl, new_fl)
 
@@ -98,6 +104,9 @@ def qdq_model(float_model: onnx.ModelProto, precision: Mapping[str, Precision]) 
     model = version_converter.convert_version(float_model, QDQ_OPSET)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:  # the exporter dedupes equal constants behind Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
     new_nodes, extra_inits = [], []
 
     def const(name: str, value: np.ndarray) -> str:
@@ -200,7 +209,7 @@ def deploy(
     for name, p in precision.items():
         if name not in modules:
             raise ModelError(f"precision names layer {name!r}, which the model does not have")
-        final[name] = refit_precision(modules[name].weight, p.wl) if name in changed else p
+        final[name] = refit_precision(modules[name].weight, p) if name in changed else p
     _atomic_save(lambda tmp: export_onnx(folded, example[:2], tmp), out / FLOAT_ONNX)
     float_model = load_onnx(out / FLOAT_ONNX)
     layer_names = {

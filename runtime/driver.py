@@ -40,7 +40,7 @@ from marvin_compile.api import BACKWARDS, MarvinConfig, MarvinHandle, quantize_
 from marvin_compile.data import load_dataset
 from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import KERNEL_CLASSES, class_for_wl
-from marvin_compile.models import build_model
+from marvin_compile.models import BUILTIN_MODELS, build_model
 from marvin_compile.report import atomic_write_bytes, atomic_write_json, plot_precision, precision_table
 
 from .controller import ControllerConfig, PrecisionController
@@ -51,6 +51,8 @@ METRICS = "metrics.json"
 PLOT = "precision.png"
 CONFIG = "config.json"
 EVAL_SEED_SALT = 0x5EED  # evaluation rounds with generator(seed + salt), apart from training's draws
+
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 # Input geometry of the built-in models; a "module:callable" model defaults to 32x32 RGB.
 MODEL_INPUTS: dict[str, tuple[int, int]] = {"lenet5": (32, 1), "resnet20": (32, 3)}
@@ -101,6 +103,7 @@ class TrainConfig:
     backward: str = "float"
     seed: int = 0
     lr: float = 0.05
+    lr_schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     l1: float = 0.0
@@ -127,11 +130,18 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is out of range; accepted: an integer >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; accepted: {', '.join(LR_SCHEDULES)}")
         for name in ("lr", "momentum", "weight_decay", "l1"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; accepted: {name} >= 0")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(f"stop_after_steps={self.stop_after_steps} is out of range; accepted: >= 1 or None")
+            raise ValueError(
+                f"stop_after_steps={self.stop_after_steps} is out of range; accepted: an integer >= 1, or None"
+            )
+        if self.model.strip().lower() not in BUILTIN_MODELS and ":" not in self.model:
+            raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(BUILTIN_MODELS)}, or "
+                             "'package.module:callable'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,7 +161,7 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resume: they do not change what is computed.
-RESUMABLE_CHANGES = frozenset({"epochs", "baseline", "checkpoint_every", "progress", "cache_dir",
+RESUMABLE_CHANGES = frozenset({"baseline", "checkpoint_every", "progress", "cache_dir",
                                "stop_after_steps", "eval_batch_size"})
 
 
@@ -159,7 +169,7 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The config a run was started with (its ``config.json``)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG} in {run_dir}: not a run folder written by `marvin-compile train`")
+        raise FileNotFoundError(f"no {CONFIG} in {run_dir}: not a run folder of `marvin-compile train`")
     config = TrainConfig.from_dict(json.loads(path.read_text()))
     config.out = os.fspath(run_dir)
     return config
@@ -176,7 +186,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     checkpoint: dict[str, Any] | None = None
     if resume:
         if not ckpt_path.is_file():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}; start the run without resume")
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}; start without resume")
         checkpoint = torch.load(ckpt_path, weights_only=True)
         _check_resumable(TrainConfig.from_dict(checkpoint["config"]), config)
     else:
@@ -198,7 +208,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         run.save_checkpoint()
     metrics = run.final_metrics(baseline if config.baseline else None)
     atomic_write_json(out / METRICS, metrics)
-    plot_precision(metrics["layers"], out / PLOT, title=f"MARViN precision: {config.model} on {config.dataset}")
+    plot_precision(metrics["layers"], out / PLOT, title=f"MARViN precision, {config.model} on {config.dataset}")
     print(precision_table(metrics["layers"]))
     return metrics
 
@@ -230,6 +240,17 @@ def _epoch_batches(config: TrainConfig, n: int, epoch: int) -> list[torch.Tensor
     """The index batches of one epoch: a shuffle that depends only on (seed, epoch)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
     return list(perm.split(config.batch_size))
+
+
+def _lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): constant, or cosine-annealed to 0."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+def _steps_per_epoch(config: TrainConfig, n: int) -> int:
+    return math.ceil(math.ceil(n / config.batch_size) / config.grad_accumulation)
 
 
 def _step_groups(n_batches: int, k: int) -> list[range]:
@@ -281,8 +302,8 @@ class _MarvinRun:
         layers = quantizable_layers(self.model)
         if set(layers) != set(self.handle.layers):
             raise ValueError(
-                f"layers {sorted(set(layers) ^ set(self.handle.layers))} are quantizable but not compiled (or the "
-                "reverse); accepted: Conv1d, Conv2d and Linear layers applied directly to their input"
+                f"layers {sorted(set(layers) ^ set(self.handle.layers))} are quantizable but not compiled (or "
+                "the reverse); accepted: Conv1d, Conv2d and Linear layers applied directly to their input"
             )
         self.controller = PrecisionController(ctrl)
         self.opt = MSGD(
@@ -364,6 +385,7 @@ class _MarvinRun:
     def train(self) -> None:
         cfg = self.config
         x, y = self.train_set.tensors
+        total_steps = cfg.epochs * _steps_per_epoch(cfg, len(x))
         while self.epoch < cfg.epochs:
             batches = _epoch_batches(cfg, len(x), self.epoch)
             groups = _step_groups(len(batches), cfg.grad_accumulation)
@@ -372,19 +394,23 @@ class _MarvinRun:
                        disable=not cfg.progress, leave=False, dynamic_ncols=True)
             self.model.train()
             for group in groups[done:]:
+                for g in self.opt.param_groups:
+                    g["lr"] = _lr_at(cfg, self.step, total_steps)
                 self._train_step([batches[i] for i in group], x, y)
                 self.batch = group.stop
                 self.step += 1
                 s = self.epoch_stats
                 bar.update()
-                bar.set_postfix(loss=f"{s['loss_sum'] / s['seen']:.4f}", acc=f"{s['correct'] / s['seen']:.3f}",
-                                wl=f"{self.mean_wl():.2f}")
+                bar.set_postfix(
+                    loss=f"{s['loss_sum'] / s['seen']:.4f}", acc=f"{s['correct'] / s['seen']:.3f}",
+                    wl=f"{self.mean_wl():.2f}"
+                )
                 stopping = cfg.stop_after_steps is not None and self.step == cfg.stop_after_steps
                 if self.step % cfg.checkpoint_every == 0 or stopping:
                     self.save_checkpoint()
                 if stopping:
                     bar.close()
-                    raise TrainingStopped(f"stopped after {self.step} steps (stop_after_steps); resume to continue")
+                    raise TrainingStopped(f"stopped after {self.step} steps (stop_after_steps); resume to go on")
             bar.close()
             self._end_epoch()
 
@@ -425,8 +451,8 @@ class _MarvinRun:
         self.metrics["epochs"].append(record)
         if self.config.progress:
             tqdm.write(
-                f"epoch {record['epoch']}/{self.config.epochs}: loss {record['train_loss']:.4f} "
-                f"train acc {record['train_accuracy']:.4f} test acc {accuracy:.4f} mean wl {record['mean_wl']:.2f}"
+                f"epoch {record['epoch']}/{self.config.epochs}: loss {record['train_loss']:.4f} train acc "
+                f"{record['train_accuracy']:.4f} test acc {accuracy:.4f} mean wl {record['mean_wl']:.2f}"
             )
         self.epoch += 1
         self.batch = 0
@@ -502,6 +528,7 @@ def _train_baseline(
                           weight_decay=config.weight_decay)
     x, y = train_set.tensors
     time_sum, time_count, step = 0.0, 0, 0
+    total_steps = config.epochs * _steps_per_epoch(config, len(x))
     epochs = []
     for epoch in range(config.epochs):
         batches = _epoch_batches(config, len(x), epoch)
@@ -511,6 +538,8 @@ def _train_baseline(
                           leave=False, dynamic_ncols=True):
             idxs = [batches[i] for i in group]
             n = sum(len(b) for b in idxs)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(config, step, total_steps)
             start = time.perf_counter()
             for idx in idxs:
                 (F.cross_entropy(model(x[idx]), y[idx]) * (len(idx) / n)).backward()
@@ -525,9 +554,29 @@ def _train_baseline(
                 time_sum += elapsed
                 time_count += 1
             step += 1
-        epochs.append({"epoch": epoch + 1, "test_accuracy": _evaluate(model, test_set, config.eval_batch_size)})
+        accuracy = _evaluate(model, test_set, config.eval_batch_size)
+        epochs.append({"epoch": epoch + 1, "test_accuracy": accuracy})
     return {
         "accuracy": epochs[-1]["test_accuracy"],
         "step_time_s": time_sum / time_count if time_count else math.nan,
         "epochs": epochs,
     }
+
+
+def summary(metrics: dict[str, Any], out: str | os.PathLike) -> str:
+    """The few lines a user reads after a run: accuracy against float32, speedup, swaps, outputs."""
+    lines = [f"MARViN accuracy {metrics['accuracy']:.4f}"]
+    if metrics["baseline_accuracy"] is not None:
+        lines[0] += f", float32 {metrics['baseline_accuracy']:.4f} ({metrics['accuracy_diff_pp']:+.2f} pp)"
+        lines.append(
+            f"step time {metrics['step_time_s'] * 1e3:.1f} ms vs float32 {metrics['baseline_step_time_s'] * 1e3:.1f}"
+            f" ms: measured speedup {metrics['speedup']:.2f}x"
+        )
+    final = ", ".join(f"{n} {p['wl']}/{p['fl']}" for n, p in metrics["final_precision"].items())
+    lines.append(f"final wl/fl: {final}")
+    lines.append(
+        f"{metrics['variant_swaps']} variant swaps, {metrics['compilations_after_warmup']} compilations after warm-up"
+    )
+    out = Path(out)
+    lines.append(f"precision plot: {out / PLOT}; metrics: {out / METRICS}; checkpoint: {out / CHECKPOINT}")
+    return "\n".join(lines)

@@ -150,3 +150,13 @@ def test_resnet20_folds_batchnorm_and_deploys(tmp_path):
     got = load(tmp_path / "r20")(x)
     qdq = ort.InferenceSession(str(tmp_path / "r20" / QDQ), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(got - qdq).max() <= 2.0**-3
+
+
+def test_identical_folded_biases_deploy(tmp_path):
+    """Default batch-norm statistics fold to equal biases, which the exporter dedupes (Identity)."""
+    model = resnet20(in_channels=1, num_classes=4)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    manifest = deploy(model, torch.randn(2, 1, 32, 32), {n: Precision(8, 4) for n in names}, tmp_path / "d")
+    x = np.random.default_rng(0).normal(size=(2, 1, 32, 32)).astype(np.float32)
+    qdq = ort.InferenceSession(str(tmp_path / "d" / QDQ), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert qdq.shape == (2, 4) and len(manifest["layers"]) == len(names)
