@@ -6,7 +6,8 @@
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
 - freeze:    deployment: precisions and weights become constants, folded into integer containers;
 - glue:      ``main`` calls layers through the runtime dispatcher;
-- build:     TVM's standard Relax lowering, fusion and codegen for the target (``tvm.compile``).
+- build:     TVM's Relax lowering and fusion, a generic parallel/vectorized CPU schedule
+             (``schedule_cpu``), codegen for the target (``tvm.compile``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import KernelClass, class_for_wl
@@ -25,6 +27,7 @@ from marvin_compile.passes.freeze_precision import FreezeLayerPrecision
 from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
+from marvin_compile.passes.schedule_cpu import ScheduleCPU
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 
 
@@ -86,8 +89,25 @@ def glue_module(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
-    """Phase build: TVM's default Relax pipeline (legalize, fuse, lower) and codegen."""
-    return tvm.compile(mod, target=target)
+    """Phase build: TVM's Relax lowering (legalize, fuse), our CPU schedule on LLVM targets
+    (TVM's GPU pipeline brings its own dlight schedules), then codegen."""
+    if target.kind.name != "llvm":
+        return tvm.compile(mod, target=target)
+    seq = tvm.transform.Sequential(
+        cpu_generic.library_dispatch_passes(target)
+        + cpu_generic.legalize_passes(target)
+        + [ScheduleCPU()]
+        + cpu_generic.dataflow_lower_passes(target)
+        + cpu_generic.finalize_passes(target),
+        name="cpu_build",
+    )
+
+    @tvm.transform.module_pass(opt_level=0, name="MarvinCPUPipeline")
+    def _pipeline(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return seq(m)
+
+    return tvm.compile(mod, target=target, relax_pipeline=_pipeline)
 
 
 __all__ = [

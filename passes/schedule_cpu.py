@@ -1,0 +1,89 @@
+"""A generic CPU schedule for the fused kernels: parallel outer loops, vectorized inner loop.
+
+TVM's default CPU pipeline compiles unscheduled loop nests (one thread, scalar code). This rule
+gives every reduction kernel (conv, matmul, gradient products) the classic shape: parallel over
+the leading spatial axis, producers (padding) computed per parallel iteration, the reduction
+loops, then the last spatial axis split and vectorized innermost; injective kernels (quantize,
+requantize) are flattened, parallelized and vectorized. A later autotuner replaces it.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+VECTOR_LANES = (16, 8, 4, 2)
+SPATIAL, REDUCE = 0, 2  # IterVar kinds
+
+
+def _static(extent: tirx.PrimExpr) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _lanes(extent: int) -> int | None:
+    """The widest vector that divides the extent (no tail predicate, which vectorize rejects)."""
+    return next((v for v in VECTOR_LANES if extent % v == 0), None)
+
+
+def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
+    loops = sch.get_loops(block)
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == SPATIAL]
+    reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == REDUCE]
+    if len(spatial) + len(reduce) != len(loops) or not spatial or not reduce:
+        return
+    extent = _static(sch.get(spatial[-1]).extent)
+    lanes = _lanes(extent) if extent is not None and len(spatial) > 1 else None
+    if lanes is not None:
+        outer, inner = sch.split(spatial[-1], factors=[None, lanes])
+        sch.reorder(*spatial[:-1], outer, *reduce, inner)
+    else:
+        sch.reorder(*spatial, *reduce)
+    sch.parallel(spatial[0])
+    for producer in blocks[: blocks.index(block)]:
+        sch.compute_at(producer, spatial[0])
+    if lanes is not None:
+        sch.vectorize(inner)
+    sch.decompose_reduction(block, reduce[0])
+
+
+def _schedule_injective(sch: Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    static = 1
+    for lp in loops:
+        extent = _static(sch.get(lp).extent)
+        static *= extent if extent is not None else 1
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    lanes = _lanes(static)
+    if lanes is None:
+        sch.parallel(fused)
+        return
+    outer, inner = sch.split(fused, factors=[None, lanes])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+
+
+def schedule_prim_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]
+    if len(reductions) == 1:
+        _schedule_reduction(sch, blocks, reductions[0])
+    elif not reductions and len(blocks) == 1:
+        _schedule_injective(sch, blocks[0])
+    else:
+        return func
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
+class ScheduleCPU:
+    """Apply the generic parallel/vectorize schedule to every unscheduled PrimFunc."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        out = tvm.IRModule(dict(mod.functions.items()))
+        for gv, func in mod.functions.items():
+            if isinstance(func, tirx.PrimFunc) and not (func.attrs and "tirx.is_scheduled" in func.attrs):
+                out[gv] = schedule_prim_func(func)
+        return out
