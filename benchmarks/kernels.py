@@ -7,7 +7,7 @@ each kernel class, and times one call of the variant next to ``torch.nn.function
 
 Usage::
 
-    .venv/bin/python benchmarks/kernels.py [--batch 128] [--repeat 10] [--quick] [--write-md]
+    .venv/bin/python benchmarks/kernels.py [--batch 128] [--repeat 10] [--quick] [--write-md] [--wait-idle S]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import tvm
 from torch import nn
+from tvm import relax
 
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
@@ -45,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
 PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
 BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
-CASE_BUDGET_S = 1.5
+CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
 # TVM's thread pool pins the calling thread to CPU 0 on its first use (TVM_BIND_THREADS, with
 # MaxConcurrency = cores / 2); torch is timed with the affinity the process started with.
 _START_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -56,7 +57,7 @@ def restore_affinity() -> bool:
     if _START_AFFINITY is None or os.sched_getaffinity(0) == _START_AFFINITY:
         return False
     os.sched_setaffinity(0, _START_AFFINITY)
-    return True  # timed seconds aimed at per (shape, implementation) after warm-up
+    return True
 
 
 @dataclass(frozen=True)
@@ -159,56 +160,82 @@ def median_time(call: Callable[[], object], repeat: int, budget_s: float = CASE_
     return Timing(statistics.median(times), n, (_own_cpu_s() - cpu0) / sum(times))
 
 
-def bench_shape(shape: Shape, batch: int, repeat: int, store: VariantStore, workdir: str) -> list[Row]:
-    """Time the three kernel-class variants and torch float32 on one shape."""
+@dataclass
+class Case:
+    """One shape's data, its imported float layer, and (after phase 1) torch's timing and output."""
+
+    shape: Shape
+    macs: int
+    x: np.ndarray
+    w: np.ndarray
+    b: np.ndarray
+    layer: relax.Function
+    torch: Timing | None = None
+    ref: np.ndarray | None = None
+
+
+def prepare(shape: Shape, batch: int, workdir: str) -> Case:
+    """Random input, the torch layer's weights, and the layer imported through ONNX into Relax."""
     # passes/ and runtime/ are imported here, in their own block, because ruff sorts them as
     # third-party (their source dirs are not under marvin_compile/) unless configured otherwise.
     from marvin_compile.passes import pipeline
-    from marvin_compile.runtime.compiled_model import layers_of, precision_args
+    from marvin_compile.runtime.compiled_model import layers_of
 
     model = shape.module()
-    layer = model[0]
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal(shape.input_shape(batch), dtype=np.float32)
-    w_np = layer.weight.detach().numpy().copy()
-    b_np = layer.bias.detach().numpy().copy()
-    macs = shape.macs(batch)
-
+    x = np.random.default_rng(0).standard_normal(shape.input_shape(batch), dtype=np.float32)
     onnx_path = os.path.join(workdir, "".join(c if c.isalnum() else "_" for c in shape.name) + ".onnx")
-    export_onnx(model, torch.from_numpy(x_np[:1]), onnx_path)
+    export_onnx(model, torch.from_numpy(x[:1]), onnx_path)
     layers = layers_of(pipeline.partition(import_onnx(load_onnx(onnx_path)).mod))
     if len(layers) != 1:
         raise RuntimeError(f"{shape.name}: expected one layer, found {[lay.name for lay in layers]}")
+    w = model[0].weight.detach().numpy().copy()
+    b = model[0].bias.detach().numpy().copy()
+    return Case(shape, shape.macs(batch), x, w, b, layers[0].func)
 
-    x_t, w_t, b_t = torch.from_numpy(x_np), torch.from_numpy(w_np), torch.from_numpy(b_np)
+
+def time_torch(case: Case, repeat: int) -> None:
+    """Phase 1: torch float32 (``F.conv2d`` / ``F.linear``, default threads) on the case's data."""
+    x, w, b = torch.from_numpy(case.x), torch.from_numpy(case.w), torch.from_numpy(case.b)
     restore_affinity()
     with torch.inference_mode():
-        if shape.kind == "conv":
-            torch_call = functools.partial(F.conv2d, x_t, w_t, b_t, padding=shape.pad)
+        if case.shape.kind == "conv":
+            call = functools.partial(F.conv2d, x, w, b, padding=case.shape.pad)
         else:
-            torch_call = functools.partial(F.linear, x_t, w_t, b_t)
-        ref = torch_call().numpy()
-        torch_t = median_time(torch_call, repeat)
-    torch_gops = 2 * macs / torch_t.median_s / 1e9
+            call = functools.partial(F.linear, x, w, b)
+        case.ref = call().numpy()
+        case.torch = median_time(call, repeat)
+    print(
+        f"  {case.shape.name:32s} torch    {case.torch.median_s * 1e3:9.2f} ms "
+        f"(x{case.torch.repeats}, {case.torch.threads:.1f} thr)",
+        file=sys.stderr,
+        flush=True,
+    )
 
+
+def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
+    """Phase 2: the compiled variant of each kernel class on the same data, checked against torch."""
+    from marvin_compile.runtime.compiled_model import precision_args
+
+    assert case.torch is not None and case.ref is not None, "time_torch first"
     dev = store.device
-    x, w, b = (tvm.runtime.tensor(a, dev) for a in (x_np, w_np, b_np))
+    x, w, b = (tvm.runtime.tensor(a, dev) for a in (case.x, case.w, case.b))
+    torch_gops = 2 * case.macs / case.torch.median_s / 1e9
     rows = []
     for name, precision in PRECISION.items():
-        variant = store.get(layers[0].func, CLASS_BY_NAME[name], "nearest")
+        variant = store.get(case.layer, CLASS_BY_NAME[name], "nearest")
         qp, fl = precision_args(precision, dev)
         y = variant.fn(x, w, b, qp, fl).numpy()
-        if y.shape != ref.shape or not np.all(np.isfinite(y)):
-            raise RuntimeError(f"{shape.name} {name}: output {y.shape} (torch {ref.shape}) or not finite")
-        rel_err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-        ours_t = median_time(lambda v=variant, q=qp, f=fl: v.fn(x, w, b, q, f), repeat)
-        rows.append(
-            Row(shape.name, name, 2 * macs / ours_t.median_s / 1e9, torch_gops, ours_t, torch_t, rel_err)
-        )
+        if y.shape != case.ref.shape or not np.all(np.isfinite(y)):
+            raise RuntimeError(
+                f"{case.shape.name} {name}: output {y.shape} (torch {case.ref.shape}) or not finite"
+            )
+        rel_err = float(np.linalg.norm(y - case.ref) / np.linalg.norm(case.ref))
+        ours = median_time(lambda v=variant, q=qp, f=fl: v.fn(x, w, b, q, f), repeat)
+        gops = 2 * case.macs / ours.median_s / 1e9
+        rows.append(Row(case.shape.name, name, gops, torch_gops, ours, case.torch, rel_err))
         print(
-            f"  {shape.name:32s} {name:8s} ours {ours_t.median_s * 1e3:9.2f} ms (x{ours_t.repeats}, "
-            f"{ours_t.threads:.1f} thr)  torch {torch_t.median_s * 1e3:8.2f} ms (x{torch_t.repeats}, "
-            f"{torch_t.threads:.1f} thr)  rel.err vs torch {rel_err:.1e}",
+            f"  {case.shape.name:32s} {name:8s} {ours.median_s * 1e3:9.2f} ms (x{ours.repeats}, "
+            f"{ours.threads:.1f} thr)  {gops / torch_gops:.3f}x torch  rel.err vs torch {rel_err:.1e}",
             file=sys.stderr,
             flush=True,
         )
@@ -249,6 +276,22 @@ class LoadMeter:
         return max(0.0, other) / (wall * (os.cpu_count() or 1))
 
 
+def wait_idle(max_s: float, window_s: float = 5.0) -> float | None:
+    """Wait up to ``max_s`` for a window in which other processes use < BUSY of the CPUs.
+
+    Returns the last window's share (None where /proc/stat is unavailable).
+    """
+    deadline, share = time.perf_counter() + max_s, None
+    while time.perf_counter() < deadline:
+        meter = LoadMeter()
+        time.sleep(window_s)
+        share = meter.other_share()
+        if share is None or share < BUSY:
+            break
+        print(f"# waiting for an idle machine: other processes use {100 * share:.0f}%", file=sys.stderr)
+    return share
+
+
 def machine() -> str:
     """CPU model name and core count from ``lscpu`` (falls back to os.cpu_count)."""
     info: dict[str, str] = {}
@@ -276,11 +319,38 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def section(
-    rows: list[Row], batch: int, command: str, elapsed_s: float, target: str, other_load: float | None
-) -> str:
+@dataclass
+class RunInfo:
+    """What the BENCHMARKS.md section says about the run besides the table."""
+
+    batch: int
+    command: str
+    elapsed_s: float  # excluding waited_s
+    waited_s: float  # waiting for an idle machine (--wait-idle)
+    target: str
+    torch_load: float | None  # other processes' CPU share while torch was timed
+    ours_load: float | None  # ... while our variants were compiled and timed
+
+
+def _pct(share: float | None) -> str:
+    return "unknown" if share is None else f"{100 * share:.0f}%"
+
+
+def load_warnings(info: RunInfo) -> list[str]:
+    """Warnings for phases during which other processes used the CPUs."""
+    out = []
+    if info.torch_load is not None and info.torch_load > BUSY:
+        out.append(
+            f"other processes used {_pct(info.torch_load)} of the CPUs while torch was timed: its "
+            "multi-threaded times are unreliable (a stolen core stalls every parallel region)"
+        )
+    if info.ours_load is not None and info.ours_load > BUSY:
+        out.append(f"other processes used {_pct(info.ours_load)} of the CPUs while our variants were timed")
+    return out
+
+
+def section(rows: list[Row], info: RunInfo) -> str:
     """The BENCHMARKS.md section (markers included)."""
-    load = "unknown" if other_load is None else f"{100 * other_load:.0f}% of all CPUs"
     gemm_m = ", ".join(f"{s.name}: M={s.m}" for s in SHAPES if s.m is not None)
     return "\n".join(
         [
@@ -289,26 +359,23 @@ def section(
             "",
             f"- Machine: {machine()}",
             f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-            f"- Command: `{command}` (ran {elapsed_s:.0f} s; other processes' load meanwhile: {load})",
+            f"- Command: `{info.command}` (ran {info.elapsed_s:.0f} s"
+            + (f", after waiting {info.waited_s:.0f} s for an idle machine)" if info.waited_s >= 1 else ")"),
             f"- torch {torch.__version__}, {torch.get_num_threads()} threads; TVM {tvm.__version__}, "
-            f"target `{target}`",
-            f"- Batch {batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest rounding; "
-            "int8 = Precision(8,4), int16 = Precision(16,8), float32 = Precision(24,12).",
+            f"target `{info.target}`",
+            f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
+            "rounding; int8 = Precision(8,4), int16 = Precision(16,8), float32 = Precision(24,12).",
             "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; repeats chosen so each "
             "case times ~1.5 s. Ours = one call of the compiled variant (quantize inputs/weights/bias, "
-            "conv/GEMM, requantize), default TVM schedules; torch = `F.conv2d` / `F.linear` float32.",
+            "conv/GEMM, requantize), default TVM schedules; torch = `F.conv2d` / `F.linear` float32. "
+            "Torch is timed first for all shapes (phase 1), then our variants (phase 2).",
             f"- Busy threads while timing (CPU s / wall s): ours {_span([r.ours.threads for r in rows])}, "
             f"torch {_span([r.torch.threads for r in rows])}. TVM pins the calling thread to CPU 0 on "
             "first use (its pool assumes hyper-threading: cores / 2 = 1 worker here); the script restores "
             "the affinity before timing torch.",
-            *(
-                [
-                    f"- **Warning: other processes used {load} during the run; torch's multi-threaded "
-                    "times are unreliable (a stolen core stalls every parallel region).**"
-                ]
-                if other_load is not None and other_load > BUSY
-                else []
-            ),
+            f"- Other processes' CPU share: {_pct(info.torch_load)} while torch was timed, "
+            f"{_pct(info.ours_load)} while ours was.",
+            *[f"- **Warning: {w}.**" for w in load_warnings(info)],
             "",
             markdown_table(rows),
             END,
@@ -357,6 +424,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-md", action="store_true", help="rewrite the kernels section of BENCHMARKS.md")
     p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file for --write-md")
     p.add_argument("--cache-dir", default=None, help="variant cache (default: a fresh temp dir)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds for an idle machine",
+    )
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeat < 1:
         p.error("--batch and --repeat must be >= 1")
@@ -365,11 +439,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start, meter = time.perf_counter(), LoadMeter()
-    repeat = 1 if args.quick else args.repeat
-    shapes = [s for s in SHAPES if s.name in QUICK_SHAPES] if args.quick else list(SHAPES)
     from marvin_compile.runtime.variant_store import VariantStore
 
+    start = time.perf_counter()
+    repeat = 1 if args.quick else args.repeat
+    shapes = [s for s in SHAPES if s.name in QUICK_SHAPES] if args.quick else list(SHAPES)
     target = resolve_target("cpu")
     print(
         f"# {machine()}; torch {torch.__version__} threads={torch.get_num_threads()}; "
@@ -377,23 +451,31 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="marvin-bench-") as workdir:
+        cases = [prepare(shape, args.batch, workdir) for shape in shapes]
+        wait_start = time.perf_counter()
+        if args.wait_idle > 0:
+            wait_idle(args.wait_idle)
+        waited = time.perf_counter() - wait_start
+        meter = LoadMeter()
+        for case in cases:
+            time_torch(case, repeat)
+        torch_load, meter = meter.other_share(), LoadMeter()
         store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
-        for shape in shapes:
-            rows.extend(bench_shape(shape, args.batch, repeat, store, workdir))
-    elapsed, other_load = time.perf_counter() - start, meter.other_share()
+        rows = [row for case in cases for row in time_ours(case, repeat, store)]
+        ours_load = meter.other_share()
+    elapsed = time.perf_counter() - start - waited
+    info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), torch_load, ours_load)
+
     print(f"torch threads: {torch.get_num_threads()}; batch: {args.batch}\n")
     print(markdown_table(rows))
-    print(f"\ntotal run time: {elapsed:.1f} s", flush=True)
-    if other_load is not None:
-        print(f"other processes' load during the run: {100 * other_load:.0f}% of all CPUs")
-        if other_load > BUSY:
-            print(
-                "WARNING: the machine was busy; torch's multi-threaded times are unreliable", file=sys.stderr
-            )
+    wait_note = f" (plus {waited:.0f} s waiting for an idle machine)" if args.wait_idle > 0 else ""
+    print(f"\ntotal run time: {elapsed:.1f} s{wait_note}", flush=True)
+    print(f"other processes' CPU share: torch phase {_pct(torch_load)}, ours phase {_pct(ours_load)}")
+    for warning in load_warnings(info):
+        print(f"WARNING: {warning}", file=sys.stderr)
     if args.write_md:
-        write_md(args.md, section(rows, args.batch, command_line(), elapsed, str(target), other_load))
+        write_md(args.md, section(rows, info))
         print(f"wrote {args.md}")
     return 0
 

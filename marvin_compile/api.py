@@ -26,6 +26,9 @@ from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.target import resolve_target
 
 
+DLPACK_CUDA = 2  # kDLCUDA
+
+
 @dataclass
 class MarvinConfig:
     """How layers are compiled and run. ``precompile`` lists the kernel classes built up front."""
@@ -90,7 +93,8 @@ def quantize_(
         export_onnx(model, example_input[:2], path, fold_batchnorm=False)
         layers = layers_of(pipeline.partition(import_onnx(load_onnx(path)).mod))
     modules = dict(model.named_modules())
-    generator = torch.Generator().manual_seed(config.seed)
+    device = "cuda" if store.device.dlpack_device_type() == DLPACK_CUDA else "cpu"
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # rounds tensors of that device
     compiled: dict[str, CompiledLayer] = {}
     for layer in layers:
         module = modules.get(layer.name)

@@ -24,7 +24,8 @@ def _word_lengths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,8,12,16, got {text!r}") from None
+        msg = f"expected comma-separated integers like 4,8,12,16, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -117,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="MARViN training: precision decided per layer during training")
     t.add_argument("--model", help="lenet5, resnet20, or package.module:callable")
     t.add_argument("--dataset", help="digits, npz:PATH, or torchvision:NAME[:ROOT] (local files only)")
-    t.add_argument("--epochs", type=int, help="epochs (default 8)")
+    t.add_argument("--epochs", type=int, help="epochs (default 25)")
     t.add_argument("--batch-size", type=int, help="batch size (default 128)")
-    t.add_argument("--target", help="cpu (default), cuda, or a TVM JSON-dict target")
+    t.add_argument("--target", help="cpu (default) or an llvm TVM JSON-dict target; training runs on the CPU")
     t.add_argument("--out", help="run folder: metrics.json, precision.png, checkpoint.pt")
     t.add_argument("--baseline", action="store_true", help="also train the float32 PyTorch counterpart")
     t.add_argument("--backward", help="float (default: PyTorch float backward) or lowbit (integer kernels)")

@@ -1,19 +1,24 @@
 """The MARViN training driver: train a model with compiled per-layer variants, decide precision
 inside the epoch, and write metrics, a precision plot and resumable checkpoints to a run folder.
 
-    metrics = train(TrainConfig(model="lenet5", dataset="digits", epochs=8, out="runs/demo",
-                                baseline=True))
+    metrics = train(TrainConfig(model="lenet5", dataset="digits", out="runs/demo", baseline=True))
+    metrics = train(load_config("runs/demo"), resume=True)       # after a crash: continue exactly
 
-A training step is: forward through the compiled variants (``quantize_``), float backward with
-straight-through activation gradients, then ``MSGD.step`` (gradient quantization, controller
-decisions, stochastic write-back). When a decision moves a layer's word length into another kernel
-class, the optimizer's precision hook swaps that layer's variant; all classes are compiled up front,
-so a swap never compiles.
+A training step is: forward through the compiled variants (``quantize_``), float or low-bit
+backward with straight-through activation gradients, then ``MSGD.step`` (gradient quantization,
+controller decisions, stochastic write-back). When a decision moves a layer's word length into
+another kernel class, the optimizer's precision hook swaps that layer's variant; every class is
+compiled before training, so a swap never compiles (``compilations_after_warmup`` stays 0).
 
-Determinism: every random draw comes from a generator that is seeded from ``seed`` and saved in the
-checkpoint (MSGD's rounding generators, the bridge's ``handle.generator``, torch's global RNG), the
-data order of epoch e is ``randperm(seed + e)``, and evaluation draws from its own generator
-(re-seeded every time), so a resumed run takes exactly the steps of an uninterrupted one.
+Determinism: every random draw comes from a generator seeded from ``seed`` and saved in the
+checkpoint (MSGD's rounding generators, the bridge's ``handle.generator``, torch's global RNG),
+the data order of epoch e is ``randperm`` seeded with ``seed + e``, the learning rate is a
+function of the step, and evaluation draws from its own re-seeded generator; so a resumed run
+takes exactly the steps of an uninterrupted one.
+
+Evaluation rounds stochastically, like training: the handle's variants are built for stochastic
+rounding, and a nearest-rounding evaluation would need a second set of variants (``quantize_`` has
+one rounding per handle). It is deterministic all the same (fixed evaluation seed).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import KERNEL_CLASSES, class_for_wl
 from marvin_compile.models import BUILTIN_MODELS, build_model
 from marvin_compile.report import atomic_write_bytes, atomic_write_json, plot_precision, precision_table
+from marvin_compile.target import resolve_target
 
 from .controller import ControllerConfig, PrecisionController
 from .optimizer import MSGD, quantizable_layers
@@ -62,18 +68,26 @@ DIGITS_CONTROLLER = ControllerConfig(
     max_resolution=64,
     min_lookback=8,
     max_lookback=32,
-    results_buffer=4,
     push_down_tolerance=0.02,
 )
-"""The controller setting the driver uses by default, sized for small models and short runs.
+"""The driver's default controller: a deliberate setting for small models and short runs.
 
-The published constants (``ControllerConfig()``: 50-150 bins, lookback 25-100, results buffer 8,
-zero KL tolerance) are for ResNet/CIFAR runs of tens of thousands of steps. On digits (11 steps per
-epoch at batch 128) they would take one or two decisions per layer in a whole run, and a buffer of 8
-bits on top of fl >= 4 pins every layer at wl >= 12, so nothing could ever run in the int8 class.
-Here: lookbacks 8-32 (several decisions per epoch), histograms of 16-64 bins (a layer of a few
-hundred weights fills 50+ bins too sparsely for the KL to mean much), a results buffer of 4 bits
-and a small KL tolerance so push-down can trim a layer that a fine grid does not need.
+Measured on digits/LeNet-5 (25 epochs of 11 steps; the published constants, ``ControllerConfig()``,
+are for ResNet/CIFAR runs of tens of thousands of steps). Differences from the published values:
+
+- lookback 8-32 (published 25-100): about 30 decisions per layer in the run instead of 11, so the
+  timeline shows the vacillation, and even a one-epoch run takes a decision;
+- histograms of 16-64 bins (published 50-150): conv1 has 150 weights, which fill 50+ bins too
+  sparsely for the histogram KL to mean much;
+- ``push_down_tolerance`` 0.02 (method: 0): with zero tolerance every weight must stay in its bin
+  and push-down rarely trims; measured (seed 0), fc1 then sat at wl 28-32 (float32 class) for the
+  whole second half of the run, with 0.02 it settles at wl 16-18 (int16) at the same accuracy.
+
+The results buffer stays at the published 8 bits on purpose: one (wl, fl) pair covers a layer's
+weights and activations, and the buffer is their integer headroom (wl - fl - 1 bits). With 4 bits
+(range +-8) activations and logits clip and training collapsed (test accuracy 0.56 at the end,
+measured). Consequence: wl >= fl + 8 >= 12 after the first decision, so LeNet-5 trains in the int16
+and float32 classes; int8 is only its start state.
 """
 
 
@@ -83,20 +97,24 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; saved in the run folder so ``--resume`` needs only it.
+    """Everything that defines a training run; saved in the run folder, so a resume needs only it.
 
-    Defaults are the deliberate digits/LeNet-5 setting (see ``DIGITS_CONTROLLER`` for the
-    controller): MSGD normalises every gradient tensor to unit L2 norm, so ``lr`` is a step length
-    per tensor, and the float32 baseline (torch.optim.SGD with the same lr, momentum and weight
-    decay on raw gradients) trains well with the same value. ``grad_accumulation`` batches of
-    ``batch_size`` make one optimizer step. ``stop_after_steps`` is a test hook that stops the run
-    after that many optimizer steps as if the process were killed (a checkpoint is written first).
+    The defaults are a deliberate setting for LeNet-5 on digits (controller: ``DIGITS_CONTROLLER``):
+    batch 128, 25 epochs, lr 0.05 cosine-annealed to 0, momentum 0.9, weight decay 1e-4 (published).
+    MSGD normalises each gradient tensor to unit L2 norm, so ``lr`` is a step length per tensor;
+    the float32 baseline (torch.optim.SGD, same lr, schedule, momentum and weight decay on raw
+    gradients) trains well with the same value. The annealing lets both runs settle: with a constant
+    lr the last-epoch accuracy of either jumps by a percent from epoch to epoch, too much to compare
+    two runs at 0.5 pp. ``grad_accumulation`` batches of ``batch_size`` make one optimizer step.
+    ``image_size``/``in_channels`` default to the model's (32x32, 1 channel for lenet5, 3 otherwise).
+    ``stop_after_steps`` is a test hook: after that many optimizer steps the run writes a checkpoint
+    and raises ``TrainingStopped``, as if the process had been killed there.
     """
 
     model: str = "lenet5"
     dataset: str = "digits"
     out: str = "runs/train"
-    epochs: int = 8
+    epochs: int = 25
     batch_size: int = 128
     target: str = "cpu"
     baseline: bool = False
@@ -122,23 +140,20 @@ class TrainConfig:
         if isinstance(self.controller, dict):
             self.controller = ControllerConfig(**self.controller)
         if self.backward not in BACKWARDS:
-            raise ValueError(
-                f"backward={self.backward!r} is not implemented by the torch bridge yet; "
-                f"accepted: {', '.join(BACKWARDS)}"
-            )
+            raise ValueError(f"backward={self.backward!r} is unknown; accepted: {', '.join(BACKWARDS)}")
         for name in ("epochs", "batch_size", "grad_accumulation", "checkpoint_every", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is out of range; accepted: an integer >= 1")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; accepted: {', '.join(LR_SCHEDULES)}")
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule!r} is unknown; accepted: {', '.join(LR_SCHEDULES)}"
+            )
         for name in ("lr", "momentum", "weight_decay", "l1"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; accepted: {name} >= 0")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(
-                f"stop_after_steps={self.stop_after_steps} is out of range; accepted: an integer >= 1, or None"
-            )
+            raise ValueError(f"stop_after_steps={self.stop_after_steps} is out of range; accepted: >= 1")
         if self.model.strip().lower() not in BUILTIN_MODELS and ":" not in self.model:
             raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(BUILTIN_MODELS)}, or "
                              "'package.module:callable'")
@@ -161,8 +176,7 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resume: they do not change what is computed.
-RESUMABLE_CHANGES = frozenset({"baseline", "checkpoint_every", "progress", "cache_dir",
-                               "stop_after_steps", "eval_batch_size"})
+RESUMABLE_CHANGES = frozenset({"baseline", "checkpoint_every", "progress", "cache_dir", "stop_after_steps"})
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -208,7 +222,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         run.save_checkpoint()
     metrics = run.final_metrics(baseline if config.baseline else None)
     atomic_write_json(out / METRICS, metrics)
-    plot_precision(metrics["layers"], out / PLOT, title=f"MARViN precision, {config.model} on {config.dataset}")
+    plot_precision(metrics["layers"], out / PLOT, title=f"MARViN: {config.model} on {config.dataset}")
     print(precision_table(metrics["layers"]))
     return metrics
 
@@ -270,6 +284,26 @@ def _evaluate(model: nn.Module, test: TensorDataset, batch_size: int) -> float:
     return correct / len(x)
 
 
+@dataclass
+class StepTimer:
+    """Mean wall time of training steps. The first step of each process is not counted: it pays
+    one-off costs (allocations, first calls into the loaded libraries) that a long run amortises."""
+
+    total: float = 0.0
+    count: int = 0
+    started: bool = False
+
+    def add(self, seconds: float) -> None:
+        if self.started:
+            self.total += seconds
+            self.count += 1
+        self.started = True
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
 class _MarvinRun:
     """One MARViN training run: model, compiled handle, optimizer, counters; checkpointable."""
 
@@ -283,6 +317,11 @@ class _MarvinRun:
     ) -> None:
         self.config = config
         self.train_set, self.test_set = train_set, test_set
+        if resolve_target(config.target).kind.name != "llvm":
+            raise ValueError(
+                f"target {config.target!r}: the training driver keeps its tensors on the CPU for now; "
+                "accepted: cpu or an llvm target"
+            )
         self.model = _build(config, num_classes)
         ctrl = config.controller
         self.initial = Precision(ctrl.initial_wl, ctrl.initial_fl)
@@ -300,10 +339,11 @@ class _MarvinRun:
             ),
         )
         layers = quantizable_layers(self.model)
-        if set(layers) != set(self.handle.layers):
+        if not layers or set(layers) != set(self.handle.layers):
             raise ValueError(
-                f"layers {sorted(set(layers) ^ set(self.handle.layers))} are quantizable but not compiled (or "
-                "the reverse); accepted: Conv1d, Conv2d and Linear layers applied directly to their input"
+                f"model {config.model!r}: quantizable layers {sorted(layers)}, compiled "
+                f"{sorted(self.handle.layers)}; accepted: a model whose Conv1d, Conv2d and Linear layers "
+                "are applied directly to their input"
             )
         self.controller = PrecisionController(ctrl)
         self.opt = MSGD(
@@ -320,7 +360,7 @@ class _MarvinRun:
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already consumed
         self.step = 0
-        self.time_sum, self.time_count = 0.0, 0
+        self.timer = StepTimer()
         self.epoch_stats = {"loss_sum": 0.0, "correct": 0, "seen": 0}
         self.metrics: dict[str, Any] = {"epochs": []}
         self.swaps_offset = 0  # swaps of earlier (resumed) processes, less those the restore itself made
@@ -340,7 +380,7 @@ class _MarvinRun:
         self.handle.generator.set_state(ckpt["handle_generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         self.epoch, self.batch, self.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        self.time_sum, self.time_count = ckpt["time_sum"], ckpt["time_count"]
+        self.timer = StepTimer(ckpt["time_sum"], ckpt["time_count"])
         self.epoch_stats = dict(ckpt["epoch_stats"])
         self.metrics = ckpt["metrics"]
         self.swaps_offset = ckpt["swaps"] - self.handle.swaps
@@ -357,8 +397,8 @@ class _MarvinRun:
             "epoch": self.epoch,
             "batch": self.batch,
             "step": self.step,
-            "time_sum": self.time_sum,
-            "time_count": self.time_count,
+            "time_sum": self.timer.total,
+            "time_count": self.timer.count,
             "epoch_stats": dict(self.epoch_stats),
             "metrics": self.metrics,
             "swaps": self.swaps,
@@ -410,31 +450,29 @@ class _MarvinRun:
                     self.save_checkpoint()
                 if stopping:
                     bar.close()
-                    raise TrainingStopped(f"stopped after {self.step} steps (stop_after_steps); resume to go on")
+                    raise TrainingStopped(f"stopped after step {self.step} (stop_after_steps)")
             bar.close()
             self._end_epoch()
 
     def _train_step(self, batches: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> None:
-        """One optimizer step over the given micro-batches; only this is timed."""
+        """One optimizer step over the given micro-batches: forward, backward, controller and update
+        are timed; the progress statistics are not."""
         n = sum(len(b) for b in batches)
         start = time.perf_counter()
         total_loss = 0.0
-        correct = 0
+        outputs = []
         for idx in batches:
             out = self.model(x[idx])
             loss = F.cross_entropy(out, y[idx])
             (loss * (len(idx) / n)).backward()
             total_loss += float(loss.detach()) * len(idx) / n
-            correct += int((out.argmax(1) == y[idx]).sum())
+            outputs.append(out.detach())
         self.opt.step(loss=total_loss)
         self.opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        if self.step > 0:  # the first step of a run pays one-off costs (allocations, first calls)
-            self.time_sum += elapsed
-            self.time_count += 1
+        self.timer.add(time.perf_counter() - start)
         s = self.epoch_stats
         s["loss_sum"] += total_loss * n
-        s["correct"] += correct
+        s["correct"] += sum(int((o.argmax(1) == y[i]).sum()) for o, i in zip(outputs, batches, strict=True))
         s["seen"] += n
 
     def _end_epoch(self) -> None:
@@ -460,9 +498,8 @@ class _MarvinRun:
         self.save_checkpoint()
 
     def _evaluate(self) -> float:
-        """Eval-mode accuracy. The compiled variants round stochastically (the handle is built for
-        training); evaluation draws from a freshly seeded generator and restores the training one, so
-        the result depends only on the weights and does not perturb the training stream."""
+        """Eval-mode accuracy, rounding stochastically from a freshly seeded generator; the training
+        generator is restored after, so evaluating never shifts the training's random stream."""
         gen = self.handle.generator
         saved = gen.get_state()
         gen.manual_seed(self.config.seed + EVAL_SEED_SALT)
@@ -486,7 +523,7 @@ class _MarvinRun:
 
     def final_metrics(self, baseline: dict[str, float] | None) -> dict[str, Any]:
         epochs = self.metrics["epochs"]
-        step_time = self.time_sum / self.time_count if self.time_count else math.nan
+        step_time = self.timer.mean
         precision = self.opt.precision
         metrics: dict[str, Any] = {
             "accuracy": epochs[-1]["test_accuracy"],
@@ -511,7 +548,8 @@ class _MarvinRun:
             metrics["baseline_accuracy"] = baseline["accuracy"]
             metrics["accuracy_diff_pp"] = 100.0 * (metrics["accuracy"] - baseline["accuracy"])
             metrics["baseline_step_time_s"] = baseline["step_time_s"]
-            metrics["speedup"] = baseline["step_time_s"] / step_time
+            if step_time and baseline["step_time_s"]:
+                metrics["speedup"] = baseline["step_time_s"] / step_time
             metrics["baseline_epochs"] = baseline["epochs"]
         return metrics
 
@@ -527,7 +565,7 @@ def _train_baseline(
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
     x, y = train_set.tensors
-    time_sum, time_count, step = 0.0, 0, 0
+    timer, step = StepTimer(), 0
     total_steps = config.epochs * _steps_per_epoch(config, len(x))
     epochs = []
     for epoch in range(config.epochs):
@@ -549,16 +587,13 @@ def _train_baseline(
                         p.grad.add_(torch.sign(p.detach()), alpha=config.l1)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
-            if step > 0:
-                time_sum += elapsed
-                time_count += 1
+            timer.add(time.perf_counter() - start)
             step += 1
         accuracy = _evaluate(model, test_set, config.eval_batch_size)
         epochs.append({"epoch": epoch + 1, "test_accuracy": accuracy})
     return {
         "accuracy": epochs[-1]["test_accuracy"],
-        "step_time_s": time_sum / time_count if time_count else math.nan,
+        "step_time_s": timer.mean,
         "epochs": epochs,
     }
 
@@ -568,15 +603,14 @@ def summary(metrics: dict[str, Any], out: str | os.PathLike) -> str:
     lines = [f"MARViN accuracy {metrics['accuracy']:.4f}"]
     if metrics["baseline_accuracy"] is not None:
         lines[0] += f", float32 {metrics['baseline_accuracy']:.4f} ({metrics['accuracy_diff_pp']:+.2f} pp)"
-        lines.append(
-            f"step time {metrics['step_time_s'] * 1e3:.1f} ms vs float32 {metrics['baseline_step_time_s'] * 1e3:.1f}"
-            f" ms: measured speedup {metrics['speedup']:.2f}x"
-        )
+    if metrics["speedup"] is not None:
+        ours, theirs = metrics["step_time_s"] * 1e3, metrics["baseline_step_time_s"] * 1e3
+        speedup = metrics["speedup"]
+        lines.append(f"step time {ours:.1f} ms vs float32 {theirs:.1f} ms: measured speedup {speedup:.2f}x")
     final = ", ".join(f"{n} {p['wl']}/{p['fl']}" for n, p in metrics["final_precision"].items())
     lines.append(f"final wl/fl: {final}")
-    lines.append(
-        f"{metrics['variant_swaps']} variant swaps, {metrics['compilations_after_warmup']} compilations after warm-up"
-    )
+    swaps, builds = metrics["variant_swaps"], metrics["compilations_after_warmup"]
+    lines.append(f"{swaps} variant swaps, {builds} compilations after warm-up")
     out = Path(out)
     lines.append(f"precision plot: {out / PLOT}; metrics: {out / METRICS}; checkpoint: {out / CHECKPOINT}")
     return "\n".join(lines)

@@ -91,9 +91,13 @@ class _QuantizedLayerFn(torch.autograd.Function):
         layer: CompiledLayer = module.marvin
         p = layer.precision
         gen = module.marvin_generator
+        # Quantize in torch what the backward needs: Q(x) and Q(w) are the operands of the straight-
+        # through gradients (a no-op on the kernel side, where quantizing on-grid values is exact).
         xq = quantize(x, p.wl, p.fl, layer.rounding, gen)
-        y = layer.run(xq, weight, bias, seed)
-        ctx.save_for_backward(xq, weight)
+        wq = quantize(weight.detach(), p.wl, p.fl, layer.rounding, gen)
+        bq = None if bias is None else quantize(bias.detach(), p.wl, p.fl, layer.rounding, gen)
+        y = layer.run(xq, wq, bq, seed)
+        ctx.save_for_backward(xq, wq)
         ctx.module = module
         ctx.has_bias = bias is not None
         ctx.grad_seed = grad_seed
