@@ -1,3 +1,18 @@
 """marvin-compile: MARViN fixed-point training with real low-bit kernels compiled through TVM."""
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from marvin_compile.runtime.deploy import DeployedModel
+
+
+def load(model_dir: str | os.PathLike) -> DeployedModel:
+    """Load a deployed model directory (checksums and permissions verified) as a callable."""
+    from marvin_compile.runtime.deploy import load as _load
+
+    return _load(model_dir)

@@ -25,7 +25,6 @@ from marvin_compile.runtime.torch_bridge import BACKWARDS, BRIDGED, CompiledLaye
 from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.target import resolve_target
 
-
 DLPACK_CUDA = 2  # kDLCUDA
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from marvin_compile.fixed_point import ROUNDINGS, Precision, PrecisionError
 from marvin_compile.frontend import ModelError
 from marvin_compile.target import TargetError
 
-USER_ERRORS = (ModelError, PrecisionError, TargetError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (ModelError, PrecisionError, TargetError, FileNotFoundError, PermissionError, ValueError, KeyError)
 
 
 def _word_lengths(text: str) -> tuple[int, ...]:
@@ -31,26 +32,47 @@ def _word_lengths(text: str) -> tuple[int, ...]:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from marvin_compile.compiler import compile_model
 
-    manifest = compile_model(args.model, args.out, args.target, args.word_lengths, tuple(args.rounding),
-                             args.cache_dir)
-    print(f"compiled {len(manifest['layers'])} layers for classes {', '.join(manifest['kernel_classes'])} "
-          f"-> {Path(args.out) / 'manifest.json'}")
+    manifest = compile_model(
+        args.model, args.out, args.target, args.word_lengths, tuple(args.rounding), args.cache_dir
+    )
+    print(
+        f"compiled {len(manifest['layers'])} layers for classes {', '.join(manifest['kernel_classes'])} "
+        f"-> {Path(args.out) / 'manifest.json'}"
+    )
     return 0
+
+
+def _is_deployed(model_dir: str) -> bool:
+    manifest = Path(model_dir) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("kind") == "deployed"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from marvin_compile.compiler import load_compiled, parse_precision_file
 
-    if (args.wl is None) != (args.fl is None) or (args.wl is None) == (args.precision is None):
+    deployed = _is_deployed(args.model_dir)
+    if deployed and (args.wl is not None or args.fl is not None or args.precision is not None):
+        raise PrecisionError("a deployed model runs at its deployed precisions; drop --wl/--fl/--precision")
+    if not deployed and (
+        (args.wl is None) != (args.fl is None) or (args.wl is None) == (args.precision is None)
+    ):
         raise PrecisionError("give either --wl N --fl M (uniform precision) or --precision P.json, not both")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"input file not found: {args.input} (expected a .npy array, batch first)")
     x = np.load(args.input, allow_pickle=False)
-    model = load_compiled(args.model_dir)
-    config = (Precision(args.wl, args.fl) if args.precision is None
-              else parse_precision_file(args.precision, model.layer_names))
-    model.set_precision(config, args.rounding, args.seed)
-    y = model(x)
+    if deployed:
+        from marvin_compile import load
+
+        y = load(args.model_dir)(x)
+    else:
+        model = load_compiled(args.model_dir)
+        config = (
+            Precision(args.wl, args.fl)
+            if args.precision is None
+            else parse_precision_file(args.precision, model.layer_names)
+        )
+        model.set_precision(config, args.rounding, args.seed)
+        y = model(x)
     buf = io.BytesIO()
     np.save(buf, y)
     from marvin_compile.report import atomic_write_bytes
@@ -61,8 +83,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 # `train` flags named like their TrainConfig fields; None means "not given" (the config's default).
-_TRAIN_FIELDS = ("model", "dataset", "epochs", "batch_size", "target", "backward", "seed", "lr", "data_root",
-                 "cache_dir")
+_TRAIN_FIELDS = (
+    "model",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "target",
+    "backward",
+    "seed",
+    "lr",
+    "data_root",
+    "cache_dir",
+)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -89,6 +121,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from marvin_compile.runtime.deploy import deploy_run
+
+    manifest = deploy_run(args.run, args.out, args.target)
+    size = manifest["size"]
+    print(
+        f"deployed {len(manifest['layers'])} layers to {args.out}: model.so, model.qdq.onnx "
+        f"({size['qdq_onnx_bytes']} bytes, {size['qdq_vs_float32']:.2f}x the float32 ONNX)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marvin-compile", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,10 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="MODEL.onnx")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--target", default="cpu", help="cpu, cuda, or a TVM JSON-dict target")
-    c.add_argument("--word-lengths", type=_word_lengths, default=(4, 8, 12, 16),
-                   help="word lengths to serve (default 4,8,12,16); each maps to a kernel class")
-    c.add_argument("--rounding", choices=ROUNDINGS, action="append", default=None,
-                   help="rounding modes to precompile (repeatable; default nearest)")
+    c.add_argument(
+        "--word-lengths",
+        type=_word_lengths,
+        default=(4, 8, 12, 16),
+        help="word lengths to serve (default 4,8,12,16); each maps to a kernel class",
+    )
+    c.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        action="append",
+        default=None,
+        help="rounding modes to precompile (repeatable; default nearest)",
+    )
     c.add_argument("--cache-dir", default=None, help="variant cache (default ~/.cache/marvin-compile)")
     c.set_defaults(func=_cmd_compile)
 
@@ -115,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_cmd_run)
 
+    d = sub.add_parser("deploy", help="deploy a training run: compiled library + ONNX QDQ model")
+    d.add_argument("run", help="RUN folder written by `marvin-compile train --out RUN`")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--target", default="cpu", help="cpu, cuda, or a TVM JSON-dict target")
+    d.set_defaults(func=_cmd_deploy)
+
     t = sub.add_parser("train", help="MARViN training: precision decided per layer during training")
     t.add_argument("--model", help="lenet5, resnet20, or package.module:callable")
     t.add_argument("--dataset", help="digits, npz:PATH, or torchvision:NAME[:ROOT] (local files only)")
@@ -128,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="learning rate (default 0.05, cosine-annealed)")
     t.add_argument("--data-root", help="root for torchvision datasets whose spec names none")
     t.add_argument("--cache-dir", default=None, help="variant cache (default ~/.cache/marvin-compile)")
-    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
-                   help="continue RUN (or --out) from its checkpoint with its saved config")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN",
+        help="continue RUN (or --out) from its checkpoint with its saved config",
+    )
     t.set_defaults(func=_cmd_train)
     return p
 

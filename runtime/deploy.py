@@ -316,3 +316,25 @@ def load(model_dir: str | os.PathLike) -> DeployedModel:
                 f"checksum mismatch for {d / name}: the file changed after deployment; redeploy it"
             )
     return DeployedModel(d / LIBRARY, manifest)
+
+
+def deploy_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, target: str | dict = "cpu") -> dict:
+    """Deploy the final state of a training run (``marvin-compile train --out RUN``)."""
+    from marvin_compile.data import load_dataset
+    from marvin_compile.models import build_model
+    from marvin_compile.runtime.driver import CHECKPOINT, load_config
+
+    run = Path(run_dir)
+    ckpt_path = run / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise ModelError(
+            f"{run} is not a training run (no {CHECKPOINT}); accepted: the --out folder of `train`"
+        )
+    config = load_config(run)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    image_size, in_channels = config.input_geometry()
+    _, test, num_classes = load_dataset(config.dataset, config.data_root, image_size, in_channels)
+    model = build_model(config.model, num_classes, in_channels)
+    model.load_state_dict(ckpt["model"])
+    precision = {name: Precision(*pair) for name, pair in ckpt["precision"].items()}
+    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from marvin_compile.runtime.controller import (
     ControllerConfig,
     PrecisionController,

@@ -77,12 +77,16 @@ def test_three_forms_agree_on_digits(trained_lenet, digits, deployed, cache_dir)
     out, _ = deployed
     x, y = (t.numpy() for t in digits[1].tensors)
     tvm_logits = load(out)(x)
-    qdq_logits = ort.InferenceSession(str(out / QDQ), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    qdq_logits = ort.InferenceSession(str(out / QDQ), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
 
     import copy
 
     train_time = copy.deepcopy(trained_lenet)
-    handle = quantize_(train_time, torch.from_numpy(x[:2]), MarvinConfig(rounding="nearest", cache_dir=cache_dir))
+    handle = quantize_(
+        train_time, torch.from_numpy(x[:2]), MarvinConfig(rounding="nearest", cache_dir=cache_dir)
+    )
     handle.set_precision(PRECISION)
     with torch.no_grad():
         ref_logits = train_time.eval()(torch.from_numpy(x)).numpy()
@@ -94,8 +98,10 @@ def test_three_forms_agree_on_digits(trained_lenet, digits, deployed, cache_dir)
     agree = np.mean(qdq_logits.argmax(1) == ref_logits.argmax(1))
     assert agree >= 0.995, agree
     assert np.abs(qdq_logits - ref_logits).max() <= 0.05 * np.abs(ref_logits).max()
-    acc = {k: float(np.mean(v.argmax(1) == y)) for k, v in [("tvm", tvm_logits), ("qdq", qdq_logits),
-                                                            ("ref", ref_logits)]}
+    acc = {
+        k: float(np.mean(v.argmax(1) == y))
+        for k, v in [("tvm", tvm_logits), ("qdq", qdq_logits), ("ref", ref_logits)]
+    }
     assert acc["ref"] > 0.9, acc
     assert abs(acc["tvm"] - acc["ref"]) <= 0.002 and abs(acc["qdq"] - acc["ref"]) <= 0.002, acc
 
@@ -148,7 +154,9 @@ def test_resnet20_folds_batchnorm_and_deploys(tmp_path):
     assert len(folded) == len(names) - 1  # every conv has a batch norm; the classifier has none
     x = np.random.default_rng(0).normal(size=(4, 1, 32, 32)).astype(np.float32)
     got = load(tmp_path / "r20")(x)
-    qdq = ort.InferenceSession(str(tmp_path / "r20" / QDQ), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    qdq = ort.InferenceSession(str(tmp_path / "r20" / QDQ), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
     assert np.abs(got - qdq).max() <= 2.0**-3
 
 
@@ -158,5 +166,48 @@ def test_identical_folded_biases_deploy(tmp_path):
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     manifest = deploy(model, torch.randn(2, 1, 32, 32), {n: Precision(8, 4) for n in names}, tmp_path / "d")
     x = np.random.default_rng(0).normal(size=(2, 1, 32, 32)).astype(np.float32)
-    qdq = ort.InferenceSession(str(tmp_path / "d" / QDQ), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    qdq = ort.InferenceSession(str(tmp_path / "d" / QDQ), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
     assert qdq.shape == (2, 4) and len(manifest["layers"]) == len(names)
+
+
+def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    from marvin_compile.runtime.driver import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), epochs=1, cache_dir=str(cache_dir), progress=False))
+    cli = [sys.executable, "-m", "marvin_compile.cli"]
+    r = subprocess.run(
+        [*cli, "deploy", str(run), "--out", str(tmp_path / "dep")], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "dep" / "manifest.json").read_text())
+    trained = torch.load(run / "checkpoint.pt", weights_only=True)["precision"]
+    assert {lay["name"]: [lay["wl"], lay["fl"]] for lay in manifest["layers"]} == trained  # LeNet: no BN
+    x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run(
+        [
+            *cli,
+            "run",
+            str(tmp_path / "dep"),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "--output",
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), load(tmp_path / "dep")(x))
+    r = subprocess.run(
+        [*cli, "deploy", str(tmp_path / "nope"), "--out", str(tmp_path / "d2")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "not a training run" in r.stderr and "Traceback" not in r.stderr

@@ -7,9 +7,10 @@ import io
 
 import pytest
 import torch
+from torch import nn
+
 from marvin_compile.runtime.controller import ControllerConfig, PrecisionController
 from marvin_compile.runtime.optimizer import MSGD, quantizable_layers
-from torch import nn
 
 FAST = ControllerConfig(min_lookback=1, max_lookback=2, min_resolution=10, max_resolution=20)
 
