@@ -18,7 +18,15 @@ from marvin_compile.fixed_point import ROUNDINGS, Precision, PrecisionError
 from marvin_compile.frontend import ModelError
 from marvin_compile.target import TargetError
 
-USER_ERRORS = (ModelError, PrecisionError, TargetError, FileNotFoundError, PermissionError, ValueError, KeyError)
+USER_ERRORS = (
+    ModelError,
+    PrecisionError,
+    TargetError,
+    FileNotFoundError,
+    PermissionError,
+    ValueError,
+    KeyError,
+)
 
 
 def _word_lengths(text: str) -> tuple[int, ...]:
