@@ -292,6 +292,15 @@ def wait_idle(max_s: float, window_s: float = 5.0) -> float | None:
     return share
 
 
+def tvm_threads() -> str:
+    """TVM's thread-pool size and where it comes from."""
+    env = os.environ.get("TVM_NUM_THREADS")
+    source = f"TVM_NUM_THREADS={env}" if env else "TVM default: cores / 2, unless OMP_NUM_THREADS is set"
+    n = tvm.runtime.num_threads()  # starts TVM's pool, which pins this thread: undo that
+    restore_affinity()
+    return f"{n} ({source})"
+
+
 def machine() -> str:
     """CPU model name and core count from ``lscpu`` (falls back to os.cpu_count)."""
     info: dict[str, str] = {}
@@ -361,18 +370,18 @@ def section(rows: list[Row], info: RunInfo) -> str:
             f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             f"- Command: `{info.command}` (ran {info.elapsed_s:.0f} s"
             + (f", after waiting {info.waited_s:.0f} s for an idle machine)" if info.waited_s >= 1 else ")"),
-            f"- torch {torch.__version__}, {torch.get_num_threads()} threads; TVM {tvm.__version__}, "
-            f"target `{info.target}`",
+            f"- torch {torch.__version__}, threads: {torch.get_num_threads()}; TVM {tvm.__version__}, "
+            f"threads: {tvm_threads()}; target `{info.target}`",
             f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
             "rounding; int8 = Precision(8,4), int16 = Precision(16,8), float32 = Precision(24,12).",
             "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; repeats chosen so each "
             "case times ~1.5 s. Ours = one call of the compiled variant (quantize inputs/weights/bias, "
-            "conv/GEMM, requantize), default TVM schedules; torch = `F.conv2d` / `F.linear` float32. "
+            "conv/GEMM, requantize) as the pipeline compiles it now; torch = `F.conv2d` / `F.linear` "
+            "float32. "
             "Torch is timed first for all shapes (phase 1), then our variants (phase 2).",
             f"- Busy threads while timing (CPU s / wall s): ours {_span([r.ours.threads for r in rows])}, "
-            f"torch {_span([r.torch.threads for r in rows])}. TVM pins the calling thread to CPU 0 on "
-            "first use (its pool assumes hyper-threading: cores / 2 = 1 worker here); the script restores "
-            "the affinity before timing torch.",
+            f"torch {_span([r.torch.threads for r in rows])}. TVM's pool pins the calling thread to CPU 0 "
+            "on first use; the script restores the affinity before timing torch.",
             f"- Other processes' CPU share: {_pct(info.torch_load)} while torch was timed, "
             f"{_pct(info.ours_load)} while ours was.",
             *[f"- **Warning: {w}.**" for w in load_warnings(info)],
@@ -425,6 +434,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file for --write-md")
     p.add_argument("--cache-dir", default=None, help="variant cache (default: a fresh temp dir)")
     p.add_argument(
+        "--tvm-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="set TVM_NUM_THREADS for our variants (default: TVM's own, cores / 2 when unset)",
+    )
+    p.add_argument(
         "--wait-idle",
         type=float,
         default=0.0,
@@ -439,6 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tvm_threads is not None:  # read when TVM's thread pool starts, i.e. before any TVM call
+        os.environ["TVM_NUM_THREADS"] = str(args.tvm_threads)
     from marvin_compile.runtime.variant_store import VariantStore
 
     start = time.perf_counter()
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     target = resolve_target("cpu")
     print(
         f"# {machine()}; torch {torch.__version__} threads={torch.get_num_threads()}; "
-        f"TVM {tvm.__version__} target={target}; batch={args.batch}",
+        f"TVM {tvm.__version__} threads={tvm_threads()} target={target}; batch={args.batch}",
         file=sys.stderr,
         flush=True,
     )
@@ -467,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start - waited
     info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), torch_load, ours_load)
 
-    print(f"torch threads: {torch.get_num_threads()}; batch: {args.batch}\n")
+    print(f"torch threads: {torch.get_num_threads()}; TVM threads: {tvm_threads()}; batch: {args.batch}\n")
     print(markdown_table(rows))
     wait_note = f" (plus {waited:.0f} s waiting for an idle machine)" if args.wait_idle > 0 else ""
     print(f"\ntotal run time: {elapsed:.1f} s{wait_note}", flush=True)

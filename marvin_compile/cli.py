@@ -16,6 +16,7 @@ import numpy as np
 
 from marvin_compile.fixed_point import ROUNDINGS, Precision, PrecisionError
 from marvin_compile.frontend import ModelError
+from marvin_compile.safety import MANIFEST
 from marvin_compile.target import TargetError
 
 USER_ERRORS = (
@@ -51,7 +52,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _is_deployed(model_dir: str) -> bool:
-    manifest = Path(model_dir) / "manifest.json"
+    manifest = Path(model_dir) / MANIFEST
     return manifest.is_file() and json.loads(manifest.read_text()).get("kind") == "deployed"
 
 

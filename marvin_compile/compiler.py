@@ -11,14 +11,14 @@ import tvm
 
 from marvin_compile import __version__
 from marvin_compile.fixed_point import Precision, PrecisionError, check_precision, check_rounding
-from marvin_compile.frontend import ModelError, import_onnx, load_onnx
+from marvin_compile.frontend import import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME, class_for_wl
 from marvin_compile.report import atomic_write_json
 from marvin_compile.runtime.compiled_model import CompiledModel
 from marvin_compile.runtime.variant_store import VariantStore
+from marvin_compile.safety import MANIFEST, read_manifest
 from marvin_compile.target import resolve_target
 
-MANIFEST = "manifest.json"
 DEFAULT_WORD_LENGTHS = (4, 8, 12, 16)
 
 
@@ -64,6 +64,7 @@ def compile_model(
     for path in store.loaded_paths():
         _copy(path, variants)
     manifest = {
+        "kind": "compiled",
         "toolkit": __version__,
         "tvm": tvm.__version__,
         "target": json.loads(str(tgt)),
@@ -79,13 +80,7 @@ def compile_model(
 
 def load_compiled(model_dir: str | os.PathLike) -> CompiledModel:
     """Load a directory written by ``compile_model``; variants it lacks are compiled into it."""
-    d = Path(model_dir)
-    manifest_path = d / MANIFEST
-    if not manifest_path.is_file():
-        raise ModelError(
-            f"{d} is not a compiled model directory (no {MANIFEST}); run `marvin-compile compile` first"
-        )
-    manifest = json.loads(manifest_path.read_text())
+    d, manifest = read_manifest(model_dir, "compiled", "compile")
     tgt = resolve_target(manifest["target"])
     return CompiledModel(import_onnx(load_onnx(d / manifest["model"])), VariantStore(tgt, d / "variants"))
 

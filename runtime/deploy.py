@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,9 +39,9 @@ from marvin_compile.kernel_classes import class_for_wl
 from marvin_compile.passes import pipeline
 from marvin_compile.report import atomic_write_json
 from marvin_compile.runtime.controller import push_down
+from marvin_compile.safety import MANIFEST, check_not_shared, read_manifest
 from marvin_compile.target import resolve_target
 
-MANIFEST = "manifest.json"
 LIBRARY, QDQ, FLOAT_ONNX = "model.so", "model.qdq.onnx", "model.float.onnx"
 QDQ_OPSET = 21  # int16 QuantizeLinear needs opset 21
 PUSH_DOWN_BINS = 50
@@ -286,28 +285,11 @@ class DeployedModel:
         return torch.from_numpy(y) if is_torch else y
 
 
-def _check_not_shared(path: Path) -> None:
-    """Never load code from a place other users can write to or that another user owns."""
-    st = path.stat()
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(f"refusing to load {path}: it is writable by group or others (chmod go-w)")
-    if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0):
-        raise PermissionError(f"refusing to load {path}: owned by uid {st.st_uid}, not by you")
-
-
 def load(model_dir: str | os.PathLike) -> DeployedModel:
     """Verify a deployed directory (ownership, permissions, checksums) and load its library."""
-    d = Path(model_dir)
-    manifest_path = d / MANIFEST
-    if not manifest_path.is_file():
-        raise ModelError(
-            f"{d} is not a deployed model directory (no {MANIFEST}); run `marvin-compile deploy`"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("kind") != "deployed":
-        raise ModelError(f"{d} holds a compiled model, not a deployed one; use `marvin-compile run` on it")
-    for p in (d, d / LIBRARY, manifest_path):
-        _check_not_shared(p)
+    d, manifest = read_manifest(model_dir, "deployed", "deploy")
+    for p in (d, d / LIBRARY, d / MANIFEST):
+        check_not_shared(p)
     for name, digest in manifest["checksums"].items():
         if not (d / name).is_file():
             raise ModelError(f"{d / name} is missing")

@@ -155,8 +155,10 @@ class TrainConfig:
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ValueError(f"stop_after_steps={self.stop_after_steps} is out of range; accepted: >= 1")
         if self.model.strip().lower() not in BUILTIN_MODELS and ":" not in self.model:
-            raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(BUILTIN_MODELS)}, or "
-                             "'package.module:callable'")
+            raise ValueError(
+                f"unknown model {self.model!r}; accepted: {', '.join(BUILTIN_MODELS)}, or "
+                "'package.module:callable'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -430,8 +432,14 @@ class _MarvinRun:
             batches = _epoch_batches(cfg, len(x), self.epoch)
             groups = _step_groups(len(batches), cfg.grad_accumulation)
             done = sum(1 for g in groups if g.stop <= self.batch)
-            bar = tqdm(total=len(groups), initial=done, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       disable=not cfg.progress, leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(groups),
+                initial=done,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                disable=not cfg.progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
             self.model.train()
             for group in groups[done:]:
                 for g in self.opt.param_groups:
@@ -442,8 +450,9 @@ class _MarvinRun:
                 s = self.epoch_stats
                 bar.update()
                 bar.set_postfix(
-                    loss=f"{s['loss_sum'] / s['seen']:.4f}", acc=f"{s['correct'] / s['seen']:.3f}",
-                    wl=f"{self.mean_wl():.2f}"
+                    loss=f"{s['loss_sum'] / s['seen']:.4f}",
+                    acc=f"{s['correct'] / s['seen']:.3f}",
+                    wl=f"{self.mean_wl():.2f}",
                 )
                 stopping = cfg.stop_after_steps is not None and self.step == cfg.stop_after_steps
                 if self.step % cfg.checkpoint_every == 0 or stopping:
@@ -562,8 +571,9 @@ def _train_baseline(
     the gradient, as MSGD does). Deterministic, so it is rerun rather than checkpointed."""
     _seed_everything(config.seed)
     model = _build(config, num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     x, y = train_set.tensors
     timer, step = StepTimer(), 0
     total_steps = config.epochs * _steps_per_epoch(config, len(x))
@@ -571,9 +581,13 @@ def _train_baseline(
     for epoch in range(config.epochs):
         batches = _epoch_batches(config, len(x), epoch)
         model.train()
-        for group in tqdm(_step_groups(len(batches), config.grad_accumulation),
-                          desc=f"float32 baseline {epoch + 1}/{config.epochs}", disable=not config.progress,
-                          leave=False, dynamic_ncols=True):
+        for group in tqdm(
+            _step_groups(len(batches), config.grad_accumulation),
+            desc=f"float32 baseline {epoch + 1}/{config.epochs}",
+            disable=not config.progress,
+            leave=False,
+            dynamic_ncols=True,
+        ):
             idxs = [batches[i] for i in group]
             n = sum(len(b) for b in idxs)
             for g in opt.param_groups:

@@ -22,6 +22,7 @@ from tvm import relax
 from marvin_compile import __version__
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes import pipeline
+from marvin_compile.safety import check_not_shared
 
 ENV_CACHE = "MARVIN_COMPILE_CACHE"
 
@@ -140,6 +141,8 @@ class VariantStore:
 
     def _load(self, path: Path, entry: str | None) -> Callable:
         """The VM function ``entry`` of a library, or the VM itself when ``entry`` is None."""
+        check_not_shared(path.parent)
+        check_not_shared(path)
         self._paths.add(path)
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)
         return vm if entry is None else vm[entry]

@@ -50,18 +50,7 @@ def test_run_uniform_and_per_layer(compiled_dir, small_cnn, tmp_path):
     model, _ = small_cnn
     x = np.random.default_rng(1).normal(size=(3, 2, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    r = run_cli(
-        "run",
-        compiled_dir,
-        "--input",
-        tmp_path / "x.npy",
-        "--output",
-        tmp_path / "y.npy",
-        "--wl",
-        8,
-        "--fl",
-        4,
-    )
+    r = run_model(compiled_dir, tmp_path, "y.npy", "--wl", 8, "--fl", 4)
     assert r.returncode == 0, r.stderr
     names = ["conv1", "grouped", "depthwise", "conv2", "fc"]
     np.testing.assert_array_equal(
@@ -69,19 +58,15 @@ def test_run_uniform_and_per_layer(compiled_dir, small_cnn, tmp_path):
     )
     config = {n: {"wl": 8 if i % 2 else 14, "fl": 4 if i % 2 else 9} for i, n in enumerate(names)}
     (tmp_path / "p.json").write_text(json.dumps(config))
-    r = run_cli(
-        "run",
-        compiled_dir,
-        "--input",
-        tmp_path / "x.npy",
-        "--output",
-        tmp_path / "y2.npy",
-        "--precision",
-        tmp_path / "p.json",
-    )
+    r = run_model(compiled_dir, tmp_path, "y2.npy", "--precision", tmp_path / "p.json")
     assert r.returncode == 0, r.stderr
     want = reference(model, x, {n: (c["wl"], c["fl"]) for n, c in config.items()})
     np.testing.assert_array_equal(np.load(tmp_path / "y2.npy"), want)
+
+
+def run_model(compiled_dir, tmp_path, output: str, *args) -> subprocess.CompletedProcess:
+    """``marvin-compile run`` on tmp_path/x.npy, writing tmp_path/OUTPUT."""
+    return run_cli("run", compiled_dir, "--input", tmp_path / "x.npy", "--output", tmp_path / output, *args)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -129,7 +114,7 @@ def test_unsupported_operator(tmp_path):
 )
 def test_bad_precision(compiled_dir, tmp_path, args, needle):
     np.save(tmp_path / "x.npy", np.zeros((1, 2, 16, 16), np.float32))
-    r = run_cli("run", compiled_dir, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy", *args)
+    r = run_model(compiled_dir, tmp_path, "y.npy", *args)
     assert_one_line_error(r, needle)
 
 
@@ -143,16 +128,5 @@ def test_bad_word_lengths_and_target(small_cnn, tmp_path):
 
 def test_bad_input_shape(compiled_dir, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 16, 16), np.float32))
-    r = run_cli(
-        "run",
-        compiled_dir,
-        "--input",
-        tmp_path / "x.npy",
-        "--output",
-        tmp_path / "y.npy",
-        "--wl",
-        8,
-        "--fl",
-        4,
-    )
+    r = run_model(compiled_dir, tmp_path, "y.npy", "--wl", 8, "--fl", 4)
     assert_one_line_error(r, "(batch, 2, 16, 16)")

@@ -17,8 +17,17 @@ from marvin_compile.fixed_point import Precision, quantize
 from marvin_compile.runtime.driver import CHECKPOINT, TrainConfig, TrainingStopped, load_config, train
 
 METRIC_KEYS = {
-    "accuracy", "baseline_accuracy", "step_time_s", "baseline_step_time_s", "speedup", "variant_swaps",
-    "compilations_after_warmup", "layers", "final_precision", "config", "epochs",
+    "accuracy",
+    "baseline_accuracy",
+    "step_time_s",
+    "baseline_step_time_s",
+    "speedup",
+    "variant_swaps",
+    "compilations_after_warmup",
+    "layers",
+    "final_precision",
+    "config",
+    "epochs",
 }
 LENET_LAYERS = ["conv1", "conv2", "fc1", "fc2", "fc3"]
 
@@ -86,9 +95,7 @@ class _Tiny(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
-@pytest.mark.parametrize(
-    "wl,fl,on_grid", [(8, 4, True), (12, 6, True), (8, 4, False)]
-)
+@pytest.mark.parametrize("wl,fl,on_grid", [(8, 4, True), (12, 6, True), (8, 4, False)])
 def test_bridge_matches_fake_quant_reference(wl, fl, on_grid, cache_dir):
     """Forward Q(layer(Q(x), Q(w), Q(b))) exactly; straight-through gradients to float32 rounding.
 
