@@ -47,6 +47,7 @@ BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
 PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
 BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
 CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
+MIN_SAMPLE_S = 0.01  # a timed sample of a fast call loops it until about this long
 # TVM's thread pool pins the calling thread to CPU 0 on its first use (TVM_BIND_THREADS, with
 # MaxConcurrency = cores / 2); torch is timed with the affinity the process started with.
 _START_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -113,11 +114,16 @@ QUICK_SHAPES = ("LeNet-5 conv1 1->6 5x5 @32x32", "LeNet-5 fc 400->120")
 
 @dataclass(frozen=True)
 class Timing:
-    """Median seconds per call, timed repeats, and CPU seconds per wall second (busy threads)."""
+    """Median seconds per call, timed samples x calls per sample, CPU s per wall s (busy threads)."""
 
     median_s: float
     repeats: int
+    inner: int
     threads: float
+
+    @property
+    def count(self) -> str:
+        return f"x{self.repeats}" if self.inner == 1 else f"x{self.repeats}x{self.inner}"
 
 
 @dataclass
@@ -138,10 +144,11 @@ class Row:
 
 
 def median_time(call: Callable[[], object], repeat: int, budget_s: float = CASE_BUDGET_S) -> Timing:
-    """Median seconds of ``call`` after warm-up, with the repeat count and busy threads.
+    """Median seconds per call of ``call`` after warm-up, over timed samples.
 
     Warm-up is one call, plus a second when the first was quick; the last warm-up time picks the
-    repeat count so the timed part takes about ``budget_s`` (at least min(3, repeat), at most repeat).
+    sample count so the timed part takes about ``budget_s`` (at least min(3, repeat), at most
+    repeat). A sample of a call faster than MIN_SAMPLE_S loops it until about MIN_SAMPLE_S.
     """
     t0 = time.perf_counter()
     call()
@@ -150,14 +157,17 @@ def median_time(call: Callable[[], object], repeat: int, budget_s: float = CASE_
         t0 = time.perf_counter()
         call()
         est = time.perf_counter() - t0
-    n = max(min(3, repeat), min(repeat, int(budget_s / max(est, 1e-9))))
+    est = max(est, 1e-7)
+    inner = max(1, round(MIN_SAMPLE_S / est))
+    n = max(min(3, repeat), min(repeat, int(budget_s / (est * inner))))
     times = []
     cpu0 = _own_cpu_s()
     for _ in range(n):
         t0 = time.perf_counter()
-        call()
+        for _ in range(inner):
+            call()
         times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), n, (_own_cpu_s() - cpu0) / sum(times))
+    return Timing(statistics.median(times) / inner, n, inner, (_own_cpu_s() - cpu0) / sum(times))
 
 
 @dataclass
@@ -206,7 +216,7 @@ def time_torch(case: Case, repeat: int) -> None:
         case.torch = median_time(call, repeat)
     print(
         f"  {case.shape.name:32s} torch    {case.torch.median_s * 1e3:9.2f} ms "
-        f"(x{case.torch.repeats}, {case.torch.threads:.1f} thr)",
+        f"({case.torch.count}, {case.torch.threads:.1f} thr)",
         file=sys.stderr,
         flush=True,
     )
@@ -234,7 +244,7 @@ def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
         gops = 2 * case.macs / ours.median_s / 1e9
         rows.append(Row(case.shape.name, name, gops, torch_gops, ours, case.torch, rel_err))
         print(
-            f"  {case.shape.name:32s} {name:8s} {ours.median_s * 1e3:9.2f} ms (x{ours.repeats}, "
+            f"  {case.shape.name:32s} {name:8s} {ours.median_s * 1e3:9.2f} ms ({ours.count}, "
             f"{ours.threads:.1f} thr)  {gops / torch_gops:.3f}x torch  rel.err vs torch {rel_err:.1e}",
             file=sys.stderr,
             flush=True,
@@ -374,11 +384,12 @@ def section(rows: list[Row], info: RunInfo) -> str:
             f"threads: {tvm_threads()}; target `{info.target}`",
             f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
             "rounding; int8 = Precision(8,4), int16 = Precision(16,8), float32 = Precision(24,12).",
-            "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; repeats chosen so each "
-            "case times ~1.5 s. Ours = one call of the compiled variant (quantize inputs/weights/bias, "
-            "conv/GEMM, requantize) as the pipeline compiles it now; torch = `F.conv2d` / `F.linear` "
-            "float32. "
-            "Torch is timed first for all shapes (phase 1), then our variants (phase 2).",
+            "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; up to --repeat timed "
+            f"samples (fewer, >= 3, for slow cases: ~{CASE_BUDGET_S} s per case); a fast call is looped "
+            f"so one sample lasts ~{MIN_SAMPLE_S * 1e3:.0f} ms. Ours = one call of the compiled variant "
+            "(quantize inputs/weights/bias, conv/GEMM, requantize) as the pipeline compiles it now; "
+            "torch = `F.conv2d` / `F.linear` float32. Torch is timed first for all shapes (phase 1), "
+            "then our variants (phase 2).",
             f"- Busy threads while timing (CPU s / wall s): ours {_span([r.ours.threads for r in rows])}, "
             f"torch {_span([r.torch.threads for r in rows])}. TVM's pool pins the calling thread to CPU 0 "
             "on first use; the script restores the affinity before timing torch.",
@@ -428,7 +439,7 @@ def command_line() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128, help="batch size (GEMM rows for the fc layer)")
-    p.add_argument("--repeat", type=int, default=10, help="max timed repeats per case (fewer for slow cases)")
+    p.add_argument("--repeat", type=int, default=10, help="max timed samples per case (fewer for slow cases)")
     p.add_argument("--quick", action="store_true", help="only 2 shapes and 1 repeat (smoke test)")
     p.add_argument("--write-md", action="store_true", help="rewrite the kernels section of BENCHMARKS.md")
     p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file for --write-md")
