@@ -27,9 +27,7 @@ import argparse
 import datetime as dt
 import os
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,8 +51,18 @@ from marvin_compile.data import load_dataset
 from marvin_compile.fixed_point import Precision
 from marvin_compile.models import lenet5, resnet20
 
-REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- inference:begin -->", "<!-- inference:end -->"
+from common import (
+    REPO,
+    START_AFFINITY,
+    busy_cpu_s,
+    command_line,
+    machine,
+    markers,
+    restore_affinity,
+    write_section,
+)
+
+BEGIN, END = markers("inference")
 BATCHES = (1, 64)
 CALIBRATION_SAMPLES = 128
 BN_STAT_SAMPLES = 512
@@ -66,17 +74,6 @@ BUSY = 0.05  # other processes' CPU share above which a run is flagged as conten
 QUIET = 0.15  # --wait-idle waits until other processes use at most this share of the CPUs
 MIN_THREAD_WALL_S = 0.05  # busy threads are only reported for cases timed at least this long
 CASE_BUDGET_S = 2.0  # timed seconds aimed at per (model, batch, engine)
-# TVM's thread pool may pin the calling thread to CPU 0 on first use; everything else is timed (and
-# its thread pools created) with the affinity the process started with.
-_START_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-
-
-def restore_affinity() -> bool:
-    """Undo TVM's pinning of this thread; True when it had been narrowed."""
-    if _START_AFFINITY is None or os.sched_getaffinity(0) == _START_AFFINITY:
-        return False
-    os.sched_setaffinity(0, _START_AFFINITY)
-    return True
 
 
 @dataclass(frozen=True)
@@ -352,24 +349,14 @@ def bench_model(spec: ModelSpec, data: tuple, repeat: int, workdir: Path, ort_ac
     return result
 
 
-def _busy_cpu_s() -> float | None:
-    """Busy CPU seconds of the whole machine so far, from /proc/stat (None where unavailable)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 class LoadMeter:
     """Share of the machine's CPU time that other processes used since it was started."""
 
     def __init__(self) -> None:
-        self.wall0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_s(), time.process_time()
+        self.wall0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_s(), time.process_time()
 
     def other_share(self) -> float | None:
-        busy = _busy_cpu_s()
+        busy = busy_cpu_s()
         if busy is None or self.busy0 is None:
             return None
         wall = time.perf_counter() - self.wall0
@@ -387,24 +374,6 @@ def wait_for_quiet(max_wait_s: float, window_s: float = 2.0) -> float | None:
         if share is None or share <= QUIET or time.perf_counter() >= deadline:
             return share
         print(f"# waiting for a quieter machine: others use {100 * share:.0f}% of the CPUs", file=sys.stderr)
-
-
-def machine() -> str:
-    """CPU model name and core count from ``lscpu`` (falls back to os.cpu_count)."""
-    info: dict[str, str] = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    model = info.get("Model name", "unknown CPU")
-    try:
-        cores = int(info["Core(s) per socket"]) * int(info.get("Socket(s)", "1"))
-    except (KeyError, ValueError):
-        cores = os.cpu_count() or 0
-    return f"{model}, {cores} cores ({info.get('CPU(s)', os.cpu_count())} logical CPUs)"
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -556,35 +525,6 @@ def section(
     )
 
 
-def write_md(path: Path, text: str) -> None:
-    """Replace the inference section of ``path``; append it, or create the file, when missing."""
-    if path.exists():
-        old = path.read_text()
-        start, stop = old.find(BEGIN), old.find(END)
-        if start != -1 and stop > start:
-            new = old[:start] + text + old[stop + len(END) :]
-        else:
-            new = old.rstrip("\n") + "\n\n" + text + "\n"
-    else:
-        new = (
-            "# Benchmarks\n\nMeasured numbers of marvin-compile; each section is rewritten by the script "
-            "named in it.\n\n" + text + "\n"
-        )
-    tmp = path.with_name(f".{path.name}.inference.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
-def command_line() -> str:
-    """The command as run, with the script path relative to the repository when possible."""
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script_text = str(script.relative_to(REPO))
-    except ValueError:
-        script_text = sys.argv[0]
-    return shlex.join([".venv/bin/python", script_text, *sys.argv[1:]])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="lenet5,resnet20", help=f"comma-separated, of {', '.join(MODELS)}")
@@ -620,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     ort_threads = ort_intra_threads()
     print(
         f"# {machine()}; load average {loadavg[0]:.2f} {loadavg[1]:.2f} {loadavg[2]:.2f}; "
-        f"affinity {sorted(_START_AFFINITY or [])}\n# TVM {tvm.__version__}; onnxruntime {ort.__version__} "
+        f"affinity {sorted(START_AFFINITY or [])}\n# TVM {tvm.__version__}; onnxruntime {ort.__version__} "
         f"intra-op threads (default) {ort_threads}; torch {torch.__version__} "
         f"threads {torch.get_num_threads()}",
         file=sys.stderr,
@@ -646,8 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         if other_load > BUSY:
             print("WARNING: the machine was busy; ORT and torch times are unreliable", file=sys.stderr)
     if args.write_md:
-        write_md(
+        write_section(
             args.md,
+            "inference",
             section(results, command_line(), elapsed, other_load, loadavg, ort_threads, args.ort_activations),
         )
         print(f"wrote {args.md}")

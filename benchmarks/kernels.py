@@ -16,9 +16,7 @@ import argparse
 import datetime as dt
 import functools
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,26 +37,24 @@ from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.target import resolve_target
 
+from common import (
+    REPO,
+    busy_cpu_s,
+    command_line,
+    machine,
+    markers,
+    restore_affinity,
+    write_section,
+)
+
 if TYPE_CHECKING:
     from marvin_compile.runtime.variant_store import VariantStore
 
-REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
+BEGIN, END = markers("kernels")
 PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
 BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
 CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
 MIN_SAMPLE_S = 0.01  # a timed sample of a fast call loops it until about this long
-# TVM's thread pool pins the calling thread to CPU 0 on its first use (TVM_BIND_THREADS, with
-# MaxConcurrency = cores / 2); torch is timed with the affinity the process started with.
-_START_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-
-
-def restore_affinity() -> bool:
-    """Undo TVM's pinning of this thread; True when it had been narrowed."""
-    if _START_AFFINITY is None or os.sched_getaffinity(0) == _START_AFFINITY:
-        return False
-    os.sched_setaffinity(0, _START_AFFINITY)
-    return True
 
 
 @dataclass(frozen=True)
@@ -252,16 +248,6 @@ def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
     return rows
 
 
-def _busy_cpu_s() -> float | None:
-    """Busy CPU seconds of the whole machine so far, from /proc/stat (None where unavailable)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def _own_cpu_s() -> float:
     """CPU seconds of this process, all threads."""
     return time.process_time()
@@ -275,10 +261,10 @@ class LoadMeter:
     """
 
     def __init__(self) -> None:
-        self.wall0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
+        self.wall0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_s(), _own_cpu_s()
 
     def other_share(self) -> float | None:
-        busy = _busy_cpu_s()
+        busy = busy_cpu_s()
         if busy is None or self.busy0 is None:
             return None
         wall = time.perf_counter() - self.wall0
@@ -309,24 +295,6 @@ def tvm_threads() -> str:
     n = tvm.runtime.num_threads()  # starts TVM's pool, which pins this thread: undo that
     restore_affinity()
     return f"{n} ({source})"
-
-
-def machine() -> str:
-    """CPU model name and core count from ``lscpu`` (falls back to os.cpu_count)."""
-    info: dict[str, str] = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    model = info.get("Model name", "unknown CPU")
-    try:
-        cores = int(info["Core(s) per socket"]) * int(info.get("Socket(s)", "1"))
-    except (KeyError, ValueError):
-        cores = os.cpu_count() or 0
-    return f"{model}, {cores} cores ({info.get('CPU(s)', os.cpu_count())} logical CPUs)"
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -407,35 +375,6 @@ def _span(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if values else "n/a"
 
 
-def write_md(path: Path, text: str) -> None:
-    """Replace the kernels section of ``path``; append it, or create the file, when missing."""
-    if path.exists():
-        old = path.read_text()
-        start, stop = old.find(BEGIN), old.find(END)
-        if start != -1 and stop > start:
-            new = old[:start] + text + old[stop + len(END) :]
-        else:
-            new = old.rstrip("\n") + "\n\n" + text + "\n"
-    else:
-        new = (
-            "# Benchmarks\n\nMeasured numbers of marvin-compile; each section is rewritten by the script "
-            "named in it.\n\n" + text + "\n"
-        )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
-def command_line() -> str:
-    """The command as run, with the script path relative to the repository when possible."""
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script_text = str(script.relative_to(REPO))
-    except ValueError:
-        script_text = sys.argv[0]
-    return shlex.join([".venv/bin/python", script_text, *sys.argv[1:]])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128, help="batch size (GEMM rows for the fc layer)")
@@ -504,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in load_warnings(info):
         print(f"WARNING: {warning}", file=sys.stderr)
     if args.write_md:
-        write_md(args.md, section(rows, info))
+        write_section(args.md, "kernels", section(rows, info))
         print(f"wrote {args.md}")
     return 0
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import shlex
 import sys
 import tempfile
-from pathlib import Path
 
 from marvin_compile.runtime.driver import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"
+from common import REPO, machine, markers, write_section
+
+BEGIN, END = markers("training")
 
 
 def run_seeds(seeds: list[int], epochs: int | None, backward: str) -> list[dict]:
@@ -70,15 +68,10 @@ def table(rows: list[dict]) -> str:
 
 
 def section(rows: list[dict], backward: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     diffs = [abs(r["accuracy_diff_pp"]) for r in rows]
     return (
         f"{BEGIN}\n## Training: MARViN vs float32 on digits / LeNet-5\n\n"
-        f"- Machine: {cpu}, {os.cpu_count()} cores\n"
+        f"- Machine: {machine()}\n"
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- Command: `{shlex.join([sys.executable.split('/')[-1], *sys.argv])}`\n"
         f"- Driver defaults (`TrainConfig`, `DIGITS_CONTROLLER`), batch 128, backward `{backward}`; accuracy"
@@ -86,20 +79,6 @@ def section(rows: list[dict], backward: str) -> str:
         f"- Largest |accuracy difference|: {max(diffs):.2f} pp (target: within 0.5 pp of float32, i.e. not"
         " more than 0.5 pp below it).\n\n" + table(rows) + f"{END}"
     )
-
-
-def write_md(path: Path, text: str) -> None:
-    """Replace this script's section of BENCHMARKS.md (append it when missing)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, stop = old.find(BEGIN), old.find(END)
-    new = (
-        old[:start] + text + old[stop + len(END) :]
-        if 0 <= start < stop
-        else old.rstrip("\n") + "\n\n" + text + "\n"
-    )
-    tmp = path.with_name(f".{path.name}.training.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -113,7 +92,7 @@ def main() -> None:
     text = section(rows, args.backward)
     print(text)
     if args.write_md:
-        write_md(REPO / "BENCHMARKS.md", text)
+        write_section(REPO / "BENCHMARKS.md", "training", text)
 
 
 if __name__ == "__main__":
