@@ -475,8 +475,9 @@ def section(
             "samples. "
             "Precisions alternate (8,4) / (12,6) over the Conv/Linear layers; deploy folds BN and re-derives "
             "fl, giving: " + "; ".join(f"{res.spec.name}: {precision_text(res)}" for res in results) + ".",
-            "- Engines: ours = `deploy.load(DIR)` called on numpy (default, unscheduled single-threaded TVM "
-            "schedules); ORT fp32 = `model.float.onnx` (BN folded); ORT our QDQ = `model.qdq.onnx`; ORT "
+            "- Engines: ours = `deploy.load(DIR)` called on numpy (our generic parallel/vectorized CPU "
+            "schedule, `passes/schedule_cpu.py`; TVM's pool uses cores/2 = 1 thread here unless "
+            "TVM_NUM_THREADS is set); ORT fp32 = `model.float.onnx` (BN folded); ORT our QDQ = `model.qdq.onnx`; ORT "
             "int8 = `quantize_static` of the float model after `quant_pre_process` (QDQ, int8 weights, "
             f"{ort_act} activations, MinMax, the first {CALIBRATION_SAMPLES} digits training samples); "
             "torch fp32 = "
@@ -518,8 +519,9 @@ def section(
             "the many small VM calls are inflated by the callbacks' timer overhead):",
             *breakdown_lines(results),
             "",
-            "The integer kernels run TVM's default schedules: no tiling, vectorisation or threading, so the "
-            "gap is the schedules, not the precision; see the kernels section for per-layer throughput.",
+            "The integer kernels run a generic schedule (parallel outer loop, vectorized inner loop) with no "
+            "tiling, integer dot-product intrinsics or autotuning, so the gap is the schedules, not the "
+            "precision; see the kernels section for per-layer throughput.",
             END,
         ]
     )
