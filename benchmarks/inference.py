@@ -478,7 +478,8 @@ def section(
             "- Engines: ours = `deploy.load(DIR)` called on numpy (our generic parallel/vectorized CPU "
             "schedule, `passes/schedule_cpu.py`; TVM's pool uses cores/2 = 1 thread here unless "
             "TVM_NUM_THREADS is set); ORT fp32 = `model.float.onnx` (BN folded); ORT our QDQ = "
-            "`model.qdq.onnx`; ORT int8 = `quantize_static` of the float model after `quant_pre_process` (QDQ, int8 weights, "
+            "`model.qdq.onnx`; ORT int8 = `quantize_static` of the float model after `quant_pre_process` "
+            "(QDQ, int8 weights, "
             f"{ort_act} activations, MinMax, the first {CALIBRATION_SAMPLES} digits training samples); "
             "torch fp32 = "
             "the original (unfolded) model in eager mode, `no_grad`.",
