@@ -25,6 +25,8 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from marvin_compile.kernel_classes import KERNEL_CLASSES
+
 PathLike = str | os.PathLike[str]
 
 
@@ -109,6 +111,19 @@ def plot_precision(
         )
     else:
         ax_wl.text(0.5, 0.5, "no precision records", ha="center", va="center", transform=ax_wl.transAxes)
+    for k, above in zip(KERNEL_CLASSES, KERNEL_CLASSES[1:], strict=False):  # where variants swap class
+        ax_wl.axhline(k.max_wl + 0.5, color="grey", linestyle=":", linewidth=1)
+        label = f"{k.name} \u2264 {k.max_wl} < {above.name} "
+        ax_wl.text(
+            1.0,
+            k.max_wl + 0.5,
+            label,
+            color="grey",
+            fontsize=7,
+            ha="right",
+            va="bottom",
+            transform=ax_wl.get_yaxis_transform(),
+        )
     ax_wl.set_ylabel("word length wl (bits)")
     ax_fl.set_ylabel("fractional length fl (bits)")
     ax_fl.set_xlabel("training step")
