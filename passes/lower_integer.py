@@ -16,7 +16,7 @@ from tvm import relax
 from marvin_compile import te_ops
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
-from marvin_compile.passes.insert_quantize import ROUNDING_ATTR, SALTS
+from marvin_compile.passes.insert_quantize import SALTS
 from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param
 
 ACC_ATTR = "marvin.accumulator"
@@ -130,6 +130,3 @@ def _prod(xs: list[int]) -> int:
     for v in xs:
         out *= v
     return out
-
-
-__all__ = ["LowerToIntegerKernels", "ROUNDING_ATTR"]

@@ -18,7 +18,7 @@ from tvm import relax
 
 from marvin_compile.fixed_point import Precision, check_rounding
 from marvin_compile.frontend import ImportedModel
-from marvin_compile.kernel_classes import KernelClass, class_for_wl
+from marvin_compile.kernel_classes import class_for_wl
 from marvin_compile.passes import pipeline
 from marvin_compile.passes.bind_dispatch import DISPATCH
 from marvin_compile.runtime.variant_store import VariantStore
@@ -92,15 +92,6 @@ class CompiledModel:
     @property
     def layer_names(self) -> list[str]:
         return [lay.name for lay in self.layers]
-
-    def kernel_classes(self, word_lengths: list[int]) -> dict[str, list[str]]:
-        """Per layer, the kernel classes needed to serve the given word lengths."""
-        names = sorted({class_for_wl(wl).name for wl in word_lengths})
-        return {lay.name: names for lay in self.layers}
-
-    def precompile(self, kernel_class: KernelClass, rounding: str = "nearest") -> list[str]:
-        """Make sure every layer has a variant of the class; returns the variant keys."""
-        return [self.store.get(lay.func, kernel_class, rounding).key for lay in self.layers]
 
     def set_precision(self, config: PrecisionConfig, rounding: str = "nearest", seed: int = 0) -> None:
         """Uniform precision, a per-layer dict (every layer named), or None for plain float32."""
