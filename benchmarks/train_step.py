@@ -1,0 +1,385 @@
+"""One training step, MARViN against float32 PyTorch: LeNet-5 and ResNet-20 at batch 128, random data.
+
+Cases per model: MARViN at a fixed precision for every layer (int8 = Precision(8,4), int16 =
+Precision(14,8), float32 class = Precision(24,12)) with ``backward="float"`` and ``"lowbit"`` (the
+float32 class has no integer gradient kernels, so its lowbit row would repeat the float one and is
+left out); MARViN with the live controller (MSGD + PrecisionController(DIGITS_CONTROLLER), float
+backward, as the driver runs it); the same model's float32 eager step (torch.optim.SGD) and a
+``torch.compile`` step (reported unavailable when it fails or its warm-up passes 120 s).
+
+A MARViN step's time is split into compiled kernels (inside ``CompiledLayer.run`` /
+``run_gradients``), torch-side ``quantize`` calls, ``opt.step`` (optimizer + controller, less the
+quantize calls it makes) and the rest (torch glue: batch norm, activations, autograd, float
+backward of the bridged layers). The regions are timed by wrappers this script monkeypatches in;
+nested time is charged to the innermost region only.
+
+Usage::
+
+    .venv/bin/python benchmarks/train_step.py [--quick] [--steps N] [--write-md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import functools
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import marvin_compile.runtime.controller as controller_mod
+import marvin_compile.runtime.optimizer as optimizer_mod
+import marvin_compile.runtime.torch_bridge as bridge_mod
+from marvin_compile.api import MarvinConfig, quantize_
+from marvin_compile.fixed_point import Precision
+from marvin_compile.models import lenet5, resnet20
+from marvin_compile.runtime.controller import PrecisionController
+from marvin_compile.runtime.driver import DIGITS_CONTROLLER
+from marvin_compile.runtime.optimizer import MSGD, quantizable_layers
+from marvin_compile.runtime.torch_bridge import CompiledLayer
+
+from common import REPO, busy_cpu_s, command_line, machine, markers, restore_affinity, write_section
+
+BATCH = 128
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-4
+WARMUP = 2
+COMPILE_LIMIT_S = 120
+FIXED: dict[str, Precision] = {
+    "int8": Precision(8, 4),
+    "int16": Precision(14, 8),
+    "float32": Precision(24, 12),
+}
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]] = {
+    # name: (builder, input shape, default timed steps, warm-up steps). A ResNet-20 lowbit step
+    # takes ~9 s on 2 cores: 1 warm-up step (not 2) keeps the full run near 3 minutes.
+    "lenet5": (lenet5, (1, 32, 32), 10, WARMUP),
+    "resnet20": (resnet20, (3, 32, 32), 5, 1),
+}
+REGIONS = ("kernels", "quantize", "optimizer")
+
+
+# ---------------------------------------------------------------- region timing
+
+
+@dataclass
+class Regions:
+    """Exclusive wall time per region: time in a nested region is not charged to its parent."""
+
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(REGIONS, 0.0))
+    stack: list[list[float]] = field(default_factory=list)  # [start, time of nested regions]
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(REGIONS, 0.0)
+
+    def wrap(self, region: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.stack.append([time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                start, nested = self.stack.pop()
+                elapsed = time.perf_counter() - start
+                self.totals[region] += elapsed - nested
+                if self.stack:
+                    self.stack[-1][1] += elapsed
+
+        return timed
+
+
+REGION_TIMER = Regions()
+
+
+def instrument() -> None:
+    """Wrap the compiled-kernel calls, every imported ``quantize`` and ``MSGD.step`` (benchmark only)."""
+    CompiledLayer.run = REGION_TIMER.wrap("kernels", CompiledLayer.run)
+    CompiledLayer.run_gradients = REGION_TIMER.wrap("kernels", CompiledLayer.run_gradients)
+    for mod in (bridge_mod, optimizer_mod, controller_mod):
+        mod.quantize = REGION_TIMER.wrap("quantize", mod.quantize)
+    MSGD.step = REGION_TIMER.wrap("optimizer", MSGD.step)
+
+
+# ---------------------------------------------------------------- steps
+
+
+@dataclass
+class Result:
+    name: str
+    median_ms: float | None
+    note: str = ""
+    breakdown: dict[str, float] | None = None  # region -> median ms per step (incl. "rest")
+
+
+def time_steps(
+    step: Callable[[], None], steps: int, regions: bool, warmup: int = WARMUP
+) -> tuple[float, dict[str, float] | None]:
+    """Median step ms after ``warmup`` steps; with ``regions`` also the median ms per region."""
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    parts: dict[str, list[float]] = {r: [] for r in (*REGIONS, "rest")}
+    for _ in range(steps):
+        REGION_TIMER.reset()
+        t0 = time.perf_counter()
+        step()
+        dt_s = time.perf_counter() - t0
+        times.append(dt_s)
+        for r in REGIONS:
+            parts[r].append(REGION_TIMER.totals[r])
+        parts["rest"].append(dt_s - sum(REGION_TIMER.totals.values()))
+    median = statistics.median(times) * 1e3
+    if not regions:
+        return median, None
+    return median, {r: statistics.median(v) * 1e3 for r, v in parts.items()}
+
+
+def torch_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One float32 (or MARViN) training step: zero_grad, forward, cross entropy, backward, step."""
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if isinstance(opt, MSGD):
+        opt.step(loss=loss.detach())
+    else:
+        opt.step()
+
+
+def float_results(
+    base: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, try_compile: bool
+) -> list[Result]:
+    """float32 eager and torch.compile steps (timed before any TVM call pins this thread)."""
+    restore_affinity()
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    eager, _ = time_steps(lambda: torch_step(model, opt, x, y), steps, False, warmup)
+    results = [Result("float32 eager (torch.optim.SGD)", eager)]
+    if not try_compile:
+        return [*results, Result("float32 torch.compile", None, "skipped (--quick)")]
+
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    compiled = torch.compile(model)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"warm-up passed {COMPILE_LIMIT_S} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(COMPILE_LIMIT_S)
+    t0 = time.perf_counter()
+    try:
+        torch_step(compiled, opt, x, y)
+        warm_s = time.perf_counter() - t0
+        signal.alarm(0)
+        ms, _ = time_steps(lambda: torch_step(compiled, opt, x, y), steps, False, warmup - 1)
+        results.append(Result("float32 torch.compile", ms, f"warm-up {warm_s:.0f} s"))
+    except Exception as exc:  # noqa: BLE001 - any compile failure means "unavailable"
+        signal.alarm(0)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+        results.append(Result("float32 torch.compile", None, f"unavailable ({reason})"))
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return results
+
+
+def marvin_results(
+    base: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
+) -> list[Result]:
+    """MARViN steps: fixed precision per class and backward, then the live controller."""
+    results: list[Result] = []
+    for backward in ("float", "lowbit"):
+        model = copy.deepcopy(base).train()
+        t0 = time.perf_counter()
+        handle = quantize_(
+            model,
+            x[:2],
+            MarvinConfig(target="cpu", rounding="stochastic", backward=backward, initial=FIXED["int8"]),
+        )
+        print(f"  quantize_ (backward={backward}): {time.perf_counter() - t0:.1f} s", flush=True)
+        start = copy.deepcopy(model.state_dict())
+        for cls, p in FIXED.items():
+            if backward == "lowbit" and cls == "float32":
+                continue
+            model.load_state_dict(start)
+            handle.set_precision(dict.fromkeys(handle.layers, p))
+            opt = MSGD(
+                model.parameters(),
+                lr=LR,
+                momentum=MOMENTUM,
+                weight_decay=WEIGHT_DECAY,
+                layers=quantizable_layers(model),
+                precision=(p.wl, p.fl),
+                seed=0,
+            )
+            opt.register_precision_hook(handle.set_precision)
+            opt.quantize_params()
+            ms, parts = time_steps(lambda: torch_step(model, opt, x, y), steps, True, warmup)  # noqa: B023
+            results.append(Result(f"MARViN {cls} {p.wl},{p.fl}, {backward} backward", ms, breakdown=parts))
+            print(f"  {results[-1].name}: {ms:.1f} ms", flush=True)
+
+    # Live controller: as runtime/driver.py's _MarvinRun sets it up (float backward, the driver default).
+    model = copy.deepcopy(base).train()
+    initial = Precision(DIGITS_CONTROLLER.initial_wl, DIGITS_CONTROLLER.initial_fl)
+    handle = quantize_(
+        model, x[:2], MarvinConfig(target="cpu", rounding="stochastic", backward="float", initial=initial)
+    )
+    opt = MSGD(
+        model.parameters(),
+        lr=LR,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        layers=quantizable_layers(model),
+        controller=PrecisionController(DIGITS_CONTROLLER),
+        seed=0,
+    )
+    opt.register_precision_hook(handle.set_precision)
+    opt.quantize_params()
+    handle.mark_warm()
+    ms, parts = time_steps(lambda: torch_step(model, opt, x, y), steps, True, warmup)
+    wls = sorted({p.wl for p in handle.precision.values()})
+    note = f"swaps {handle.swaps}, compilations after warm-up {handle.compilations_after_warmup}"
+    if wls:
+        note += f", final wl {min(wls)}-{max(wls)}"
+    results.append(Result("MARViN live controller, float backward", ms, note, parts))
+    print(f"  {results[-1].name}: {ms:.1f} ms", flush=True)
+    return results
+
+
+def bench_model(name: str, steps: int, warmup: int, try_compile: bool) -> list[Result]:
+    """All cases of one model; float32 first."""
+    build, shape, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    base = build()
+    x = torch.randn(BATCH, *shape)
+    y = torch.randint(0, 10, (BATCH,))
+    print(f"{name}: {steps} timed steps after {warmup} warm-up steps", flush=True)
+    results = float_results(base, x, y, steps, warmup, try_compile)
+    for r in results:
+        print(
+            f"  {r.name}: {r.median_ms if r.median_ms is None else round(r.median_ms, 1)} ms {r.note}",
+            flush=True,
+        )
+    return results + marvin_results(base, x, y, steps, warmup)
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(per_model: dict[str, list[Result]]) -> str:
+    lines = [
+        "| model | step | median ms | ratio vs float32 eager | kernels ms | quantize ms "
+        "| optimizer+controller ms | rest (torch glue) ms | note |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for model, results in per_model.items():
+        eager = results[0].median_ms
+        for r in results:
+            ms = "n/a" if r.median_ms is None else f"{r.median_ms:.1f}"
+            ratio = "n/a" if r.median_ms is None or not eager else f"{r.median_ms / eager:.2f}"
+            b = r.breakdown
+            parts = (
+                [f"{b[k]:.1f} ({100 * b[k] / sum(b.values()):.0f}%)" for k in (*REGIONS, "rest")]
+                if b
+                else ["", "", "", ""]
+            )
+            lines.append(f"| {model} | {r.name} | {ms} | {ratio} | " + " | ".join(parts) + f" | {r.note} |")
+    return "\n".join(lines)
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def section(
+    per_model: dict[str, list[Result]],
+    steps: dict[str, int],
+    warmups: dict[str, int],
+    wall_s: float,
+    others: float | None,
+) -> str:
+    begin, end = markers("training-step")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    step_text = "; ".join(f"{m}: {steps[m]} timed after {warmups[m]} warm-up" for m in steps)
+    notes = [
+        f"- Machine: {machine()}",
+        f"- Date: {date}",
+        f"- Command: `{command_line()}` (ran {wall_s:.0f} s)",
+        f"- torch {torch.__version__}, threads: {torch.get_num_threads()}",
+        f"- One training step (zero_grad, forward, cross entropy, backward, optimizer step) at batch "
+        f"{BATCH} on random data (LeNet-5 1x32x32, ResNet-20 3x32x32); median step time ({step_text}; "
+        "ResNet-20 gets one warm-up step: a lowbit step takes ~9 s here). "
+        "Compilation happens in `quantize_`, before the timed steps (compiled variants come from the "
+        "on-disk cache when present). torch.compile's warm-up step is its first warm-up step.",
+        "- Other processes kept "
+        + ("an unknown number of" if others is None else f"{others:.1f}")
+        + " CPUs busy on average during the run (from /proc/stat less this process).",
+        "- MARViN fixed: MSGD(lr 0.05, momentum 0.9, weight decay 1e-4, precision fixed for every "
+        "layer), stochastic rounding; int8 = Precision(8,4), int16 = Precision(14,8), float32 class = "
+        "Precision(24,12). The float32 class has no integer gradient kernels, so it has no lowbit row. "
+        "Live controller: MSGD + PrecisionController(DIGITS_CONTROLLER), float backward, as "
+        "`runtime/driver.py` sets it up. float32: torch.optim.SGD with the same hyperparameters; "
+        "torch.compile compiles the model (the optimizer stays eager), timed after its warm-up step.",
+        "- Breakdown (median ms per region, share of their sum): kernels = inside `CompiledLayer.run` "
+        "/ `run_gradients`; quantize = `fixed_point.quantize` calls (bridge, optimizer, controller); "
+        "optimizer+controller = `MSGD.step` less its quantize calls; rest = step time less the three "
+        "(torch glue: batch norm, activations, pooling, autograd, float backward of the bridged "
+        "layers). Timed with wrappers this script monkeypatches in; nested time counts in the "
+        "innermost region only.",
+        "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "
+        "affinity TVM's thread pool narrows before timing them.",
+    ]
+    title = "## Training step: MARViN vs float32 PyTorch"
+    return "\n".join([begin, title, "", *notes, "", table(per_model), end])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick", action="store_true", help="LeNet-5 only, 3 steps, no torch.compile (smoke test, < 60 s)"
+    )
+    p.add_argument("--models", default="lenet5,resnet20", help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per case (default: 10 LeNet, 5 ResNet)"
+    )
+    p.add_argument(
+        "--write-md", action="store_true", help="rewrite the training-step section of BENCHMARKS.md"
+    )
+    p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    models = ["lenet5"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown models {unknown}; accepted: {', '.join(MODELS)}")
+    steps = {m: args.steps or (2 if args.quick else MODELS[m][2]) for m in models}
+    warmups = {m: 1 if args.quick else MODELS[m][3] for m in models}
+
+    instrument()
+    t0, busy0, own0 = time.perf_counter(), busy_cpu_s(), _own_cpu_s()
+    per_model = {m: bench_model(m, steps[m], warmups[m], not args.quick) for m in models}
+    wall_s = time.perf_counter() - t0
+    busy1 = busy_cpu_s()
+    others = None if busy0 is None or busy1 is None else (busy1 - busy0 - (_own_cpu_s() - own0)) / wall_s
+    if others is not None:
+        print(f"other processes kept {others:.1f} CPUs busy on average")
+    print()
+    print(table(per_model))
+    print(f"\nran {wall_s:.0f} s")
+    if args.write_md:
+        write_section(args.md, "training-step", section(per_model, steps, warmups, wall_s, others))
+        print(f"wrote section training-step of {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
