@@ -107,6 +107,7 @@ def quantize_(
             store.get(layer.func, cls, config.rounding)
             if config.backward == "lowbit" and cls.is_integer:
                 store.get_gradients(layer.func, cls)
+        store.get_input_quantizer(layer.func, config.rounding)
         cl.set_precision(config.initial)
         bridge(module, cl, generator)
         compiled[layer.name] = cl

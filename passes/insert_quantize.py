@@ -64,3 +64,23 @@ class InsertFixedPointQuantize:
                 )
                 out = bb.emit_output(out)
             bb.emit_func_output(out)
+
+
+def input_quantizer(func: relax.Function, rounding: str) -> tvm.IRModule:
+    """``Q(x)`` of a layer's input exactly as its variants compute it (same hash site and seed).
+
+    The straight-through backward needs the quantized input; recomputing it here, bit for bit,
+    saves quantizing every activation a second time in the forward pass.
+    """
+    x = param("x", func.params[0].ty.shape, func.params[0].ty.dtype)
+    extra = precision_params(rounding)
+    seed = extra[2] if len(extra) == 3 else None
+    bb = relax.BlockBuilder()
+    with bb.function("quantize_input", [x, *extra]):
+        with bb.dataflow():
+            out = bb.emit_te(
+                te_ops.fake_quantize, x, extra[0], seed, SALTS[0], primfunc_name_hint=te_ops.QUANTIZE_NAME
+            )
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
+    return bb.get()

@@ -25,7 +25,7 @@ from marvin_compile.passes.bind_dispatch import BindLayerDispatch
 from marvin_compile.passes.extract_layers import ExtractLayers
 from marvin_compile.passes.freeze_precision import FreezeLayerPrecision
 from marvin_compile.passes.gradient_kernels import AddGradientKernels
-from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize
+from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, input_quantizer
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.schedule_cpu import ScheduleCPU
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
@@ -52,6 +52,11 @@ def variant_module(func: relax.Function, kernel_class: KernelClass, rounding: st
         name="quantize_lower",
     )
     return seq(layer_module(func))
+
+
+def input_quantizer_module(func: relax.Function, rounding: str) -> tvm.IRModule:
+    """The layer's input quantizer alone (``quantize_input``), for the straight-through backward."""
+    return input_quantizer(func, rounding)
 
 
 def gradient_module(func: relax.Function, kernel_class: KernelClass) -> tvm.IRModule:

@@ -43,6 +43,7 @@ class CompiledLayer:
     precision: Precision | None = None
     variant: Variant | None = None
     gradients: Variant | None = None  # integer dx/dw kernels (lowbit backward, integer classes)
+    input_quantizer: Variant | None = None  # Q(x) as the variants compute it, for the backward
     swaps: int = 0
     _args: tuple = field(default=(), repr=False)
 
@@ -50,6 +51,8 @@ class CompiledLayer:
         """Switch precision; crossing a kernel-class boundary swaps the variant (a swap, not a build)."""
         if p == self.precision:
             return
+        if self.input_quantizer is None:
+            self.input_quantizer = self.store.get_input_quantizer(self.layer.func, self.rounding)
         cls = class_for_wl(p.wl)
         if self.variant is not None and self.variant.kernel_class != cls.name:
             self.swaps += 1
@@ -62,10 +65,17 @@ class CompiledLayer:
 
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, seed: int) -> torch.Tensor:
         args = [to_tvm(x), to_tvm(w)] + ([to_tvm(b)] if b is not None else [])
+        return torch.from_dlpack(self.variant.fn(*args, *self._precision_args(seed)))
+
+    def quantize_input(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """The Q(x) that ``run(x, ..., seed)`` used, recomputed in one compiled pass."""
+        return torch.from_dlpack(self.input_quantizer.fn(to_tvm(x), *self._precision_args(seed)))
+
+    def _precision_args(self, seed: int) -> list:
         extra = list(self._args)
         if self.rounding == "stochastic":
             extra.append(tvm.runtime.tensor(np.array(seed, dtype=np.uint32), self.store.device))
-        return torch.from_dlpack(self.variant.fn(*args, *extra))
+        return extra
 
     def run_gradients(
         self, g: torch.Tensor, xq: torch.Tensor, w: torch.Tensor, seed: int
@@ -91,26 +101,31 @@ class _QuantizedLayerFn(torch.autograd.Function):
         layer: CompiledLayer = module.marvin
         p = layer.precision
         gen = module.marvin_generator
-        # Quantize in torch what the backward needs: Q(x) and Q(w) are the operands of the straight-
-        # through gradients (a no-op on the kernel side, where quantizing on-grid values is exact).
-        xq = quantize(x, p.wl, p.fl, layer.rounding, gen)
+        # Q(w) is an operand of the straight-through gradients: quantize the (small) parameters here
+        # (a no-op in the kernel, where quantizing on-grid values is exact). Q(x) is recomputed in the
+        # backward, bit for bit, from x and the same seed.
         wq = quantize(weight.detach(), p.wl, p.fl, layer.rounding, gen)
         bq = None if bias is None else quantize(bias.detach(), p.wl, p.fl, layer.rounding, gen)
-        y = layer.run(xq, wq, bq, seed)
-        ctx.save_for_backward(xq, wq)
+        x = x.detach().contiguous()
+        y = layer.run(x, wq, bq, seed)
+        ctx.save_for_backward(x, wq)
         ctx.module = module
         ctx.has_bias = bias is not None
-        ctx.grad_seed = grad_seed
+        ctx.seeds = (seed, grad_seed)
+        ctx.precision = p
         return y
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
-        xq, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         module = ctx.module
         grad = grad.contiguous()
         layer: CompiledLayer = module.marvin
+        if layer.precision != ctx.precision:
+            raise RuntimeError(f"layer {layer.layer.name}: precision changed between forward and backward")
+        xq = layer.quantize_input(x, ctx.seeds[0])
         if layer.gradients is not None:
-            gx, gw = layer.run_gradients(grad, xq, weight, ctx.grad_seed)
+            gx, gw = layer.run_gradients(grad, xq, weight, ctx.seeds[1])
             gb = grad.sum(dim=[0, *range(2, grad.dim())]) if ctx.has_bias else None
         elif isinstance(module, nn.Linear):
             gx = grad @ weight

@@ -97,6 +97,17 @@ class VariantStore:
             entry=None,
         )
 
+    def get_input_quantizer(self, func: relax.Function, rounding: str) -> Variant:
+        """``fn(x, qp, fl[, seed])`` returning Q(x) bit for bit as the layer's variants compute it."""
+        key = variant_key(signature(func), "input-quantizer", rounding, self.target)
+        return self._cached(
+            key,
+            "input-quantizer",
+            rounding,
+            lambda: pipeline.input_quantizer_module(func, rounding),
+            entry="quantize_input",
+        )
+
     def _cached(
         self,
         key: str,

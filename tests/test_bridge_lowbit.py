@@ -72,3 +72,18 @@ def test_lowbit_backward_is_unbiased(cache_dir):
     spread = torch.stack(grads).std(0) / 300**0.5
     assert torch.all((mean - want).abs() <= 5 * spread + 1e-6)
     assert not torch.equal(grads[0], grads[1])  # really stochastic
+
+
+@pytest.mark.parametrize("wl,fl", [(8, 3), (12, 7), (20, 9)])
+def test_backward_input_quantizer_matches_the_kernel_bit_for_bit(wl, fl, cache_dir):
+    """Q(x) recomputed for the backward equals the variant's own Q(x) under stochastic rounding."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)  # y = Q(Q(x) * 1) = Q(x): the output shows the kernel's Q(x)
+    cfg = MarvinConfig(rounding="stochastic", initial=Precision(wl, fl), cache_dir=cache_dir, precompile=())
+    layer = quantize_(net, torch.zeros(2, 1, 8, 8), cfg).layers["0"]
+    x = torch.rand(4, 1, 8, 8) * 3 - 1.5
+    for seed in (1, 2, 3):
+        y = layer.run(x, net[0].weight.detach(), None, seed)
+        torch.testing.assert_close(layer.quantize_input(x, seed), y, rtol=0, atol=0)
+    assert not torch.equal(layer.quantize_input(x, 1), layer.quantize_input(x, 2))
