@@ -41,7 +41,7 @@ from torch import nn
 import marvin_compile.runtime.controller as controller_mod
 import marvin_compile.runtime.optimizer as optimizer_mod
 import marvin_compile.runtime.torch_bridge as bridge_mod
-from marvin_compile.api import MarvinConfig, quantize_
+from marvin_compile.api import MarvinConfig, MarvinHandle, quantize_
 from marvin_compile.fixed_point import Precision
 from marvin_compile.models import lenet5, resnet20
 from marvin_compile.runtime.controller import PrecisionController
@@ -192,6 +192,22 @@ def float_results(
     return results
 
 
+def marvin_optimizer(model: nn.Module, handle: MarvinHandle, **precision_source: Any) -> MSGD:
+    """MSGD as the driver sets it up, with a fixed ``precision=`` or a live ``controller=``."""
+    opt = MSGD(
+        model.parameters(),
+        lr=LR,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        layers=quantizable_layers(model),
+        seed=0,
+        **precision_source,
+    )
+    opt.register_precision_hook(handle.set_precision)
+    opt.quantize_params()  # the first forward already runs at the initial precision
+    return opt
+
+
 def marvin_results(
     base: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
 ) -> list[Result]:
@@ -212,17 +228,7 @@ def marvin_results(
                 continue
             model.load_state_dict(start)
             handle.set_precision(dict.fromkeys(handle.layers, p))
-            opt = MSGD(
-                model.parameters(),
-                lr=LR,
-                momentum=MOMENTUM,
-                weight_decay=WEIGHT_DECAY,
-                layers=quantizable_layers(model),
-                precision=(p.wl, p.fl),
-                seed=0,
-            )
-            opt.register_precision_hook(handle.set_precision)
-            opt.quantize_params()
+            opt = marvin_optimizer(model, handle, precision=(p.wl, p.fl))
             ms, parts = time_steps(lambda: torch_step(model, opt, x, y), steps, True, warmup)  # noqa: B023
             results.append(Result(f"MARViN {cls} {p.wl},{p.fl}, {backward} backward", ms, breakdown=parts))
             print(f"  {results[-1].name}: {ms:.1f} ms", flush=True)
@@ -233,17 +239,7 @@ def marvin_results(
     handle = quantize_(
         model, x[:2], MarvinConfig(target="cpu", rounding="stochastic", backward="float", initial=initial)
     )
-    opt = MSGD(
-        model.parameters(),
-        lr=LR,
-        momentum=MOMENTUM,
-        weight_decay=WEIGHT_DECAY,
-        layers=quantizable_layers(model),
-        controller=PrecisionController(DIGITS_CONTROLLER),
-        seed=0,
-    )
-    opt.register_precision_hook(handle.set_precision)
-    opt.quantize_params()
+    opt = marvin_optimizer(model, handle, controller=PrecisionController(DIGITS_CONTROLLER))
     handle.mark_warm()
     ms, parts = time_steps(lambda: torch_step(model, opt, x, y), steps, True, warmup)
     wls = sorted({p.wl for p in handle.precision.values()})
