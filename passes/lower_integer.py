@@ -4,22 +4,32 @@ Inputs and weights are quantized straight into the class's integer container, th
 accumulates in the narrowest integer type the worst-case bound allows, and bias add, rounding and
 the output clamp happen on the accumulator (``te_ops.requantize``): the result is the exact
 fixed-point value, not a float32 approximation of it.
+
+Given an x86 dot-product family (``dot_isa``), conv2d and Linear products run as packed kernels
+on the machine's integer dot instructions (``te_dot``), which accumulate in int32. For the int8
+class that is always exact. For the int16 class it is exact only while
+``K * 2**(2*(wl-1)) < 2**31``, so the kernel branches at run time on the word length: the packed
+int32 kernel below that bound, the int64 product above it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import tvm
 from tvm import relax
 
-from marvin_compile import te_ops
+from marvin_compile import te_dot, te_ops
+from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
 from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param
 
 ACC_ATTR = "marvin.accumulator"
+INT32_MAX = 2**31 - 1
+QNAME = "fxp_quantize_int"
 
 
 def _core_binding(func: relax.Function) -> tuple[relax.VarBinding, dict]:
@@ -61,12 +71,47 @@ def _integer_core(core: relax.Call, x: relax.Expr, w: relax.Expr, acc: str) -> r
     )
 
 
+def int32_max_wl(reduction: int) -> int:
+    """The largest wl whose products sum exactly in int32 over a reduction of length K."""
+    wl = 1
+    while reduction * 4**wl <= INT32_MAX:  # |x|, |w| <= 2**(wl-1), so |product| <= 4**(wl-1)
+        wl += 1
+    return wl
+
+
+def _packed_core(
+    core: relax.Call, weight: relax.Expr, w_perm: relax.Call | None, isa: DotISA | None
+) -> tuple[str, dict] | None:
+    """How the packed kernel computes this core (conv2d or Linear), or None if it cannot."""
+    if isa is None:
+        return None
+    a = core.attrs
+    if core.op.name == "relax.nn.conv2d":
+        plain = (
+            int(a.groups) == 1
+            and all(int(d) == 1 for d in a.dilation)
+            and (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW")
+            and len(weight.ty.shape) == 4
+        )
+        if not plain:
+            return None
+        return "conv2d", {"strides": [int(v) for v in a.strides], "padding": [int(v) for v in a.padding]}
+    transposed = w_perm is not None and [int(v) for v in w_perm.attrs.axes] == [1, 0]
+    if core.op.name == "relax.matmul" and transposed and len(core.args[0].ty.shape) == 2:
+        return "matmul", {}
+    return None
+
+
 @tvm.transform.module_pass(opt_level=0, name="LowerToIntegerKernels")
 class LowerToIntegerKernels:
-    """Rewrite quantized layers into integer kernels of their class (one class, or one per layer name)."""
+    """Rewrite quantized layers into integer kernels of their class (one class, or one per layer name);
+    with ``isa``, into packed dot-product kernels where the layer allows."""
 
-    def __init__(self, kernel_class: KernelClass | Mapping[str, KernelClass]) -> None:
+    def __init__(
+        self, kernel_class: KernelClass | Mapping[str, KernelClass], isa: DotISA | None = None
+    ) -> None:
         self.kernel_class = kernel_class
+        self.isa = isa
 
     def _class_of(self, func: relax.Function) -> KernelClass:
         if isinstance(self.kernel_class, KernelClass):
@@ -94,35 +139,57 @@ class LowerToIntegerKernels:
         reduction = weight_shape[1] * (1 if core.value.op.name == "relax.matmul" else _prod(weight_shape[2:]))
         acc = kernel_class.accumulator(reduction)
         container = kernel_class.container
+        w_bound = bindings[w_arg].value if w_arg in bindings else None
+        w_perm = w_bound if op_name(w_bound) == "relax.permute_dims" else None
+        packed = _packed_core(core.value, w, w_perm, self.isa)
+        fast_wl = int32_max_wl(reduction)
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
+        if packed is not None:
+            attrs["marvin.dot_isa"] = self.isa.name
+            attrs["marvin.int32_max_wl"] = min(fast_wl, kernel_class.max_wl)
+        branch = packed is not None and fast_wl < kernel_class.max_wl
+
+        def products(xi: relax.Expr, wi: relax.Expr, wt: relax.Expr) -> tuple[relax.Expr, relax.Expr | None]:
+            """The generic integer product and, where possible, the packed dot-product kernel."""
+            generic = _integer_core(core.value, xi, wt, acc)
+            if packed is None:
+                return generic, None
+            kind, kwargs = packed
+            kernel = functools.partial(
+                getattr(te_dot, kind), **kwargs, isa=self.isa, container=container, acc=acc
+            )  # call_te takes only tensors and PrimExprs
+            fast = bb.call_te(kernel, xi, wi, primfunc_name_hint=f"marvin_dot_{kind}")
+            return generic, fast
+
+        def requantize(y: relax.Expr) -> relax.Var:
+            return bb.emit_te(te_ops.requantize, y, bi, qp, fl, _channel_axis(core.value, y), seed)
+
         with bb.function(name, params, attrs=attrs):
             with bb.dataflow():
                 xi = bb.emit_te(
-                    te_ops.quantize_to_int,
-                    x,
-                    qp,
-                    container,
-                    seed,
-                    SALTS[0],
-                    primfunc_name_hint="fxp_quantize_int",
+                    te_ops.quantize_to_int, x, qp, container, seed, SALTS[0], primfunc_name_hint=QNAME
                 )
                 wi = bb.emit_te(
-                    te_ops.quantize_to_int,
-                    w,
-                    qp,
-                    container,
-                    seed,
-                    SALTS[1],
-                    primfunc_name_hint="fxp_quantize_int",
+                    te_ops.quantize_to_int, w, qp, container, seed, SALTS[1], primfunc_name_hint=QNAME
                 )
-                if w_arg in bindings and op_name(bindings[w_arg].value) == "relax.permute_dims":
-                    wi = bb.emit(relax.op.permute_dims(wi, bindings[w_arg].value.attrs.axes))
+                wt = wi if w_perm is None else bb.emit(relax.op.permute_dims(wi, w_perm.attrs.axes))
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])
-                y = bb.emit(_integer_core(core.value, xi, wi, acc))
-                axis = len(y.ty.shape) - 1 if core.value.op.name == "relax.matmul" else 1
-                out = bb.emit_te(te_ops.requantize, y, bi, qp, fl, axis, seed)
-                out = bb.emit_output(out)
+                if branch:  # int16 class: int32 products only while the word length allows
+                    word = relax.op.take(qp, relax.const(3, "int64"), axis=0)  # 2**(wl-1) - 1
+                    cond = bb.emit(relax.op.less(word, relax.const(2.0 ** (fast_wl - 1), "float32")))
+                    xi, wi, wt, cond = (bb.emit_output(v) for v in (xi, wi, wt, cond))
+                    bi = None if bi is None else bb.emit_output(bi)
+                else:
+                    generic, fast = products(xi, wi, wt)
+                    out = bb.emit_output(requantize(bb.emit(generic if fast is None else fast)))
+            if branch:
+                generic, fast = products(xi, wi, wt)
+                out = requantize(bb.emit(relax.If(cond, fast, generic)))
             bb.emit_func_output(out)
+
+
+def _channel_axis(core: relax.Call, y: relax.Expr) -> int:
+    return len(y.ty.shape) - 1 if core.op.name == "relax.matmul" else 1
 
 
 def _prod(xs: list[int]) -> int:

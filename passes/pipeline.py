@@ -2,12 +2,13 @@
 
 - partition: split each quantizable layer out of ``main`` (model level, once per model);
 - quantize:  insert runtime-precision fixed-point quantize nodes (per layer, per rounding);
-- lower:     integer kernels of the layer's kernel class, then dead-code cleanup;
+- lower:     integer kernels of the layer's kernel class (packed dot-product kernels on x86),
+             then dead-code cleanup;
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
 - freeze:    deployment: precisions and weights become constants, folded into integer containers;
 - glue:      ``main`` calls layers through the runtime dispatcher;
-- build:     TVM's Relax lowering and fusion, a generic parallel/vectorized CPU schedule
-             (``schedule_cpu``), codegen for the target (``tvm.compile``).
+- build:     TVM's Relax lowering and fusion, CPU schedules (``schedule_dot`` for the packed
+             kernels, ``schedule_cpu`` for the rest), codegen for the target (``tvm.compile``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import KernelClass, class_for_wl
 from marvin_compile.passes.bind_dispatch import BindLayerDispatch
@@ -29,6 +31,12 @@ from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, inpu
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.schedule_cpu import ScheduleCPU
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
+
+CODEGEN_REVISION = 2  # part of every cache key: bump when the same inputs compile to other code
+
+
+def _isa(target: tvm.target.Target | None) -> DotISA | None:
+    return None if target is None else dot_isa(target)
 
 
 def partition(mod: tvm.IRModule) -> tvm.IRModule:
@@ -41,12 +49,15 @@ def layer_module(func: relax.Function) -> tvm.IRModule:
     return tvm.IRModule({"layer": func.with_attr("global_symbol", "layer")})
 
 
-def variant_module(func: relax.Function, kernel_class: KernelClass, rounding: str) -> tvm.IRModule:
-    """Phases quantize and lower for one layer and one kernel class."""
+def variant_module(
+    func: relax.Function, kernel_class: KernelClass, rounding: str, target: tvm.target.Target | None = None
+) -> tvm.IRModule:
+    """Phases quantize and lower for one layer and one kernel class (packed kernels where
+    ``target`` has integer dot-product instructions)."""
     seq = tvm.transform.Sequential(
         [
             InsertFixedPointQuantize(rounding),
-            LowerToIntegerKernels(kernel_class),
+            LowerToIntegerKernels(kernel_class, _isa(target)),
             relax.transform.DeadCodeElimination(["layer"]),
         ],
         name="quantize_lower",
@@ -69,14 +80,17 @@ def gradient_module(func: relax.Function, kernel_class: KernelClass) -> tvm.IRMo
 
 
 def freeze(
-    mod: tvm.IRModule, precision: Mapping[str, Precision], params: Mapping[str, np.ndarray]
+    mod: tvm.IRModule,
+    precision: Mapping[str, Precision],
+    params: Mapping[str, np.ndarray],
+    target: tvm.target.Target | None = None,
 ) -> tvm.IRModule:
     """Deployment: every layer quantized (nearest) at its own class and precision, weights folded."""
     classes = {name: class_for_wl(p.wl) for name, p in precision.items()}
     seq = tvm.transform.Sequential(
         [
             InsertFixedPointQuantize("nearest"),
-            LowerToIntegerKernels(classes),
+            LowerToIntegerKernels(classes, _isa(target)),
             relax.transform.BindParams("main", dict(params)),
             FreezeLayerPrecision(precision),
             relax.transform.FoldConstant(),

@@ -4,7 +4,8 @@ TVM's default CPU pipeline compiles unscheduled loop nests (one thread, scalar c
 gives every reduction kernel (conv, matmul, gradient products) the classic shape: parallel over
 the leading spatial axis, producers (padding) computed per parallel iteration, the reduction
 loops, then the last spatial axis split and vectorized innermost; injective kernels (quantize,
-requantize) are flattened, parallelized and vectorized. A later autotuner replaces it.
+requantize) are flattened, parallelized and vectorized. Packed dot-product kernels get their own
+schedule (``schedule_dot``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
+
+from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func
 
 VECTOR_LANES = (16, 8, 4, 2)
 SPATIAL, REDUCE = 0, 2  # IterVar kinds
@@ -50,6 +53,8 @@ def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
 
 def _schedule_injective(sch: Schedule, block) -> None:
     loops = sch.get_loops(block)
+    if not loops:
+        return  # a scalar
     static = 1
     for lp in loops:
         extent = _static(sch.get(lp).extent)
@@ -65,6 +70,8 @@ def _schedule_injective(sch: Schedule, block) -> None:
 
 
 def schedule_prim_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    if has_dot_block(func):
+        return schedule_dot_func(func, tvm.target.Target.current())
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]

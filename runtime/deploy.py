@@ -82,7 +82,7 @@ def compile_library(
     """The deploy pipeline: partition, quantize (nearest), lower per layer class, freeze, build."""
     imported = import_onnx(load_onnx(onnx_path))
     mod = pipeline.partition(imported.mod)
-    mod = pipeline.freeze(mod, precision, imported.params)
+    mod = pipeline.freeze(mod, precision, imported.params, target)
     return pipeline.build(mod, target)
 
 

@@ -1,6 +1,6 @@
 """Compiled layer variants: built on first use, kept in memory and in an on-disk cache.
 
-Key = (layer signature, kernel class, rounding, target, toolkit and TVM versions). The layer
+Key = (layer signature, kernel class, rounding, target, toolkit and TVM versions, codegen revision). The layer
 signature hashes the printed float layer function, whose parameters have canonical names, so
 layers with the same shapes and attributes share one variant. Cache files are written to a temp
 file and renamed, so a crash or a concurrent process never leaves a half-written library.
@@ -42,7 +42,17 @@ def signature(func: relax.Function) -> str:
 
 
 def variant_key(sig: str, kernel_class: str, rounding: str, target: tvm.target.Target) -> str:
-    text = "|".join([sig, kernel_class, rounding, str(target), __version__, tvm.__version__])
+    text = "|".join(
+        [
+            sig,
+            kernel_class,
+            rounding,
+            str(target),
+            __version__,
+            tvm.__version__,
+            str(pipeline.CODEGEN_REVISION),
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -78,7 +88,10 @@ class VariantStore:
         """The variant of ``func`` for a class and rounding: from memory, disk, or a fresh build."""
         key = variant_key(signature(func), kernel_class.name, rounding, self.target)
         return self._cached(
-            key, kernel_class.name, rounding, lambda: pipeline.variant_module(func, kernel_class, rounding)
+            key,
+            kernel_class.name,
+            rounding,
+            lambda: pipeline.variant_module(func, kernel_class, rounding, self.target),
         )
 
     def get_float(self, func: relax.Function) -> Variant:
@@ -126,7 +139,15 @@ class VariantStore:
 
     def get_module(self, mod: tvm.IRModule, entry: str) -> Callable:
         """Compile-or-load a whole module (the glue) by content hash; returns its ``entry``."""
-        text = mod.script(show_meta=True) + "|" + str(self.target) + __version__ + tvm.__version__
+        text = "|".join(
+            [
+                mod.script(show_meta=True),
+                str(self.target),
+                __version__,
+                tvm.__version__,
+                str(pipeline.CODEGEN_REVISION),
+            ]
+        )
         path = self.path_for("module-" + hashlib.sha256(text.encode()).hexdigest()[:32])
         with self._lock:
             if not path.exists():

@@ -1,0 +1,153 @@
+"""x86 integer dot-product instructions as TVM tensor intrinsics, and which one a target has.
+
+Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of output channels
+(``lanes``) and a short reduction (``depth``): the shape of one instruction.
+
+- ``avx512_vnni``: int8 ``vpdpbusd`` (u8 x s8, depth 4: the activation carries a +128 offset that
+  the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
+- ``avx512``: int16 ``vpmaddwd`` + add, 16 lanes (int8 runs widened to int16);
+- ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16).
+
+All arithmetic wraps modulo 2**32, so the result is exact whenever the true sum fits in int32.
+The accumulator ``C`` lives in a ``local`` (register) buffer: kernels cache it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+
+@dataclass(frozen=True)
+class DotISA:
+    """One instruction family: how operands are packed and which intrinsic reduces them."""
+
+    name: str
+    lanes: int  # output channels per instruction (int32 lanes)
+
+    def depth(self, container: str) -> int:
+        """Reduction elements per lane per instruction for a class's container."""
+        return 4 if self.name == "avx512_vnni" and container == "int8" else 2
+
+    def operand_dtype(self, container: str) -> str:
+        """The dtype the packed activation holds (uint8 with offset for vpdpbusd, else int16)."""
+        return "uint8" if self.depth(container) == 4 else "int16"
+
+    def weight_dtype(self, container: str) -> str:
+        return "int8" if self.depth(container) == 4 else "int16"
+
+    def intrinsic(self, container: str) -> str:
+        return f"marvin_dot_{self.name}_{self.depth(container)}"
+
+
+ISAS = {
+    "avx512_vnni": DotISA("avx512_vnni", 16),
+    "avx512": DotISA("avx512", 16),
+    "avx2": DotISA("avx2", 8),
+}
+
+
+def dot_isa(target: tvm.target.Target) -> DotISA | None:
+    """The best integer dot-product family of an LLVM x86 target (None elsewhere)."""
+    if target.kind.name != "llvm" or not str(target.attrs.get("mcpu", "")):
+        return None
+
+    def has(feature: str) -> bool:
+        return bool(codegen.target_has_features(feature, target))
+
+    if has("avx512vnni") and has("avx512bw"):
+        return ISAS["avx512_vnni"]
+    if has("avx512bw"):
+        return ISAS["avx512"]
+    if has("avx2"):
+        return ISAS["avx2"]
+    return None
+
+
+def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, depth):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _impl(lanes: int, depth: int, a_dtype: str, b_dtype: str, llvm_name: str, fused: bool):
+    """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add."""
+    a_vec, b_vec = f"{a_dtype}x{depth}", f"{b_dtype}x{lanes * depth}"
+    acc_vec = f"int32x{lanes}"
+    operand_vec = f"int16x{2 * lanes}"
+    op_vec = f"int{32 // depth}x{lanes * depth}"  # LLVM 22 types VNNI operands as i8/i16 vectors
+
+    if fused:
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((depth,), a_dtype, offset_factor=1),
+            B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+            C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+                T.writes(C[0:lanes])
+                a = T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=op_vec
+                )
+                b = T.reinterpret(B.vload([0, 0], b_vec), dtype=op_vec)
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], acc_vec), a, b, dtype=acc_vec
+                )
+
+        return impl
+
+    @T.prim_func(s_tir=True)
+    def impl_add(
+        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            a = T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=operand_vec
+            )
+            b = B.vload([0, 0], b_vec)
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name), a, b, dtype=acc_vec
+            )
+
+    return impl_add
+
+
+def _register() -> None:
+    table = [
+        ("avx512_vnni", 16, 4, "uint8", "int8", "llvm.x86.avx512.vpdpbusd.512", True),
+        ("avx512_vnni", 16, 2, "int16", "int16", "llvm.x86.avx512.vpdpwssd.512", True),
+        ("avx512", 16, 2, "int16", "int16", "llvm.x86.avx512.pmaddw.d.512", False),
+        ("avx2", 8, 2, "int16", "int16", "llvm.x86.avx2.pmadd.wd", False),
+    ]
+    for name, lanes, depth, a_dtype, b_dtype, llvm_name, fused in table:
+        TensorIntrin.register(
+            f"marvin_dot_{name}_{depth}",
+            _desc(lanes, depth, a_dtype, b_dtype),
+            _impl(lanes, depth, a_dtype, b_dtype, llvm_name, fused),
+            override=True,
+        )
+
+
+_register()

@@ -1,0 +1,148 @@
+"""Packed integer conv/matmul kernels shaped for the x86 dot-product intrinsics (``dot_isa``).
+
+One PrimFunc per layer call, four stages:
+
+- ``dot_pack_x``: the quantized input in ``[N, C/d, H+pad, W+pad, d]`` (d = the intrinsic's
+  reduction depth), zero padding folded in (for vpdpbusd the operand is ``x + 128`` as uint8);
+- ``dot_pack_w``: the weight in ``[O/L, C/d, KH, KW, L, d]`` (L = the intrinsic's lanes), so one
+  instruction reads one contiguous 64-byte row; packed per call, which costs O(weights);
+- ``marvin_dot``: the reduction, int32, tensorized by ``passes/schedule_dot``;
+- ``dot_unpack``: back to NCHW (or rows x features) in the class's accumulator dtype, minus the
+  ``128 * sum(w)`` offset correction for vpdpbusd.
+
+A matmul ``[M, K] x [K, O]`` is the same kernel with rows as the width axis, blocked by
+``ROW_BLOCK`` (the batch is symbolic, so rows are padded up to a whole block).
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from marvin_compile.dot_isa import DotISA
+
+DOT_BLOCK = "marvin_dot"
+ROW_BLOCK = 8  # matmul rows per register block
+OFFSET = 128  # vpdpbusd takes an unsigned operand: x + 128 in [0, 255] for int8 x
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pack_weight(w: te.Tensor, isa: DotISA, container: str, conv: bool) -> tuple[te.Tensor, te.Tensor | None]:
+    """``w`` is [O, C, KH, KW] (conv) or [O, K] (matmul)."""
+    o, c = int(w.shape[0]), int(w.shape[1])
+    kh, kw = (int(w.shape[2]), int(w.shape[3])) if conv else (1, 1)
+    lanes, depth = isa.lanes, isa.depth(container)
+    dtype = isa.weight_dtype(container)
+
+    def f(ob, cb, i, j, oi, p):
+        oc, cc = ob * lanes + oi, cb * depth + p
+        inside = tirx.all(oc < o, cc < c)
+        value = w[oc, cc, i, j] if conv else w[oc, cc]
+        return tirx.Select(inside, tirx.Cast(dtype, value), tirx.const(0, dtype))
+
+    packed = te.compute((_ceil(o, lanes), _ceil(c, depth), kh, kw, lanes, depth), f, name="dot_pack_w")
+    if isa.operand_dtype(container) != "uint8":
+        return packed, None
+    r = [te.reduce_axis((0, n), name=f"r{i}") for i, n in enumerate(w.shape[1:])]
+    wsum = te.compute((o,), lambda oc: te.sum(tirx.Cast("int32", w[(oc, *r)]), axis=r), name="dot_weight_sum")
+    return packed, wsum
+
+
+def _operand(value: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
+    dtype = isa.operand_dtype(container)
+    if dtype == "uint8":
+        return tirx.Cast("uint8", tirx.Cast("int32", value) + OFFSET)
+    return tirx.Cast(dtype, value)
+
+
+def _pad(isa: DotISA, container: str) -> tirx.PrimExpr:
+    return tirx.const(OFFSET if isa.operand_dtype(container) == "uint8" else 0, isa.operand_dtype(container))
+
+
+def _reduce(xp, wp, out_shape, stride, kh, kw, depth) -> te.Tensor:
+    cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
+    i = te.reduce_axis((0, kh), name="kh")
+    j = te.reduce_axis((0, kw), name="kw")
+    p = te.reduce_axis((0, depth), name="p")
+    sh, sw = stride
+    return te.compute(
+        out_shape,
+        lambda n, ob, h, w, oi: te.sum(
+            tirx.Cast("int32", xp[n, cb, h * sh + i, w * sw + j, p])
+            * tirx.Cast("int32", wp[ob, cb, i, j, oi, p]),
+            axis=[cb, i, j, p],
+        ),
+        name=DOT_BLOCK,
+    )
+
+
+def _correct(y: tirx.PrimExpr, wsum: te.Tensor | None, oc, acc: str) -> tirx.PrimExpr:
+    if wsum is not None:
+        y = y - OFFSET * wsum[oc]
+    return tirx.Cast(acc, y)
+
+
+def conv2d(
+    x: te.Tensor,
+    w: te.Tensor,
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    isa: DotISA,
+    container: str,
+    acc: str,
+) -> te.Tensor:
+    """NCHW x OIHW -> NCHW in ``acc`` (int32, or int64 for the int16 class), groups 1, dilation 1."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = (int(d) for d in w.shape)
+    top, left, bottom, right = padding
+    sh, sw = strides
+    depth, lanes = isa.depth(container), isa.lanes
+    oh = (int(h) + top + bottom - kh) // sh + 1
+    ow = (int(wd) + left + right - kw) // sw + 1
+    hp, wp_ = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    pad = _pad(isa, container)
+
+    def pack_x(b, cb, i, j, p):
+        cc, hi, wi = cb * depth + p, i - top, j - left
+        inside = tirx.all(cc < c, hi >= 0, hi < h, wi >= 0, wi < wd)
+        return tirx.Select(inside, _operand(x[b, cc, hi, wi], isa, container), pad)
+
+    xp = te.compute((n, _ceil(int(c), depth), hp, wp_, depth), pack_x, name="dot_pack_x")
+    wpk, wsum = _pack_weight(w, isa, container, conv=True)
+    y = _reduce(xp, wpk, (n, _ceil(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth)
+    return te.compute(
+        (n, o, oh, ow),
+        lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wsum, oc, acc),
+        name="dot_unpack",
+    )
+
+
+def matmul(x: te.Tensor, w: te.Tensor, isa: DotISA, container: str, acc: str) -> te.Tensor:
+    """``x [M, K]`` times ``w [O, K]`` transposed -> ``[M, O]`` in ``acc``."""
+    m, k = x.shape
+    o = int(w.shape[0])
+    depth, lanes = isa.depth(container), isa.lanes
+    blocks = (m + ROW_BLOCK - 1) // ROW_BLOCK
+    pad = _pad(isa, container)
+
+    def pack_x(b, cb, _i, j, p):
+        row, cc = b * ROW_BLOCK + j, cb * depth + p
+        inside = tirx.all(row < m, cc < k)
+        return tirx.Select(inside, _operand(x[row, cc], isa, container), pad)
+
+    xp = te.compute((blocks, _ceil(int(k), depth), 1, ROW_BLOCK, depth), pack_x, name="dot_pack_x")
+    wpk, wsum = _pack_weight(w, isa, container, conv=False)
+    y = _reduce(xp, wpk, (blocks, _ceil(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth)
+    return te.compute(
+        (m, o),
+        lambda row, oc: _correct(
+            # min(): row // ROW_BLOCK < blocks always, but TVM cannot prove it for a symbolic M
+            y[te.min(row // ROW_BLOCK, blocks - 1), oc // lanes, 0, row % ROW_BLOCK, oc % lanes],
+            wsum,
+            oc,
+            acc,
+        ),
+        name="dot_unpack",
+    )

@@ -1,0 +1,106 @@
+"""The packed dot-product kernels (``te_dot`` + ``schedule_dot``) against float64 torch, per x86 ISA.
+
+Every ISA the host can execute is checked, on operands that include the container's extreme
+values, for shapes with odd channel counts, strides, ragged output widths and ragged rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import te
+
+from marvin_compile import te_dot
+from marvin_compile.dot_isa import ISAS, dot_isa
+from marvin_compile.passes.lower_integer import int32_max_wl
+from marvin_compile.passes.schedule_dot import schedule_dot_func
+from marvin_compile.target import resolve_target
+
+MCPU = {"avx2": "znver3", "avx512": "skylake-avx512", "avx512_vnni": "icelake-server"}
+ORDER = ["avx2", "avx512", "avx512_vnni"]
+HOST = dot_isa(resolve_target("cpu"))
+RUNNABLE = [] if HOST is None else ORDER[: ORDER.index(HOST.name) + 1]
+
+
+def isa_params():
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(name not in RUNNABLE, reason=f"host CPU lacks {name}"))
+        for name in ORDER
+    ]
+
+
+def _build(name: str, make, *placeholders):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[name], "num-cores": 2})
+    out = make(*placeholders, ISAS[name])
+    func = schedule_dot_func(te.create_prim_func([*placeholders, out]), target)
+    return tvm.compile(tvm.IRModule({"main": func}), target=target)
+
+
+def _operands(rng, container: str, shape):
+    info = np.iinfo(container)
+    v = rng.integers(info.min, info.max + 1, size=shape, dtype=np.int64)
+    v.flat[: min(4, v.size)] = [info.min, info.max, info.min, 0][: min(4, v.size)]
+    return v.astype(container)
+
+
+def _scale(v: np.ndarray, wl: int) -> np.ndarray:
+    """Restrict values to wl bits (the int16 class's fast path runs only where int32 suffices)."""
+    return np.clip(v, -(2 ** (wl - 1)), 2 ** (wl - 1) - 1).astype(v.dtype)
+
+
+CONVS = [  # (n, c, h, o, k, stride, pad)
+    (2, 3, 9, 10, 3, 1, 1),
+    (3, 16, 16, 32, 3, 2, 1),
+    (1, 6, 14, 16, 5, 1, 0),
+    (2, 5, 7, 20, 1, 1, 0),
+]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("container", ["int8", "int16"])
+@pytest.mark.parametrize("shape", CONVS, ids=lambda s: "n{}c{}h{}o{}k{}s{}p{}".format(*s))
+def test_conv2d_exact(isa, container, shape):
+    n, c, h, o, k, stride, pad = shape
+    rng = np.random.default_rng(sum(shape))
+    x, w = _operands(rng, container, (n, c, h, h)), _operands(rng, container, (o, c, k, k))
+    if container == "int16":
+        wl = int32_max_wl(c * k * k)
+        x, w = _scale(x, wl), _scale(w, wl)
+    nv = tvm.tirx.Var("n", "int64")
+    xp = te.placeholder((nv, c, h, h), container, name="x")
+    wp = te.placeholder((o, c, k, k), container, name="w")
+
+    def make(xt, wt, isa_):
+        return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, container, "int32")
+
+    lib = _build(isa, make, xp, wp)
+    x64, w64 = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
+    ref = torch.nn.functional.conv2d(x64, w64, stride=stride, padding=pad).numpy()
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_array_equal(out.numpy().astype(np.float64), ref)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("container", ["int8", "int16"])
+@pytest.mark.parametrize("rows", [1, 7, 8, 13])
+def test_matmul_exact(isa, container, rows):
+    k, o = 37, 21
+    rng = np.random.default_rng(rows)
+    x, w = _operands(rng, container, (rows, k)), _operands(rng, container, (o, k))
+    if container == "int16":
+        x, w = _scale(x, int32_max_wl(k)), _scale(w, int32_max_wl(k))
+    mv = tvm.tirx.Var("m", "int64")
+    xp, wp = te.placeholder((mv, k), container, name="x"), te.placeholder((o, k), container, name="w")
+    lib = _build(isa, lambda xt, wt, isa_: te_dot.matmul(xt, wt, isa_, container, "int64"), xp, wp)
+    out = tvm.runtime.tensor(np.zeros((rows, o), np.int64))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@pytest.mark.parametrize("k", [1, 18, 144, 576, 4608])
+def test_int32_max_wl_is_the_exact_bound(k):
+    wl = int32_max_wl(k)
+    assert k * 4 ** (wl - 1) <= 2**31 - 1 < k * 4**wl
