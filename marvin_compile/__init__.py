@@ -7,6 +7,11 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# TVM's thread pool defaults to cores / 2 (it assumes SMT siblings): use every CPU this process may
+# run on, as PyTorch does, unless the user chose. Read when TVM first runs a parallel kernel.
+if hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
 if TYPE_CHECKING:
     from marvin_compile.runtime.deploy import DeployedModel
 

@@ -9,7 +9,7 @@ Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of outpu
 - ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16).
 
 All arithmetic wraps modulo 2**32, so the result is exact whenever the true sum fits in int32.
-The accumulator ``C`` lives in a ``local`` (register) buffer: kernels cache it there.
+The kernels keep ``C`` in a small per-tile buffer that LLVM promotes to registers.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):
     def desc(
         A: T.Buffer((depth,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
@@ -87,51 +87,52 @@ def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):
 
 
 def _impl(lanes: int, depth: int, a_dtype: str, b_dtype: str, llvm_name: str, fused: bool):
-    """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add."""
+    """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add.
+
+    Operands are passed inline, not bound to names: a named vector becomes a stack slot that LLVM
+    does not always promote back to a register."""
     a_vec, b_vec = f"{a_dtype}x{depth}", f"{b_dtype}x{lanes * depth}"
     acc_vec = f"int32x{lanes}"
-    operand_vec = f"int16x{2 * lanes}"
-    op_vec = f"int{32 // depth}x{lanes * depth}"  # LLVM 22 types VNNI operands as i8/i16 vectors
+    op_vec = f"int{32 // depth}x{lanes * depth}"  # LLVM 22 types the operands as i8/i16 vectors
 
-    if fused:
-
-        @T.prim_func(s_tir=True)
-        def impl(
-            A: T.Buffer((depth,), a_dtype, offset_factor=1),
-            B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
-            C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
-                T.writes(C[0:lanes])
-                a = T.reinterpret(
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                C.vload([0], acc_vec),
+                T.reinterpret(
                     T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=op_vec
-                )
-                b = T.reinterpret(B.vload([0, 0], b_vec), dtype=op_vec)
-                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], acc_vec), a, b, dtype=acc_vec
-                )
-
-        return impl
+                ),
+                T.reinterpret(B.vload([0, 0], b_vec), dtype=op_vec),
+                dtype=acc_vec,
+            )
 
     @T.prim_func(s_tir=True)
     def impl_add(
         A: T.Buffer((depth,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])
-            a = T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=operand_vec
-            )
-            b = B.vload([0, 0], b_vec)
             C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name), a, b, dtype=acc_vec
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=op_vec
+                ),
+                B.vload([0, 0], b_vec),
+                dtype=acc_vec,
             )
 
-    return impl_add
+    return impl if fused else impl_add
 
 
 def _register() -> None:

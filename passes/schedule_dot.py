@@ -1,10 +1,10 @@
 """Schedule of the packed integer kernels (``te_dot``): register-blocked, tensorized, parallel.
 
 The reduction block ``marvin_dot`` is tiled so that ``ob_block x w_block`` accumulator vectors
-stay in registers (a ``local`` cache, fully unrolled) while the reduction walks the packed
+stay in registers (a per-tile cache, fully unrolled) while the reduction walks the packed
 channels and the kernel window; its innermost (lanes, depth) loops become one dot-product
 instruction (``dot_isa``). The tile sizes are the design space the autotuner searches; without
-tuning, the defaults below fill about half of the vector register file.
+tuning, the defaults below hold as many accumulators as stay in registers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from tvm.s_tir import Schedule
 from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.te_dot import DOT_BLOCK
 
-ACCUMULATOR_REGISTERS = 16  # of 32 zmm / 16 ymm: the rest hold operands
+STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
+REGISTERS = {16: 32, 8: 16}  # vector registers by lanes: zmm0-31 (AVX-512), ymm0-15 (AVX2)
+MAX_OB_BLOCK = 4
 
 
 def has_dot_block(func: tirx.PrimFunc) -> bool:
@@ -33,16 +35,21 @@ def _intrinsic(sch: Schedule, block, isa: DotISA) -> str:
     return isa.intrinsic("int8" if a_dtype == "uint8" else "int16")
 
 
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+def max_accumulators(lanes: int) -> int:
+    """Accumulator vectors that stay in registers: below TVM's stack-allocation limit (a heap
+    workspace may alias the operands, so LLVM keeps it in memory) and leaving operand registers."""
+    return min((STACK_BYTES - 1) // (4 * lanes), REGISTERS[lanes] - 4)
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
 def default_tiles(ob: int, w: int, lanes: int) -> tuple[int, int]:
-    """(ob_block, w_block): as many accumulators as the budget allows, w first (operand reuse)."""
-    budget = ACCUMULATOR_REGISTERS if lanes == 16 else ACCUMULATOR_REGISTERS // 2 + 4
-    w_block = _largest_divisor(w, budget)
-    ob_block = _largest_divisor(ob, max(1, budget // w_block))
-    return ob_block, w_block
+    """(ob_block, w_block): the most accumulators that fit, wider w first (it reuses weights)."""
+    budget = max_accumulators(lanes)
+    pairs = [(o, x) for o in _divisors(ob, MAX_OB_BLOCK) for x in _divisors(w, budget) if o * x <= budget]
+    return max(pairs, key=lambda p: (p[0] * p[1], p[1]))
 
 
 def _parallel_injective(sch: Schedule, block, parallel_axes: int) -> None:
@@ -57,17 +64,21 @@ def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
     intrin = _intrinsic(sch, block, isa)
     n, ob, h, w, oi, cb, kh, kw, p = sch.get_loops(block)
     ob_extent, w_extent = int(sch.get(ob).extent), int(sch.get(w).extent)
-    if tune:
-        ob_tiles = sch.sample_perfect_tile(ob, n=2, max_innermost_factor=4)
-        w_tiles = sch.sample_perfect_tile(w, n=2, max_innermost_factor=16)
+    if tune:  # the space: every divisor pair; tiles past the register budget measure slow
+        budget = max_accumulators(isa.lanes)
+        ob_choice, w_choice = _divisors(ob_extent, MAX_OB_BLOCK), _divisors(w_extent, budget)
+        ob_tiles = [None, sch.sample_categorical(ob_choice, [1 / len(ob_choice)] * len(ob_choice))]
+        w_tiles = [None, sch.sample_categorical(w_choice, [1 / len(w_choice)] * len(w_choice))]
     else:
         ob_block, w_block = default_tiles(ob_extent, w_extent, isa.lanes)
         ob_tiles, w_tiles = [None, ob_block], [None, w_block]
     obo, obi = sch.split(ob, ob_tiles)
     wo, wi = sch.split(w, w_tiles)
     sch.reorder(n, obo, h, wo, cb, kh, kw, obi, wi, oi, p)
-    cache = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(cache, wo)
+    # A small "global" buffer inside the tile: TVM lowers only those to a stack alloca, which
+    # LLVM promotes to registers ("local" ones go to the heap workspace and stay in memory).
+    cache = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(cache, wo, preserve_unit_loops=True)  # loop count independent of tiles
     sch.vectorize(sch.get_loops(cache)[-1])
     sch.parallel(sch.fuse(n, obo, h))
     init = sch.decompose_reduction(block, cb)

@@ -1,0 +1,282 @@
+"""Per-device autotuning of the packed dot-product kernels with TVM's meta_schedule.
+
+A task is one packed kernel (``te_dot``) of one (layer, kernel class); layers with the same shapes
+share it. The design space is ``schedule_dot(tune=True)``: the register tile (output-channel
+blocks x output columns). It samples static loops only, so a trace measured at the tuning batch
+replays onto the symbolic-batch kernel that the variants, the training driver and deployment use.
+The untuned default schedule is measured first, so the database's best is never a schedule slower
+than the default on this device.
+
+A database directory holds:
+
+- ``database_workload.json``, ``database_tuning_record.json``: a meta_schedule ``JSONDatabase``
+  whose workloads are the symbolic-batch kernels, with the best trace measured for each;
+- ``work/<task>/``: meta_schedule's own database of every measured candidate of one task, so an
+  interrupted tune resumes where it stopped instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.ir.utils import derived_object
+from tvm.s_tir import Schedule
+from tvm.s_tir import meta_schedule as ms
+
+from marvin_compile.dot_isa import dot_isa
+from marvin_compile.frontend import import_onnx, load_onnx
+from marvin_compile.kernel_classes import CLASS_BY_NAME
+from marvin_compile.passes import pipeline
+from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot
+from marvin_compile.target import target_key
+
+BUILD_TIMEOUT_S = 200.0  # meta_schedule's 30 s default fails every candidate on 2 busy cores
+RUN_TIMEOUT_S = 60.0
+TUNED_CLASSES = ("int8", "int16")
+
+
+class TuningError(ValueError):
+    """A tuning database or request that cannot be used, with what is accepted instead."""
+
+
+def default_db_dir(target: tvm.target.Target) -> Path:
+    """``<variant cache>/tuning/<target hash>``: one database per device description."""
+    from marvin_compile.runtime.variant_store import default_cache_dir
+
+    digest = hashlib.sha256(target_key(target).encode()).hexdigest()[:16]
+    return default_cache_dir() / "tuning" / digest
+
+
+def _workload(func: tirx.PrimFunc) -> tvm.IRModule:
+    """The database key of a kernel: the PrimFunc without its (build-dependent) symbol name."""
+    return tvm.IRModule({"main": func.without_attr("global_symbol")})
+
+
+class TuningDatabase:
+    """The best measured schedule of each packed kernel on one device, on disk."""
+
+    def __init__(self, path: str | os.PathLike, target: tvm.target.Target, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not (self.path / "database_tuning_record.json").is_file():
+            raise TuningError(
+                f"no tuning database at {self.path}: expected database_tuning_record.json there; "
+                "create one with `marvin-compile tune MODEL.onnx --db DIR`"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self._db = ms.database.JSONDatabase(work_dir=str(self.path), module_equality="structural")
+
+    @property
+    def digest(self) -> str:
+        """Content hash of the records: part of variant cache keys, so retuning rebuilds."""
+        data = (self.path / "database_tuning_record.json").read_bytes()
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self._db)
+
+    def trace_for(self, func: tirx.PrimFunc) -> tirx.Trace | None:
+        """The best recorded trace for a symbolic-batch kernel, or None."""
+        mod = _workload(func)
+        if not self._db.has_workload(mod):
+            return None
+        best = self._db.get_top_k(self._db.commit_workload(mod), 1)
+        return best[0].trace if best else None
+
+    def schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+        """``func`` scheduled by its best recorded trace (None when the database has none)."""
+        trace = self.trace_for(func)
+        if trace is None:
+            return None
+        sch = Schedule(func)
+        trace.apply_to_schedule(sch, remove_postproc=True)
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+    def commit(self, func: tirx.PrimFunc, record: ms.database.TuningRecord) -> None:
+        workload = self._db.commit_workload(_workload(func))
+        self._db.commit_tuning_record(
+            ms.database.TuningRecord(record.trace, workload, record.run_secs, self.target, record.args_info)
+        )
+
+
+def open_database(db: str | os.PathLike | None, target: tvm.target.Target) -> TuningDatabase | None:
+    """``db`` when given (it must exist), else the target's default database if one was tuned."""
+    if db is not None:
+        return TuningDatabase(db, target)
+    default = default_db_dir(target)
+    if (default / "database_tuning_record.json").is_file():
+        return TuningDatabase(default, target)
+    return None
+
+
+@dataclass
+class Task:
+    """One packed kernel to tune: its symbolic form (the key) and a batch-specialized twin (measured)."""
+
+    key: str
+    symbolic: tirx.PrimFunc
+    static: tirx.PrimFunc
+    users: list[str] = field(default_factory=list)
+
+
+def _dot_kernel(mod: tvm.IRModule) -> tirx.PrimFunc | None:
+    kernels = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc) and has_dot_block(f)]
+    return kernels[0] if kernels else None
+
+
+def _bind_batch(func: relax.Function, batch: int) -> relax.Function:
+    """The layer with its symbolic batch fixed (the leading dimension of the input)."""
+    n = func.params[0].ty.shape[0]
+    if isinstance(n, tirx.IntImm):
+        return func
+    mod = relax.transform.BindSymbolicVars({n: batch})(tvm.IRModule({"layer": func}))
+    return mod["layer"]
+
+
+def kernel_tasks(
+    model_path: str | os.PathLike,
+    target: tvm.target.Target,
+    batch: int,
+    classes: Iterable[str] = TUNED_CLASSES,
+) -> list[Task]:
+    """Every distinct packed kernel of the model's layers for ``classes``, in layer order."""
+    if dot_isa(target) is None:
+        raise TuningError(
+            f"target {target.kind.name} {target.attrs.get('mcpu', '')} has no packed integer kernels "
+            "to tune; accepted: an x86 llvm target with AVX2, AVX-512 or AVX-512 VNNI (e.g. --target cpu)"
+        )
+    unknown = sorted(set(classes) - set(TUNED_CLASSES))
+    if unknown:
+        raise TuningError(f"cannot tune kernel classes {unknown}; accepted: {', '.join(TUNED_CLASSES)}")
+    mod = pipeline.partition(import_onnx(load_onnx(model_path)).mod)
+    tasks: dict[str, Task] = {}
+    for _, func in pipeline.layer_functions(mod):
+        for name in classes:
+            cls = CLASS_BY_NAME[name]
+            symbolic = _dot_kernel(pipeline.variant_module(func, cls, "nearest", target))
+            if symbolic is None:
+                continue  # a layer the packed kernels do not cover (grouped conv, ...)
+            static = _dot_kernel(pipeline.variant_module(_bind_batch(func, batch), cls, "nearest", target))
+            key = f"{tvm_ffi.structural_hash(_workload(symbolic)) & (2**64 - 1):016x}"
+            task = tasks.setdefault(key, Task(key, symbolic, static))
+            task.users.append(f"{func.attrs['marvin.layer']}/{name}")
+    return list(tasks.values())
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Reports trials done and the best time so far after each measured batch."""
+
+    def __init__(self, report: Callable[[int, float | None], None]) -> None:
+        super().__init__()
+        self.report = report
+        self.done = 0
+        self.best: float | None = None
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        for result in runner_results:
+            self.done += 1
+            if result.error_msg is None and result.run_secs:
+                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                self.best = secs if self.best is None else min(self.best, secs)
+        self.report(self.done, self.best)
+
+
+def _measure(
+    task: Task,
+    target: tvm.target.Target,
+    work: Path,
+    trials: int,
+    tune: bool,
+    report: Callable[[int, float | None], None],
+) -> None:
+    isa = dot_isa(target)
+
+    def space(sch: Schedule) -> None:
+        schedule_dot(sch, isa, tune=tune)
+
+    progress = _Progress(report)
+    ms.tune_tir(
+        tvm.IRModule({"main": task.static}),
+        target,
+        work_dir=str(work),
+        max_trials_global=trials,
+        num_trials_per_iter=min(trials, 8),
+        space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[], mutator_probs={}),
+        strategy="replay-trace",
+        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, max_workers=1),
+        runner=ms.runner.LocalRunner(
+            timeout_sec=RUN_TIMEOUT_S,
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
+        ),
+        database=ms.database.JSONDatabase(work_dir=str(work)),
+        cost_model="random",
+        measure_callbacks=[
+            ms.measure_callback.AddToDatabase(),
+            ms.measure_callback.RemoveBuildArtifact(),
+            progress,
+        ],
+    )
+
+
+def _mean_secs(record: ms.database.TuningRecord) -> float | None:
+    secs = [float(s) for s in record.run_secs or []]
+    return sum(secs) / len(secs) if secs and all(s < 1e9 for s in secs) else None  # 1e10: failed run
+
+
+def _fastest(records: list[ms.database.TuningRecord]) -> ms.database.TuningRecord | None:
+    timed = [(t, r) for r in records if (t := _mean_secs(r)) is not None]
+    return min(timed, key=lambda p: p[0])[1] if timed else None
+
+
+def tune(
+    model_path: str | os.PathLike,
+    target: tvm.target.Target,
+    trials: int,
+    db_dir: str | os.PathLike | None = None,
+    batch: int = 128,
+    classes: Iterable[str] = TUNED_CLASSES,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Tune every packed kernel of a model; returns a summary per task. Resumable."""
+    if trials < 1:
+        raise TuningError(f"--trials must be at least 1, got {trials}")
+    if batch < 1:
+        raise TuningError(f"--batch must be at least 1, got {batch}")
+    db = TuningDatabase(db_dir if db_dir is not None else default_db_dir(target), target, create=True)
+    tasks = kernel_tasks(model_path, target, batch, classes)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    summary = {}
+    for i, task in enumerate(tasks, 1):
+        work = db.path / "work" / task.key
+        work.mkdir(parents=True, exist_ok=True)
+        measured = ms.database.JSONDatabase(work_dir=str(work))
+        done = len(measured)
+        label = f"[{i}/{len(tasks)}] {task.key} ({', '.join(task.users)})"
+
+        def report(n: int, best: float | None, base: int = done, label: str = label) -> None:
+            best_text = "-" if best is None else f"{best * 1e3:.3f} ms"
+            log(f"{label}: trials {min(base + n, trials)}/{trials}, best this session {best_text}")
+
+        if done == 0:
+            _measure(task, target, work, 1, tune=False, report=report)  # the default schedule
+            done = len(measured := ms.database.JSONDatabase(work_dir=str(work)))
+        if done < trials:
+            _measure(task, target, work, trials - done, tune=True, report=report)
+            measured = ms.database.JSONDatabase(work_dir=str(work))
+        best = _fastest(measured.get_all_tuning_records())
+        if best is None:
+            log(f"{label}: no candidate ran; kept the default schedule")
+            continue
+        db.commit(task.symbolic, best)
+        summary[task.key] = {"users": task.users, "trials": len(measured), "best_ms": 1e3 * _mean_secs(best)}
+        log(f"{label}: best {summary[task.key]['best_ms']:.3f} ms after {len(measured)} trials")
+    return {"db": str(db.path), "batch": batch, "tasks": summary}
