@@ -51,7 +51,22 @@ if TYPE_CHECKING:
     from marvin_compile.runtime.variant_store import VariantStore
 
 BEGIN, END = markers("kernels")
-PRECISION = {"int8": Precision(8, 4), "int16": Precision(16, 8), "float32": Precision(24, 12)}
+FLOAT32 = Precision(24, 12)
+
+
+def precisions(shape: Shape) -> list[tuple[str, str, Precision]]:
+    """(row label, kernel class, precision) per row: int8 at wl 8; int16 at the largest wl whose
+    products sum exactly in int32 for this reduction (the packed int32 kernel) and, when that is
+    below 16, at wl 16 too (the int64 kernel); float32 at wl 24."""
+    from marvin_compile.passes.lower_integer import int32_max_wl
+
+    fast = min(16, int32_max_wl(shape.reduction))
+    rows = [("int8", "int8", Precision(8, 4)), (f"int16 wl{fast}", "int16", Precision(fast, fast // 2))]
+    if fast < 16:
+        rows.append(("int16 wl16", "int16", Precision(16, 8)))
+    return [*rows, ("float32", "float32", FLOAT32)]
+
+
 BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
 CASE_BUDGET_S = 1.5  # timed seconds aimed at per (shape, implementation) after warm-up
 MIN_SAMPLE_S = 0.01  # a timed sample of a fast call loops it until about this long
@@ -77,6 +92,11 @@ class Shape:
         if self.kind == "conv":
             return (batch, self.cin, self.hw, self.hw)
         return (self.rows(batch), self.cin)
+
+    @property
+    def reduction(self) -> int:
+        """K of the product: input channels x kernel window (conv) or the GEMM depth."""
+        return self.cin * self.k * self.k if self.kind == "conv" else self.cin
 
     def macs(self, batch: int) -> int:
         """Multiply-accumulates of the conv / GEMM (bias excluded)."""
@@ -227,8 +247,8 @@ def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
     x, w, b = (tvm.runtime.tensor(a, dev) for a in (case.x, case.w, case.b))
     torch_gops = 2 * case.macs / case.torch.median_s / 1e9
     rows = []
-    for name, precision in PRECISION.items():
-        variant = store.get(case.layer, CLASS_BY_NAME[name], "nearest")
+    for name, class_name, precision in precisions(case.shape):
+        variant = store.get(case.layer, CLASS_BY_NAME[class_name], "nearest")
         qp, fl = precision_args(precision, dev)
         y = variant.fn(x, w, b, qp, fl).numpy()
         if y.shape != case.ref.shape or not np.all(np.isfinite(y)):
@@ -240,7 +260,7 @@ def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
         gops = 2 * case.macs / ours.median_s / 1e9
         rows.append(Row(case.shape.name, name, gops, torch_gops, ours, case.torch, rel_err))
         print(
-            f"  {case.shape.name:32s} {name:8s} {ours.median_s * 1e3:9.2f} ms ({ours.count}, "
+            f"  {case.shape.name:32s} {name:10s} {ours.median_s * 1e3:9.2f} ms ({ours.count}, "
             f"{ours.threads:.1f} thr)  {gops / torch_gops:.3f}x torch  rel.err vs torch {rel_err:.1e}",
             file=sys.stderr,
             flush=True,
@@ -351,7 +371,9 @@ def section(rows: list[Row], info: RunInfo) -> str:
             f"- torch {torch.__version__}, threads: {torch.get_num_threads()}; TVM {tvm.__version__}, "
             f"threads: {tvm_threads()}; target `{info.target}`",
             f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
-            "rounding; int8 = Precision(8,4), int16 = Precision(16,8), float32 = Precision(24,12).",
+            "rounding; int8 = Precision(8,4); int16 wlN = Precision(N,N/2) at the largest N whose "
+            "products sum exactly in int32 for the shape's reduction (the packed int32 kernel; above it "
+            "the int16 class runs its int64 kernel, shown as wl16); float32 = Precision(24,12).",
             "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; up to --repeat timed "
             f"samples (fewer, >= 3, for slow cases: ~{CASE_BUDGET_S} s per case); a fast call is looped "
             f"so one sample lasts ~{MIN_SAMPLE_S * 1e3:.0f} ms. Ours = one call of the compiled variant "

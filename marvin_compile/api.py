@@ -24,6 +24,7 @@ from marvin_compile.runtime.compiled_model import layers_of
 from marvin_compile.runtime.torch_bridge import BACKWARDS, BRIDGED, CompiledLayer, bridge
 from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.target import resolve_target
+from marvin_compile.tuning import open_database
 
 DLPACK_CUDA = 2  # kDLCUDA
 
@@ -39,6 +40,7 @@ class MarvinConfig:
     precompile: tuple[str, ...] = tuple(k.name for k in KERNEL_CLASSES)
     cache_dir: str | os.PathLike | None = None
     seed: int = 0
+    tuning_db: str | os.PathLike | None = None  # default: the target's database, if tuned
 
     def __post_init__(self) -> None:
         check_rounding(self.rounding)
@@ -86,7 +88,8 @@ def quantize_(
 ) -> MarvinHandle:
     """Compile every Conv/Linear layer of ``model`` and route its forward through the variants."""
     config = config or MarvinConfig()
-    store = VariantStore(resolve_target(config.target), config.cache_dir)
+    target = resolve_target(config.target)
+    store = VariantStore(target, config.cache_dir, open_database(config.tuning_db, target))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export_onnx(model, example_input[:2], path, fold_batchnorm=False)

@@ -1,4 +1,4 @@
-"""``marvin-compile``: compile, run (and, as the toolkit grows, train, tune, deploy) from the shell.
+"""``marvin-compile``: compile, run, train, tune and deploy from the shell.
 
 Every user error ends in one line ``marvin-compile: error: ...`` and exit code 2, no traceback.
 """
@@ -42,7 +42,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from marvin_compile.compiler import compile_model
 
     manifest = compile_model(
-        args.model, args.out, args.target, args.word_lengths, tuple(args.rounding), args.cache_dir
+        args.model, args.out, args.target, args.word_lengths, tuple(args.rounding), args.cache_dir, args.db
     )
     print(
         f"compiled {len(manifest['layers'])} layers for classes {', '.join(manifest['kernel_classes'])} "
@@ -103,6 +103,7 @@ _TRAIN_FIELDS = (
     "lr",
     "data_root",
     "cache_dir",
+    "tuning_db",
 )
 
 
@@ -114,12 +115,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = args.resume or args.out
         if run_dir is None or (args.out is not None and args.resume and args.out != args.resume):
             raise ValueError("--resume needs the run folder: --resume RUN, or --out RUN --resume")
-        extra = [f"--{name.replace('_', '-')}" for name in given if name != "cache_dir"]
+        extra = [f"--{name.replace('_', '-')}" for name in given if name not in ("cache_dir", "tuning_db")]
         if extra:
             raise ValueError(f"--resume continues RUN with its saved config; drop {', '.join(extra)}")
         config = load_config(run_dir)
         config.baseline = config.baseline or args.baseline
         config.cache_dir = given.get("cache_dir", config.cache_dir)
+        config.tuning_db = given.get("tuning_db", config.tuning_db)
         metrics = train(config, resume=True)
     else:
         if args.out is None or "model" not in given or "dataset" not in given:
@@ -133,13 +135,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from marvin_compile.runtime.deploy import deploy_run
 
-    manifest = deploy_run(args.run, args.out, args.target)
+    manifest = deploy_run(args.run, args.out, args.target, args.db)
     size = manifest["size"]
     print(
         f"deployed {len(manifest['layers'])} layers to {args.out}: model.so, model.qdq.onnx "
         f"({size['qdq_onnx_bytes']} bytes, {size['qdq_vs_float32']:.2f}x the float32 ONNX)"
     )
     return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from marvin_compile.target import resolve_target
+    from marvin_compile.tuning import tune
+
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    result = tune(args.model, resolve_target(args.target), args.trials, args.db, args.batch, classes)
+    print(f"tuned {len(result['tasks'])} kernels at batch {result['batch']} -> {result['db']}")
+    return 0
+
+
+DB_HELP = "tuning database from `marvin-compile tune` (default: the target's own database, if tuned)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rounding modes to precompile (repeatable; default nearest)",
     )
     c.add_argument("--cache-dir", default=None, help="variant cache (default ~/.cache/marvin-compile)")
+    c.add_argument("--db", default=None, help=DB_HELP)
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled model at a uniform or per-layer precision")
@@ -181,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("run", help="RUN folder written by `marvin-compile train --out RUN`")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--target", default="cpu", help="cpu, cuda, or a TVM JSON-dict target")
+    d.add_argument("--db", default=None, help=DB_HELP)
     d.set_defaults(func=_cmd_deploy)
 
     t = sub.add_parser("train", help="MARViN training: precision decided per layer during training")
@@ -196,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="learning rate (default 0.05, cosine-annealed)")
     t.add_argument("--data-root", help="root for torchvision datasets whose spec names none")
     t.add_argument("--cache-dir", default=None, help="variant cache (default ~/.cache/marvin-compile)")
+    t.add_argument("--db", dest="tuning_db", default=None, help=DB_HELP)
     t.add_argument(
         "--resume",
         nargs="?",
@@ -205,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN (or --out) from its checkpoint with its saved config",
     )
     t.set_defaults(func=_cmd_train)
+
+    u = sub.add_parser("tune", help="autotune the packed integer kernels of a model for a device")
+    u.add_argument("model", help="MODEL.onnx")
+    u.add_argument("--target", default="cpu", help="cpu or an x86 llvm TVM JSON-dict target")
+    u.add_argument("--trials", type=int, default=16, help="measured schedules per kernel (default 16)")
+    u.add_argument("--db", default=None, help="tuning database directory (default: the target's own)")
+    u.add_argument("--batch", type=int, default=128, help="batch size the kernels are timed at (default 128)")
+    u.add_argument(
+        "--classes",
+        default="int8,int16",
+        help="comma-separated integer kernel classes to tune (default int8,int16)",
+    )
+    u.set_defaults(func=_cmd_tune)
     return p
 
 

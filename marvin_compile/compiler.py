@@ -18,6 +18,7 @@ from marvin_compile.runtime.compiled_model import CompiledModel
 from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.safety import MANIFEST, read_manifest
 from marvin_compile.target import resolve_target
+from marvin_compile.tuning import open_database
 
 DEFAULT_WORD_LENGTHS = (4, 8, 12, 16)
 
@@ -29,15 +30,19 @@ def compile_model(
     word_lengths: tuple[int, ...] = DEFAULT_WORD_LENGTHS,
     roundings: tuple[str, ...] = ("nearest",),
     cache_dir: str | os.PathLike | None = None,
+    db: str | os.PathLike | None = None,
 ) -> dict:
-    """Compile every layer for the kernel classes of ``word_lengths``; write OUT/manifest.json."""
+    """Compile every layer for the kernel classes of ``word_lengths``; write OUT/manifest.json.
+
+    ``db``: a tuning database (``marvin-compile tune``); default: the target's own, if tuned."""
     for wl in word_lengths:
         check_precision(wl, 0)
     for r in roundings:
         check_rounding(r)
     tgt = resolve_target(target)
     imported = import_onnx(load_onnx(model_path))
-    store = VariantStore(tgt, cache_dir)
+    tuning = open_database(db, tgt)
+    store = VariantStore(tgt, cache_dir, tuning)
     model = CompiledModel(imported, store)
     classes = sorted({class_for_wl(wl).name for wl in word_lengths}, key=list(CLASS_BY_NAME).index)
     out = Path(out_dir)
@@ -72,6 +77,7 @@ def compile_model(
         "input": {"name": imported.input_name, "shape": _shape(imported.mod["main"].params[0].ty.shape)},
         "word_lengths": list(word_lengths),
         "kernel_classes": classes,
+        "tuning": None if tuning is None else {"db": str(tuning.path), "digest": tuning.digest},
         "layers": layers,
     }
     atomic_write_json(out / MANIFEST, manifest)
@@ -82,7 +88,9 @@ def load_compiled(model_dir: str | os.PathLike) -> CompiledModel:
     """Load a directory written by ``compile_model``; variants it lacks are compiled into it."""
     d, manifest = read_manifest(model_dir, "compiled", "compile")
     tgt = resolve_target(manifest["target"])
-    return CompiledModel(import_onnx(load_onnx(d / manifest["model"])), VariantStore(tgt, d / "variants"))
+    digest = (manifest.get("tuning") or {}).get("digest")
+    store = VariantStore(tgt, d / "variants", tuning_digest=digest)
+    return CompiledModel(import_onnx(load_onnx(d / manifest["model"])), store)
 
 
 def parse_precision_file(path: str | os.PathLike, layer_names: list[str]) -> dict[str, Precision]:

@@ -14,12 +14,15 @@ The kernels keep ``C`` in a small per-tile buffer that LLVM promotes to register
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import tvm
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
+
+from marvin_compile.tvmscript import fast_parsing
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,10 @@ class DotISA:
         return "int8" if self.depth(container) == 4 else "int16"
 
     def intrinsic(self, container: str) -> str:
-        return f"marvin_dot_{self.name}_{self.depth(container)}"
+        """The registered tensor intrinsic's name (registered on first use)."""
+        name = f"marvin_dot_{self.name}_{self.depth(container)}"
+        _register(name)
+        return name
 
 
 ISAS = {
@@ -135,20 +141,20 @@ def _impl(lanes: int, depth: int, a_dtype: str, b_dtype: str, llvm_name: str, fu
     return impl if fused else impl_add
 
 
-def _register() -> None:
-    table = [
-        ("avx512_vnni", 16, 4, "uint8", "int8", "llvm.x86.avx512.vpdpbusd.512", True),
-        ("avx512_vnni", 16, 2, "int16", "int16", "llvm.x86.avx512.vpdpwssd.512", True),
-        ("avx512", 16, 2, "int16", "int16", "llvm.x86.avx512.pmaddw.d.512", False),
-        ("avx2", 8, 2, "int16", "int16", "llvm.x86.avx2.pmadd.wd", False),
-    ]
-    for name, lanes, depth, a_dtype, b_dtype, llvm_name, fused in table:
-        TensorIntrin.register(
-            f"marvin_dot_{name}_{depth}",
+_TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C itself)
+    "marvin_dot_avx512_vnni_4": (16, 4, "uint8", "int8", "llvm.x86.avx512.vpdpbusd.512", True),
+    "marvin_dot_avx512_vnni_2": (16, 2, "int16", "int16", "llvm.x86.avx512.vpdpwssd.512", True),
+    "marvin_dot_avx512_2": (16, 2, "int16", "int16", "llvm.x86.avx512.pmaddw.d.512", False),
+    "marvin_dot_avx2_2": (8, 2, "int16", "int16", "llvm.x86.avx2.pmadd.wd", False),
+}
+
+
+@functools.cache
+def _register(name: str) -> None:
+    lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[name]
+    with fast_parsing():
+        desc, impl = (
             _desc(lanes, depth, a_dtype, b_dtype),
             _impl(lanes, depth, a_dtype, b_dtype, llvm_name, fused),
-            override=True,
         )
-
-
-_register()
+    TensorIntrin.register(name, desc, impl, override=True)

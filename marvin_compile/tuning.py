@@ -37,6 +37,7 @@ from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.passes import pipeline
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot
 from marvin_compile.target import target_key
+from marvin_compile.tvmscript import install_fast_parsing, load_tensor_intrinsics
 
 BUILD_TIMEOUT_S = 200.0  # meta_schedule's 30 s default fails every candidate on 2 busy cores
 RUN_TIMEOUT_S = 60.0
@@ -56,8 +57,11 @@ def default_db_dir(target: tvm.target.Target) -> Path:
 
 
 def _workload(func: tirx.PrimFunc) -> tvm.IRModule:
-    """The database key of a kernel: the PrimFunc without its (build-dependent) symbol name."""
-    return tvm.IRModule({"main": func.without_attr("global_symbol")})
+    """The database key of a kernel: the PrimFunc without attributes (the build adds some, such as
+    its symbol name and fusion pattern, that do not change the computation)."""
+    for key in list(func.attrs.keys()) if func.attrs is not None else []:
+        func = func.without_attr(key)
+    return tvm.IRModule({"main": func})
 
 
 class TuningDatabase:
@@ -96,6 +100,9 @@ class TuningDatabase:
         trace = self.trace_for(func)
         if trace is None:
             return None
+        isa = dot_isa(self.target)
+        for container in ("int8", "int16"):
+            isa.intrinsic(container)  # the trace's tensorize step looks the intrinsic up by name
         sch = Schedule(func)
         trace.apply_to_schedule(sch, remove_postproc=True)
         return sch.mod["main"].with_attr("tirx.is_scheduled", True)
@@ -212,9 +219,12 @@ def _measure(
         num_trials_per_iter=min(trials, 8),
         space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[], mutator_probs={}),
         strategy="replay-trace",
-        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, max_workers=1),
+        builder=ms.builder.LocalBuilder(
+            timeout_sec=BUILD_TIMEOUT_S, max_workers=1, initializer=install_fast_parsing
+        ),
         runner=ms.runner.LocalRunner(
             timeout_sec=RUN_TIMEOUT_S,
+            initializer=install_fast_parsing,
             evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
         ),
         database=ms.database.JSONDatabase(work_dir=str(work)),
@@ -237,6 +247,18 @@ def _fastest(records: list[ms.database.TuningRecord]) -> ms.database.TuningRecor
     return min(timed, key=lambda p: p[0])[1] if timed else None
 
 
+def _reporter(
+    log: Callable[[str], None], label: str, base: int, trials: int
+) -> Callable[[int, float | None], None]:
+    """Progress lines: trials done of the task's budget, and the best time measured this session."""
+
+    def report(n: int, fastest_s: float | None) -> None:
+        best = "-" if fastest_s is None else f"{fastest_s * 1e3:.3f} ms"
+        log(f"{label}: trials {min(base + n, trials)}/{trials}, best this session {best}")
+
+    return report
+
+
 def tune(
     model_path: str | os.PathLike,
     target: tvm.target.Target,
@@ -253,6 +275,7 @@ def tune(
         raise TuningError(f"--batch must be at least 1, got {batch}")
     db = TuningDatabase(db_dir if db_dir is not None else default_db_dir(target), target, create=True)
     tasks = kernel_tasks(model_path, target, batch, classes)
+    load_tensor_intrinsics()
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     summary = {}
     for i, task in enumerate(tasks, 1):
@@ -262,15 +285,11 @@ def tune(
         done = len(measured)
         label = f"[{i}/{len(tasks)}] {task.key} ({', '.join(task.users)})"
 
-        def report(n: int, best: float | None, base: int = done, label: str = label) -> None:
-            best_text = "-" if best is None else f"{best * 1e3:.3f} ms"
-            log(f"{label}: trials {min(base + n, trials)}/{trials}, best this session {best_text}")
-
-        if done == 0:
-            _measure(task, target, work, 1, tune=False, report=report)  # the default schedule
+        if done == 0:  # the default schedule first: the database's best is never slower
+            _measure(task, target, work, 1, tune=False, report=_reporter(log, label, 0, trials))
             done = len(measured := ms.database.JSONDatabase(work_dir=str(work)))
         if done < trials:
-            _measure(task, target, work, trials - done, tune=True, report=report)
+            _measure(task, target, work, trials - done, tune=True, report=_reporter(log, label, done, trials))
             measured = ms.database.JSONDatabase(work_dir=str(work))
         best = _fastest(measured.get_all_tuning_records())
         if best is None:

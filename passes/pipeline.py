@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -31,6 +32,9 @@ from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, inpu
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.schedule_cpu import ScheduleCPU
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
+
+if TYPE_CHECKING:
+    from marvin_compile.tuning import TuningDatabase
 
 CODEGEN_REVISION = 2  # part of every cache key: bump when the same inputs compile to other code
 
@@ -107,15 +111,18 @@ def glue_module(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.DeadCodeElimination(["main"])(out)
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
-    """Phase build: TVM's Relax lowering (legalize, fuse), our CPU schedule on LLVM targets
-    (TVM's GPU pipeline brings its own dlight schedules), then codegen."""
+def build(
+    mod: tvm.IRModule, target: tvm.target.Target, tuning: TuningDatabase | None = None
+) -> relax.VMExecutable:
+    """Phase build: TVM's Relax lowering (legalize, fuse), our CPU schedules on LLVM targets (tuned
+    traces from ``tuning`` where it has them; TVM's GPU pipeline brings its own dlight schedules),
+    then codegen."""
     if target.kind.name != "llvm":
         return tvm.compile(mod, target=target)
     seq = tvm.transform.Sequential(
         cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
-        + [ScheduleCPU()]
+        + [ScheduleCPU(tuning)]
         + cpu_generic.dataflow_lower_passes(target)
         + cpu_generic.finalize_passes(target),
         name="cpu_build",

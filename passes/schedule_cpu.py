@@ -10,11 +10,16 @@ schedule (``schedule_dot``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func
+
+if TYPE_CHECKING:
+    from marvin_compile.tuning import TuningDatabase
 
 VECTOR_LANES = (16, 8, 4, 2)
 SPATIAL, REDUCE = 0, 2  # IterVar kinds
@@ -69,9 +74,10 @@ def _schedule_injective(sch: Schedule, block) -> None:
     sch.vectorize(inner)
 
 
-def schedule_prim_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None) -> tirx.PrimFunc:
     if has_dot_block(func):
-        return schedule_dot_func(func, tvm.target.Target.current())
+        tuned = None if tuning is None else tuning.schedule(func)
+        return tuned if tuned is not None else schedule_dot_func(func, tvm.target.Target.current())
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]
@@ -86,11 +92,15 @@ def schedule_prim_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
 class ScheduleCPU:
-    """Apply the generic parallel/vectorize schedule to every unscheduled PrimFunc."""
+    """Schedule every unscheduled PrimFunc: packed kernels by their tuned trace when ``tuning``
+    has one (else their default), everything else by the generic parallel/vectorize rule."""
+
+    def __init__(self, tuning: TuningDatabase | None = None) -> None:
+        self.tuning = tuning
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         out = tvm.IRModule(dict(mod.functions.items()))
         for gv, func in mod.functions.items():
             if isinstance(func, tirx.PrimFunc) and not (func.attrs and "tirx.is_scheduled" in func.attrs):
-                out[gv] = schedule_prim_func(func)
+                out[gv] = schedule_prim_func(func, self.tuning)
         return out

@@ -41,6 +41,7 @@ from marvin_compile.report import atomic_write_json
 from marvin_compile.runtime.controller import push_down
 from marvin_compile.safety import MANIFEST, check_not_shared, read_manifest
 from marvin_compile.target import resolve_target
+from marvin_compile.tuning import TuningDatabase, open_database
 
 LIBRARY, QDQ, FLOAT_ONNX = "model.so", "model.qdq.onnx", "model.float.onnx"
 QDQ_OPSET = 21  # int16 QuantizeLinear needs opset 21
@@ -77,13 +78,16 @@ def refit_precision(weight: torch.Tensor, trained: Precision) -> Precision:
 
 
 def compile_library(
-    onnx_path: Path, precision: Mapping[str, Precision], target: tvm.target.Target
+    onnx_path: Path,
+    precision: Mapping[str, Precision],
+    target: tvm.target.Target,
+    tuning: TuningDatabase | None = None,
 ) -> relax.VMExecutable:
     """The deploy pipeline: partition, quantize (nearest), lower per layer class, freeze, build."""
     imported = import_onnx(load_onnx(onnx_path))
     mod = pipeline.partition(imported.mod)
     mod = pipeline.freeze(mod, precision, imported.params, target)
-    return pipeline.build(mod, target)
+    return pipeline.build(mod, target, tuning)
 
 
 def _quant_dtype(wl: int) -> int:
@@ -197,11 +201,14 @@ def deploy(
     precision: Mapping[str, Precision],
     out_dir: str | os.PathLike,
     target: str | dict = "cpu",
+    db: str | os.PathLike | None = None,
 ) -> dict:
-    """Fold, refit, compile and export ``model`` at its per-layer ``precision`` into ``out_dir``."""
+    """Fold, refit, compile and export ``model`` at its per-layer ``precision`` into ``out_dir``
+    (tuned schedules from ``db``, default: the target's tuning database, if any)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tgt = resolve_target(target)
+    tuning = open_database(db, tgt)
     folded, changed = fold_batchnorm(model)
     modules = dict(folded.named_modules())
     final: dict[str, Precision] = {}
@@ -217,7 +224,7 @@ def deploy(
     missing = sorted(layer_names & set(modules) - set(final))
     if missing:
         raise ModelError(f"no precision for layers {missing}; give one for every Conv/Linear layer")
-    executable = compile_library(out / FLOAT_ONNX, final, tgt)
+    executable = compile_library(out / FLOAT_ONNX, final, tgt, tuning)
     _atomic_save(executable.export_library, out / LIBRARY)
     qdq = qdq_model(float_model, final)
     _atomic_save(lambda tmp: onnx.save(qdq, tmp), out / QDQ)
@@ -247,6 +254,7 @@ def deploy(
         "tvm": tvm.__version__,
         "onnxruntime_opset": QDQ_OPSET,
         "target": json.loads(str(tgt)),
+        "tuning": None if tuning is None else {"db": str(tuning.path), "digest": tuning.digest},
         "input_shape": ["N", *example.shape[1:]],
         "layers": layers,
         "size": {
@@ -300,7 +308,12 @@ def load(model_dir: str | os.PathLike) -> DeployedModel:
     return DeployedModel(d / LIBRARY, manifest)
 
 
-def deploy_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, target: str | dict = "cpu") -> dict:
+def deploy_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    target: str | dict = "cpu",
+    db: str | os.PathLike | None = None,
+) -> dict:
     """Deploy the final state of a training run (``marvin-compile train --out RUN``)."""
     from marvin_compile.data import load_dataset
     from marvin_compile.models import build_model
@@ -319,4 +332,4 @@ def deploy_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, target: s
     model = build_model(config.model, num_classes, in_channels)
     model.load_state_dict(ckpt["model"])
     precision = {name: Precision(*pair) for name, pair in ckpt["precision"].items()}
-    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target)
+    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target, db)

@@ -133,6 +133,7 @@ class TrainConfig:
     image_size: int | None = None
     in_channels: int | None = None
     cache_dir: str | None = None
+    tuning_db: str | None = None
     progress: bool = True
     stop_after_steps: int | None = None
 
@@ -178,7 +179,9 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resume: they do not change what is computed.
-RESUMABLE_CHANGES = frozenset({"baseline", "checkpoint_every", "progress", "cache_dir", "stop_after_steps"})
+RESUMABLE_CHANGES = frozenset(
+    {"baseline", "checkpoint_every", "progress", "cache_dir", "stop_after_steps", "tuning_db"}
+)
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -338,6 +341,7 @@ class _MarvinRun:
                 precompile=tuple(k.name for k in KERNEL_CLASSES),
                 cache_dir=config.cache_dir,
                 seed=config.seed,
+                tuning_db=config.tuning_db,
             ),
         )
         layers = quantizable_layers(self.model)

@@ -1,9 +1,10 @@
 """Compiled layer variants: built on first use, kept in memory and in an on-disk cache.
 
-Key = (layer signature, kernel class, rounding, target, toolkit and TVM versions, codegen revision). The layer
-signature hashes the printed float layer function, whose parameters have canonical names, so
-layers with the same shapes and attributes share one variant. Cache files are written to a temp
-file and renamed, so a crash or a concurrent process never leaves a half-written library.
+Key = (layer signature, kernel class, rounding, target, toolkit and TVM versions, codegen revision,
+tuning-database digest). The layer signature hashes the printed float layer function, whose
+parameters have canonical names, so layers with the same shapes and attributes share one variant.
+Cache files are written to a temp file and renamed, so a crash or a concurrent process never leaves
+a half-written library.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax
@@ -23,6 +25,9 @@ from marvin_compile import __version__
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes import pipeline
 from marvin_compile.safety import check_not_shared
+
+if TYPE_CHECKING:
+    from marvin_compile.tuning import TuningDatabase
 
 ENV_CACHE = "MARVIN_COMPILE_CACHE"
 
@@ -41,7 +46,9 @@ def signature(func: relax.Function) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def variant_key(sig: str, kernel_class: str, rounding: str, target: tvm.target.Target) -> str:
+def variant_key(
+    sig: str, kernel_class: str, rounding: str, target: tvm.target.Target, tuning: str = "untuned"
+) -> str:
     text = "|".join(
         [
             sig,
@@ -51,6 +58,7 @@ def variant_key(sig: str, kernel_class: str, rounding: str, target: tvm.target.T
             __version__,
             tvm.__version__,
             str(pipeline.CODEGEN_REVISION),
+            tuning,
         ]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -73,20 +81,34 @@ class VariantStore:
 
     compilations = 0  # process-wide count of real compilations (tests assert on it)
 
-    def __init__(self, target: tvm.target.Target, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        target: tvm.target.Target,
+        cache_dir: str | os.PathLike | None = None,
+        tuning: TuningDatabase | None = None,
+        tuning_digest: str | None = None,
+    ) -> None:
+        """``tuning``: schedules for the packed kernels; ``tuning_digest`` alone names the database
+        that prebuilt variants (a compiled model directory) were built with."""
         self.target = target
+        self.tuning = tuning
+        self.tuning_digest = tuning.digest if tuning is not None else tuning_digest
+        self._tuning_key = "untuned" if self.tuning_digest is None else "tuned-" + self.tuning_digest
         self.device = tvm.device("cpu" if target.kind.name == "llvm" else target.kind.name, 0)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._memory: dict[str, Variant] = {}
         self._lock = threading.Lock()
         self._paths: set[Path] = set()
 
+    def _key(self, sig: str, kernel_class: str, rounding: str) -> str:
+        return variant_key(sig, kernel_class, rounding, self.target, self._tuning_key)
+
     def path_for(self, key: str) -> Path:
         return self.cache_dir / f"{key}.so"
 
     def get(self, func: relax.Function, kernel_class: KernelClass, rounding: str) -> Variant:
         """The variant of ``func`` for a class and rounding: from memory, disk, or a fresh build."""
-        key = variant_key(signature(func), kernel_class.name, rounding, self.target)
+        key = self._key(signature(func), kernel_class.name, rounding)
         return self._cached(
             key,
             kernel_class.name,
@@ -96,12 +118,12 @@ class VariantStore:
 
     def get_float(self, func: relax.Function) -> Variant:
         """The unquantized float32 layer (the reference path checked against ONNX Runtime)."""
-        key = variant_key(signature(func), "unquantized", "none", self.target)
+        key = self._key(signature(func), "unquantized", "none")
         return self._cached(key, "unquantized", "none", lambda: pipeline.layer_module(func))
 
     def get_gradients(self, func: relax.Function, kernel_class: KernelClass) -> Variant:
         """The low-bit backward products of a layer; ``fn`` is the VM, with entries ``dx`` and ``dw``."""
-        key = variant_key(signature(func), kernel_class.name, "gradients", self.target)
+        key = self._key(signature(func), kernel_class.name, "gradients")
         return self._cached(
             key,
             kernel_class.name,
@@ -112,7 +134,7 @@ class VariantStore:
 
     def get_input_quantizer(self, func: relax.Function, rounding: str) -> Variant:
         """``fn(x, qp, fl[, seed])`` returning Q(x) bit for bit as the layer's variants compute it."""
-        key = variant_key(signature(func), "input-quantizer", rounding, self.target)
+        key = self._key(signature(func), "input-quantizer", rounding)
         return self._cached(
             key,
             "input-quantizer",
@@ -159,7 +181,7 @@ class VariantStore:
         return list(self._paths)
 
     def _compile(self, mod: tvm.IRModule, path: Path) -> None:
-        executable = pipeline.build(mod, self.target)
+        executable = pipeline.build(mod, self.target, self.tuning)
         type(self).compilations += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
