@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -198,6 +198,7 @@ class Case:
     layer: relax.Function
     torch: Timing | None = None
     ref: np.ndarray | None = None
+    torch_grad: dict[str, Timing] = field(default_factory=dict)  # "dx", "dw"
 
 
 def prepare(shape: Shape, batch: int, workdir: str) -> Case:
@@ -230,12 +231,62 @@ def time_torch(case: Case, repeat: int) -> None:
             call = functools.partial(F.linear, x, w, b)
         case.ref = call().numpy()
         case.torch = median_time(call, repeat)
+        for product, grad_call in torch_gradients(case, x, w).items():
+            case.torch_grad[product] = median_time(grad_call, repeat)
     print(
         f"  {case.shape.name:32s} torch    {case.torch.median_s * 1e3:9.2f} ms "
         f"({case.torch.count}, {case.torch.threads:.1f} thr)",
         file=sys.stderr,
         flush=True,
     )
+
+
+GRADIENT_CLASSES = {"int8": Precision(8, 4), "int16": Precision(16, 8)}  # the lowbit backward's
+
+
+def torch_gradients(case: Case, x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable]:
+    """The two backward products in torch float32: input gradient dx and weight gradient dw."""
+    g = torch.from_numpy(np.random.default_rng(1).standard_normal(case.ref.shape, dtype=np.float32))
+    if case.shape.kind == "conv":
+        pad = case.shape.pad
+        return {
+            "dx": functools.partial(torch.nn.grad.conv2d_input, x.shape, w, g, padding=pad),
+            "dw": functools.partial(torch.nn.grad.conv2d_weight, x, w.shape, g, padding=pad),
+        }
+    return {"dx": functools.partial(torch.matmul, g, w), "dw": functools.partial(torch.matmul, g.t(), x)}
+
+
+def time_gradients(case: Case, repeat: int, store: VariantStore) -> list[Row]:
+    """The lowbit backward's integer dx / dw kernels of each integer class (stochastic rounding)."""
+    from marvin_compile.runtime.compiled_model import precision_args
+
+    dev = store.device
+    x, w = tvm.runtime.tensor(case.x, dev), tvm.runtime.tensor(case.w, dev)
+    g_np = np.random.default_rng(1).standard_normal(case.ref.shape, dtype=np.float32)
+    g, seed = tvm.runtime.tensor(g_np, dev), tvm.runtime.tensor(np.array(7, np.uint32), dev)
+    rows = []
+    for name, precision in GRADIENT_CLASSES.items():
+        vm = store.get_gradients(case.layer, CLASS_BY_NAME[name]).fn
+        qp, _ = precision_args(precision, dev)
+        calls = {
+            "dx": functools.partial(vm["dx"], g, w, qp, qp, seed),
+            "dw": functools.partial(vm["dw"], x, g, qp, qp, seed),
+        }
+        for product, call in calls.items():
+            call()
+            ours = median_time(call, repeat)
+            torch_t = case.torch_grad[product]
+            gops, torch_gops = 2 * case.macs / ours.median_s / 1e9, 2 * case.macs / torch_t.median_s / 1e9
+            rows.append(
+                Row(case.shape.name, f"{name} {product}", gops, torch_gops, ours, torch_t, float("nan"))
+            )
+            print(
+                f"  {case.shape.name:32s} {name} {product} {ours.median_s * 1e3:9.2f} ms  "
+                f"{gops / torch_gops:.3f}x torch",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
 
 
 def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
@@ -356,7 +407,7 @@ def load_warnings(info: RunInfo) -> list[str]:
     return out
 
 
-def section(rows: list[Row], info: RunInfo) -> str:
+def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
     """The BENCHMARKS.md section (markers included)."""
     gemm_m = ", ".join(f"{s.name}: M={s.m}" for s in SHAPES if s.m is not None)
     return "\n".join(
@@ -388,6 +439,13 @@ def section(rows: list[Row], info: RunInfo) -> str:
             *[f"- **Warning: {w}.**" for w in load_warnings(info)],
             "",
             markdown_table(rows),
+            "",
+            "Backward products of the lowbit training step: our integer dx / dw kernels (the incoming "
+            "gradient quantized stochastically; dw accumulates over the batch in int64) against "
+            "`torch.nn.grad.conv2d_input` / `conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, "
+            "same MAC count as the forward.",
+            "",
+            markdown_table(grad_rows),
             END,
         ]
     )
@@ -453,19 +511,22 @@ def main(argv: list[str] | None = None) -> int:
         torch_load, meter = meter.other_share(), LoadMeter()
         store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
         rows = [row for case in cases for row in time_ours(case, repeat, store)]
+        grad_rows = [row for case in cases for row in time_gradients(case, repeat, store)]
         ours_load = meter.other_share()
     elapsed = time.perf_counter() - start - waited
     info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), torch_load, ours_load)
 
     print(f"torch threads: {torch.get_num_threads()}; TVM threads: {tvm_threads()}; batch: {args.batch}\n")
     print(markdown_table(rows))
+    print("\nBackward products (lowbit training):\n")
+    print(markdown_table(grad_rows))
     wait_note = f" (plus {waited:.0f} s waiting for an idle machine)" if args.wait_idle > 0 else ""
     print(f"\ntotal run time: {elapsed:.1f} s{wait_note}", flush=True)
     print(f"other processes' CPU share: torch phase {_pct(torch_load)}, ours phase {_pct(ours_load)}")
     for warning in load_warnings(info):
         print(f"WARNING: {warning}", file=sys.stderr)
     if args.write_md:
-        write_section(args.md, "kernels", section(rows, info))
+        write_section(args.md, "kernels", section(rows, grad_rows, info))
         print(f"wrote {args.md}")
     return 0
 

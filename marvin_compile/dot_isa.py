@@ -1,4 +1,4 @@
-"""x86 integer dot-product instructions as TVM tensor intrinsics, and which one a target has.
+"""x86 dot-product instructions as TVM tensor intrinsics, and which family a target has.
 
 Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of output channels
 (``lanes``) and a short reduction (``depth``): the shape of one instruction.
@@ -6,9 +6,10 @@ Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of outpu
 - ``avx512_vnni``: int8 ``vpdpbusd`` (u8 x s8, depth 4: the activation carries a +128 offset that
   the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
 - ``avx512``: int16 ``vpmaddwd`` + add, 16 lanes (int8 runs widened to int16);
-- ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16).
+- ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16);
+- every family: float32 ``vfmadd`` (depth 1) for the float32 class.
 
-All arithmetic wraps modulo 2**32, so the result is exact whenever the true sum fits in int32.
+Integer arithmetic wraps modulo 2**32, so the result is exact whenever the true sum fits in int32.
 The kernels keep ``C`` in a small per-tile buffer that LLVM promotes to registers.
 """
 
@@ -34,14 +35,20 @@ class DotISA:
 
     def depth(self, container: str) -> int:
         """Reduction elements per lane per instruction for a class's container."""
+        if container == "float32":
+            return 1
         return 4 if self.name == "avx512_vnni" and container == "int8" else 2
 
     def operand_dtype(self, container: str) -> str:
-        """The dtype the packed activation holds (uint8 with offset for vpdpbusd, else int16)."""
-        return "uint8" if self.depth(container) == 4 else "int16"
+        """The dtype the packed activation holds (uint8 with offset for vpdpbusd)."""
+        return {1: "float32", 2: "int16", 4: "uint8"}[self.depth(container)]
 
     def weight_dtype(self, container: str) -> str:
-        return "int8" if self.depth(container) == 4 else "int16"
+        return {1: "float32", 2: "int16", 4: "int8"}[self.depth(container)]
+
+    def product_dtype(self, container: str) -> str:
+        """The dtype the instruction accumulates in."""
+        return "float32" if container == "float32" else "int32"
 
     def intrinsic(self, container: str) -> str:
         """The registered tensor intrinsic's name (registered on first use)."""
@@ -69,7 +76,7 @@ def dot_isa(target: tvm.target.Target) -> DotISA | None:
         return ISAS["avx512_vnni"]
     if has("avx512bw"):
         return ISAS["avx512"]
-    if has("avx2"):
+    if has("avx2") and has("fma"):
         return ISAS["avx2"]
     return None
 
@@ -90,6 +97,47 @@ def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     return desc
+
+
+def _desc_fma(lanes: int):
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((1,), "float32", offset_factor=1),
+        B: T.Buffer((lanes, 1), "float32", offset_factor=1),
+        C: T.Buffer((lanes,), "float32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.writes(C[0:lanes])
+            for i, _k in T.grid(lanes, 1):  # TVM drops a unit reduction axis from the kernel's block
+                with T.sblock("update"):
+                    vi = T.axis.spatial(lanes, i)
+                    C[vi] = C[vi] + A[0] * B[vi, 0]
+
+    return desc
+
+
+def _impl_fma(lanes: int):
+    vec = f"float32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((1,), "float32", offset_factor=1),
+        B: T.Buffer((lanes, 1), "float32", offset_factor=1),
+        C: T.Buffer((lanes,), "float32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.fma"),
+                T.broadcast(A[0], lanes),
+                B.vload([0, 0], vec),
+                C.vload([0], vec),
+                dtype=vec,
+            )
+
+    return impl
 
 
 def _impl(lanes: int, depth: int, a_dtype: str, b_dtype: str, llvm_name: str, fused: bool):
@@ -146,6 +194,9 @@ _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C i
     "marvin_dot_avx512_vnni_2": (16, 2, "int16", "int16", "llvm.x86.avx512.vpdpwssd.512", True),
     "marvin_dot_avx512_2": (16, 2, "int16", "int16", "llvm.x86.avx512.pmaddw.d.512", False),
     "marvin_dot_avx2_2": (8, 2, "int16", "int16", "llvm.x86.avx2.pmadd.wd", False),
+    "marvin_dot_avx512_vnni_1": (16, 1, "float32", "float32", "llvm.fma", True),
+    "marvin_dot_avx512_1": (16, 1, "float32", "float32", "llvm.fma", True),
+    "marvin_dot_avx2_1": (8, 1, "float32", "float32", "llvm.fma", True),
 }
 
 
@@ -153,8 +204,9 @@ _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C i
 def _register(name: str) -> None:
     lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[name]
     with fast_parsing():
-        desc, impl = (
-            _desc(lanes, depth, a_dtype, b_dtype),
-            _impl(lanes, depth, a_dtype, b_dtype, llvm_name, fused),
-        )
+        if depth == 1:
+            desc, impl = _desc_fma(lanes), _impl_fma(lanes)
+        else:
+            desc = _desc(lanes, depth, a_dtype, b_dtype)
+            impl = _impl(lanes, depth, a_dtype, b_dtype, llvm_name, fused)
     TensorIntrin.register(name, desc, impl, override=True)

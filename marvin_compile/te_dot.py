@@ -1,4 +1,4 @@
-"""Packed integer conv/matmul kernels shaped for the x86 dot-product intrinsics (``dot_isa``).
+"""Packed conv/matmul kernels shaped for the x86 dot-product intrinsics (``dot_isa``).
 
 One PrimFunc per layer call, four stages:
 
@@ -6,7 +6,8 @@ One PrimFunc per layer call, four stages:
   reduction depth), zero padding folded in (for vpdpbusd the operand is ``x + 128`` as uint8);
 - ``dot_pack_w``: the weight in ``[O/L, C/d, KH, KW, L, d]`` (L = the intrinsic's lanes), so one
   instruction reads one contiguous 64-byte row; packed per call, which costs O(weights);
-- ``marvin_dot``: the reduction, int32, tensorized by ``passes/schedule_dot``;
+- ``marvin_dot``: the reduction (int32; float32 for the float32 class), tensorized by
+  ``passes/schedule_dot``;
 - ``dot_unpack``: back to NCHW (or rows x features) in the class's accumulator dtype, minus the
   ``128 * sum(w)`` offset correction for vpdpbusd.
 
@@ -40,7 +41,7 @@ def _pack_weight(w: te.Tensor, isa: DotISA, container: str, conv: bool) -> tuple
         oc, cc = ob * lanes + oi, cb * depth + p
         inside = tirx.all(oc < o, cc < c)
         value = w[oc, cc, i, j] if conv else w[oc, cc]
-        return tirx.Select(inside, tirx.Cast(dtype, value), tirx.const(0, dtype))
+        return tirx.Select(inside, _cast(dtype, value), tirx.const(0, dtype))
 
     packed = te.compute((_ceil(o, lanes), _ceil(c, depth), kh, kw, lanes, depth), f, name="dot_pack_w")
     if isa.operand_dtype(container) != "uint8":
@@ -54,14 +55,20 @@ def _operand(value: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr
     dtype = isa.operand_dtype(container)
     if dtype == "uint8":
         return tirx.Cast("uint8", tirx.Cast("int32", value) + OFFSET)
-    return tirx.Cast(dtype, value)
+    return _cast(dtype, value)
+
+
+def _cast(dtype: str, value) -> tirx.PrimExpr:
+    """Cast unless ``value`` (a PrimExpr or a TE tensor element) already has ``dtype``."""
+    current = value.dtype if isinstance(value, te.TensorSlice) else str(value.ty)
+    return value if current == dtype else tirx.Cast(dtype, value)
 
 
 def _pad(isa: DotISA, container: str) -> tirx.PrimExpr:
     return tirx.const(OFFSET if isa.operand_dtype(container) == "uint8" else 0, isa.operand_dtype(container))
 
 
-def _reduce(xp, wp, out_shape, stride, kh, kw, depth) -> te.Tensor:
+def _reduce(xp, wp, out_shape, stride, kh, kw, depth, dtype: str) -> te.Tensor:
     cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
     i = te.reduce_axis((0, kh), name="kh")
     j = te.reduce_axis((0, kw), name="kw")
@@ -70,8 +77,7 @@ def _reduce(xp, wp, out_shape, stride, kh, kw, depth) -> te.Tensor:
     return te.compute(
         out_shape,
         lambda n, ob, h, w, oi: te.sum(
-            tirx.Cast("int32", xp[n, cb, h * sh + i, w * sw + j, p])
-            * tirx.Cast("int32", wp[ob, cb, i, j, oi, p]),
+            _cast(dtype, xp[n, cb, h * sh + i, w * sw + j, p]) * _cast(dtype, wp[ob, cb, i, j, oi, p]),
             axis=[cb, i, j, p],
         ),
         name=DOT_BLOCK,
@@ -81,7 +87,7 @@ def _reduce(xp, wp, out_shape, stride, kh, kw, depth) -> te.Tensor:
 def _correct(y: tirx.PrimExpr, wsum: te.Tensor | None, oc, acc: str) -> tirx.PrimExpr:
     if wsum is not None:
         y = y - OFFSET * wsum[oc]
-    return tirx.Cast(acc, y)
+    return _cast(acc, y)
 
 
 def conv2d(
@@ -111,7 +117,8 @@ def conv2d(
 
     xp = te.compute((n, _ceil(int(c), depth), hp, wp_, depth), pack_x, name="dot_pack_x")
     wpk, wsum = _pack_weight(w, isa, container, conv=True)
-    y = _reduce(xp, wpk, (n, _ceil(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth)
+    dtype = isa.product_dtype(container)
+    y = _reduce(xp, wpk, (n, _ceil(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth, dtype)
     return te.compute(
         (n, o, oh, ow),
         lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wsum, oc, acc),
@@ -134,7 +141,8 @@ def matmul(x: te.Tensor, w: te.Tensor, isa: DotISA, container: str, acc: str) ->
 
     xp = te.compute((blocks, _ceil(int(k), depth), 1, ROW_BLOCK, depth), pack_x, name="dot_pack_x")
     wpk, wsum = _pack_weight(w, isa, container, conv=False)
-    y = _reduce(xp, wpk, (blocks, _ceil(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth)
+    dtype = isa.product_dtype(container)
+    y = _reduce(xp, wpk, (blocks, _ceil(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth, dtype)
     return te.compute(
         (m, o),
         lambda row, oc: _correct(

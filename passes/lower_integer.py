@@ -79,10 +79,11 @@ def int32_max_wl(reduction: int) -> int:
     return wl
 
 
-def _packed_core(
+def packed_core(
     core: relax.Call, weight: relax.Expr, w_perm: relax.Call | None, isa: DotISA | None
 ) -> tuple[str, dict] | None:
-    """How the packed kernel computes this core (conv2d or Linear), or None if it cannot."""
+    """How a packed kernel (``te_dot``) computes this core, as (kernel name, its static arguments),
+    or None if it cannot: grouped/dilated conv, other layouts, Linear on more than 2-D input."""
     if isa is None:
         return None
     a = core.attrs
@@ -141,7 +142,7 @@ class LowerToIntegerKernels:
         container = kernel_class.container
         w_bound = bindings[w_arg].value if w_arg in bindings else None
         w_perm = w_bound if op_name(w_bound) == "relax.permute_dims" else None
-        packed = _packed_core(core.value, w, w_perm, self.isa)
+        packed = packed_core(core.value, w, w_perm, self.isa)
         fast_wl = int32_max_wl(reduction)
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
         if packed is not None:

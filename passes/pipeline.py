@@ -2,8 +2,8 @@
 
 - partition: split each quantizable layer out of ``main`` (model level, once per model);
 - quantize:  insert runtime-precision fixed-point quantize nodes (per layer, per rounding);
-- lower:     integer kernels of the layer's kernel class (packed dot-product kernels on x86),
-             then dead-code cleanup;
+- lower:     integer kernels of the layer's kernel class (packed dot-product kernels on x86;
+             the float32 class's product on the packed FMA kernel), then dead-code cleanup;
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
 - freeze:    deployment: precisions and weights become constants, folded into integer containers;
 - glue:      ``main`` calls layers through the runtime dispatcher;
@@ -29,6 +29,7 @@ from marvin_compile.passes.extract_layers import ExtractLayers
 from marvin_compile.passes.freeze_precision import FreezeLayerPrecision
 from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, input_quantizer
+from marvin_compile.passes.lower_float_dot import LowerFloatDotKernels
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.schedule_cpu import ScheduleCPU
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
@@ -36,7 +37,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 2  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 3  # part of every cache key: bump when the same inputs compile to other code
 
 
 def _isa(target: tvm.target.Target | None) -> DotISA | None:
@@ -62,6 +63,7 @@ def variant_module(
         [
             InsertFixedPointQuantize(rounding),
             LowerToIntegerKernels(kernel_class, _isa(target)),
+            LowerFloatDotKernels(_isa(target)),
             relax.transform.DeadCodeElimination(["layer"]),
         ],
         name="quantize_lower",
@@ -95,6 +97,7 @@ def freeze(
         [
             InsertFixedPointQuantize("nearest"),
             LowerToIntegerKernels(classes, _isa(target)),
+            LowerFloatDotKernels(_isa(target)),
             relax.transform.BindParams("main", dict(params)),
             FreezeLayerPrecision(precision),
             relax.transform.FoldConstant(),

@@ -32,7 +32,7 @@ def has_dot_block(func: tirx.PrimFunc) -> bool:
 
 def _intrinsic(sch: Schedule, block, isa: DotISA) -> str:
     a_dtype = sch.get(block).reads[0].source.dtype
-    return isa.intrinsic("int8" if a_dtype == "uint8" else "int16")
+    return isa.intrinsic({"uint8": "int8", "int16": "int16", "float32": "float32"}[a_dtype])
 
 
 def max_accumulators(lanes: int) -> int:
@@ -86,8 +86,18 @@ def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
     sch.tensorize(oi, intrin)
     sch.unroll(obi)
     sch.unroll(wi)
+    _inline_epilogues(sch)
     for name, axes in (("dot_pack_x", 2), ("dot_pack_w", 2), ("dot_unpack", 2)):
         _parallel_injective(sch, sch.get_sblock(name), axes)
+
+
+def _inline_epilogues(sch: Schedule) -> None:
+    """Fold element-wise consumers that TVM's FuseOps appended (a bias add, say) into the unpack."""
+    ours = {"dot_pack_x", "dot_pack_w", "dot_weight_sum", DOT_BLOCK, "dot_unpack"}
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(block).name_hint
+        if name not in ours and not name.startswith(DOT_BLOCK):
+            sch.reverse_compute_inline(block)
 
 
 def schedule_dot_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:

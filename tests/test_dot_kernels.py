@@ -104,3 +104,29 @@ def test_matmul_exact(isa, container, rows):
 def test_int32_max_wl_is_the_exact_bound(k):
     wl = int32_max_wl(k)
     assert k * 4 ** (wl - 1) <= 2**31 - 1 < k * 4**wl
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_float32_conv_matches_float64(isa):
+    n, c, h, o, k = 2, 5, 9, 20, 3
+    rng = np.random.default_rng(7)
+    x, w = (
+        rng.standard_normal((n, c, h, h)).astype(np.float32),
+        rng.standard_normal((o, c, k, k)).astype(np.float32),
+    )
+    nv = tvm.tirx.Var("n", "int64")
+    xp, wp = (
+        te.placeholder((nv, c, h, h), "float32", name="x"),
+        te.placeholder((o, c, k, k), "float32", name="w"),
+    )
+
+    def make(xt, wt, isa_):
+        return te_dot.conv2d(xt, wt, (2, 2), (1,) * 4, isa_, "float32", "float32")
+
+    lib = _build(isa, make, xp, wp)
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=2, padding=1
+    )
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
