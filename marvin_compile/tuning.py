@@ -17,9 +17,11 @@ A database directory holds:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,31 +212,32 @@ def _measure(
     def space(sch: Schedule) -> None:
         schedule_dot(sch, isa, tune=tune)
 
-    progress = _Progress(report)
-    ms.tune_tir(
-        tvm.IRModule({"main": task.static}),
-        target,
-        work_dir=str(work),
-        max_trials_global=trials,
-        num_trials_per_iter=min(trials, 8),
-        space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[], mutator_probs={}),
-        strategy="replay-trace",
-        builder=ms.builder.LocalBuilder(
-            timeout_sec=BUILD_TIMEOUT_S, max_workers=1, initializer=install_fast_parsing
-        ),
-        runner=ms.runner.LocalRunner(
-            timeout_sec=RUN_TIMEOUT_S,
-            initializer=install_fast_parsing,
-            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
-        ),
-        database=ms.database.JSONDatabase(work_dir=str(work)),
-        cost_model="random",
-        measure_callbacks=[
-            ms.measure_callback.AddToDatabase(),
-            ms.measure_callback.RemoveBuildArtifact(),
-            progress,
-        ],
-    )
+    # meta_schedule prints its task tables to stdout; they stay in work/<task>/logs instead.
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        ms.tune_tir(
+            tvm.IRModule({"main": task.static}),
+            target,
+            work_dir=str(work),
+            max_trials_global=trials,
+            num_trials_per_iter=min(trials, 8),
+            space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[], mutator_probs={}),
+            strategy="replay-trace",
+            builder=ms.builder.LocalBuilder(
+                timeout_sec=BUILD_TIMEOUT_S, max_workers=1, initializer=install_fast_parsing
+            ),
+            runner=ms.runner.LocalRunner(
+                timeout_sec=RUN_TIMEOUT_S,
+                initializer=install_fast_parsing,
+                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
+            ),
+            database=ms.database.JSONDatabase(work_dir=str(work)),
+            cost_model="random",
+            measure_callbacks=[
+                ms.measure_callback.AddToDatabase(),
+                ms.measure_callback.RemoveBuildArtifact(),
+                _Progress(report),
+            ],
+        )
 
 
 def _mean_secs(record: ms.database.TuningRecord) -> float | None:
@@ -266,9 +269,12 @@ def tune(
     db_dir: str | os.PathLike | None = None,
     batch: int = 128,
     classes: Iterable[str] = TUNED_CLASSES,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Tune every packed kernel of a model; returns a summary per task. Resumable."""
+    """Tune every packed kernel of a model; returns a summary per task. Resumable.
+
+    Progress lines go to ``log`` (default: stderr)."""
+    log = log or functools.partial(print, file=sys.stderr, flush=True)
     if trials < 1:
         raise TuningError(f"--trials must be at least 1, got {trials}")
     if batch < 1:
@@ -276,7 +282,6 @@ def tune(
     db = TuningDatabase(db_dir if db_dir is not None else default_db_dir(target), target, create=True)
     tasks = kernel_tasks(model_path, target, batch, classes)
     load_tensor_intrinsics()
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     summary = {}
     for i, task in enumerate(tasks, 1):
         work = db.path / "work" / task.key

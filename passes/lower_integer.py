@@ -15,7 +15,7 @@ int32 kernel below that bound, the int64 product above it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import tvm
 from tvm import relax
@@ -149,48 +149,59 @@ class LowerToIntegerKernels:
             attrs["marvin.dot_isa"] = self.isa.name
             attrs["marvin.int32_max_wl"] = min(fast_wl, kernel_class.max_wl)
         branch = packed is not None and fast_wl < kernel_class.max_wl
+        axis = _channel_axis(core.value)
 
-        def products(xi: relax.Expr, wi: relax.Expr, wt: relax.Expr) -> tuple[relax.Expr, relax.Expr | None]:
-            """The generic integer product and, where possible, the packed dot-product kernel."""
-            generic = _integer_core(core.value, xi, wt, acc)
-            if packed is None:
-                return generic, None
+        def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
+            """Quantize, TVM's own integer conv2d/matmul, requantize (``bind``: emit or normalize)."""
+            xi = bind(
+                bb.call_te(te_ops.quantize_to_int, x, qp, container, seed, SALTS[0], primfunc_name_hint=QNAME)
+            )
+            wi = bind(
+                bb.call_te(te_ops.quantize_to_int, w, qp, container, seed, SALTS[1], primfunc_name_hint=QNAME)
+            )
+            wt = wi if w_perm is None else bind(relax.op.permute_dims(wi, w_perm.attrs.axes))
+            y = bind(_integer_core(core.value, xi, wt, acc))
+            return bb.call_te(te_ops.requantize, y, bi, qp, fl, axis, seed, primfunc_name_hint="requantize")
+
+        def fast(bi: relax.Expr | None) -> relax.Expr:
+            """One packed kernel: quantize x and w as its prologue (inlined into the packing, same
+            hash sites as the generic path), the dot product, requantize as its epilogue."""
             kind, kwargs = packed
-            kernel = functools.partial(
+            dot = functools.partial(
                 getattr(te_dot, kind), **kwargs, isa=self.isa, container=container, acc=acc
-            )  # call_te takes only tensors and PrimExprs
-            fast = bb.call_te(kernel, xi, wi, primfunc_name_hint=f"marvin_dot_{kind}")
-            return generic, fast
+            )
+            optional = {"bias": bi, "seed": seed}
+            present = [k for k, v in optional.items() if v is not None]
 
-        def requantize(y: relax.Expr) -> relax.Var:
-            return bb.emit_te(te_ops.requantize, y, bi, qp, fl, _channel_axis(core.value, y), seed)
+            def kernel(xt, wt, qp_t, fl_t, *rest):  # call_te takes only tensors and PrimExprs
+                given = dict(zip(present, rest, strict=True))
+                sd = given.get("seed")
+                xq = te_ops.quantize_to_int(xt, qp_t, container, sd, SALTS[0])
+                wq = te_ops.quantize_to_int(wt, qp_t, container, sd, SALTS[1])
+                return te_ops.requantize(dot(xq, wq), given.get("bias"), qp_t, fl_t, axis, sd)
+
+            extra = [optional[k] for k in present]
+            return bb.call_te(kernel, x, w, qp, fl, *extra, primfunc_name_hint=f"marvin_dot_{kind}")
 
         with bb.function(name, params, attrs=attrs):
             with bb.dataflow():
-                xi = bb.emit_te(
-                    te_ops.quantize_to_int, x, qp, container, seed, SALTS[0], primfunc_name_hint=QNAME
-                )
-                wi = bb.emit_te(
-                    te_ops.quantize_to_int, w, qp, container, seed, SALTS[1], primfunc_name_hint=QNAME
-                )
-                wt = wi if w_perm is None else bb.emit(relax.op.permute_dims(wi, w_perm.attrs.axes))
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])
                 if branch:  # int16 class: int32 products only while the word length allows
                     word = relax.op.take(qp, relax.const(3, "int64"), axis=0)  # 2**(wl-1) - 1
-                    cond = bb.emit(relax.op.less(word, relax.const(2.0 ** (fast_wl - 1), "float32")))
-                    xi, wi, wt, cond = (bb.emit_output(v) for v in (xi, wi, wt, cond))
+                    cond = bb.emit_output(
+                        bb.emit(relax.op.less(word, relax.const(2.0 ** (fast_wl - 1), "float32")))
+                    )
                     bi = None if bi is None else bb.emit_output(bi)
                 else:
-                    generic, fast = products(xi, wi, wt)
-                    out = bb.emit_output(requantize(bb.emit(generic if fast is None else fast)))
+                    out = bb.emit_output(fast(bi) if packed is not None else generic(bb.emit, bi))
             if branch:
-                generic, fast = products(xi, wi, wt)
-                out = requantize(bb.emit(relax.If(cond, fast, generic)))
+                out = bb.emit(relax.If(cond, fast(bi), generic(bb.normalize, bi)))
             bb.emit_func_output(out)
 
 
-def _channel_axis(core: relax.Call, y: relax.Expr) -> int:
-    return len(y.ty.shape) - 1 if core.op.name == "relax.matmul" else 1
+def _channel_axis(core: relax.Call) -> int:
+    """The output axis a bias runs along: features of a (2-D) Linear, channels of a conv."""
+    return len(core.ty.shape) - 1 if core.op.name == "relax.matmul" else 1
 
 
 def _prod(xs: list[int]) -> int:

@@ -83,8 +83,9 @@ def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None
     reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]
     if len(reductions) == 1:
         _schedule_reduction(sch, blocks, reductions[0])
-    elif not reductions and len(blocks) == 1:
-        _schedule_injective(sch, blocks[0])
+    elif not reductions:
+        for block in blocks:  # a fused chain (bias quantize + requantize, say): each on its own
+            _schedule_injective(sch, block)
     else:
         return func
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

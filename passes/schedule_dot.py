@@ -19,6 +19,7 @@ from marvin_compile.te_dot import DOT_BLOCK
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
 REGISTERS = {16: 32, 8: 16}  # vector registers by lanes: zmm0-31 (AVX-512), ymm0-15 (AVX2)
 MAX_OB_BLOCK = 4
+MAX_VECTOR = 64  # longest unpack row vectorized as one vector (LLVM splits it into registers)
 
 
 def has_dot_block(func: tirx.PrimFunc) -> bool:
@@ -86,18 +87,55 @@ def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
     sch.tensorize(oi, intrin)
     sch.unroll(obi)
     sch.unroll(wi)
-    _inline_epilogues(sch)
-    for name, axes in (("dot_pack_x", 2), ("dot_pack_w", 2), ("dot_unpack", 2)):
-        _parallel_injective(sch, sch.get_sblock(name), axes)
+    _inline_neighbours(sch)
+    _schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
+    _parallel_injective(sch, sch.get_sblock("dot_pack_w"), 2)
+    _schedule_unpack(sch, sch.get_sblock("dot_unpack"))
 
 
-def _inline_epilogues(sch: Schedule) -> None:
-    """Fold element-wise consumers that TVM's FuseOps appended (a bias add, say) into the unpack."""
+def _schedule_pack_x(sch: Schedule, block) -> None:
+    """Parallel over images x channel groups. The input quantizer (when fused in) is computed per
+    parallel slab, vectorized along the width: inlined into the packing it would run scalar."""
+    quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
+    n, cb, *_ = sch.get_loops(block)
+    outer = sch.fuse(n, cb)
+    sch.parallel(outer)
+    for producer in quantizers:
+        loops = sch.get_loops(producer)
+        inner = sch.fuse(*loops[1:])
+        sch.parallel(loops[0])
+        extent = sch.get(inner).extent
+        lanes = next(
+            (v for v in (16, 8, 4) if isinstance(extent, tirx.IntImm) and int(extent) % v == 0), None
+        )
+        if lanes is not None:
+            sch.vectorize(sch.split(inner, factors=[None, lanes])[1])
+
+
+def _schedule_unpack(sch: Schedule, block) -> None:
+    """Parallel over images x channels (conv) or rows (matmul), vectorized along the last axis:
+    with requantize fused in, this is where the per-element epilogue math runs."""
+    loops = sch.get_loops(block)
+    outer = sch.fuse(*loops[:2]) if len(loops) == 4 else loops[0]
+    sch.parallel(outer)
+    last = sch.get(loops[-1]).extent
+    if isinstance(last, tirx.IntImm) and int(last) <= MAX_VECTOR:
+        sch.vectorize(loops[-1])
+
+
+def _inline_neighbours(sch: Schedule) -> None:
+    """Inline the element-wise stages around the kernel: the weight quantizer into the packing,
+    consumers (requantize, or a bias add TVM's FuseOps appended) into the unpack. The input
+    quantizer is placed by ``_schedule_pack_x``."""
     ours = {"dot_pack_x", "dot_pack_w", "dot_weight_sum", DOT_BLOCK, "dot_unpack"}
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name = sch.get(block).name_hint
-        if name not in ours and not name.startswith(DOT_BLOCK):
+        if name in ours or name.startswith(DOT_BLOCK):
+            continue
+        if any(sch.get(p).name_hint == "dot_unpack" for p in sch.get_producers(block)):
             sch.reverse_compute_inline(block)
+        elif all(sch.get(c).name_hint != "dot_pack_x" for c in sch.get_consumers(block)):
+            sch.compute_inline(block)  # the weight quantizer: O(weights), inlined into the packing
 
 
 def schedule_dot_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
