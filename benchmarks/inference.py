@@ -260,7 +260,7 @@ def tvm_breakdown(library: Path, x: np.ndarray) -> dict[str, float]:
 
 
 KERNEL_KINDS = {
-    "conv2d": "conv2d",
+    "conv2d": "generic conv2d",
     "matmul": "dense",
     "dense": "dense",
     "fxp_quantize_int": "quantize",
@@ -273,6 +273,8 @@ def _kernel_kind(symbol: str) -> str:
     """Group a VM call's symbol (``conv2d3``, ``requantize``, ``vm.builtin.alloc_tensor``) by kind."""
     if symbol.startswith("vm.builtin"):
         return "VM/shapes"
+    if "marvin_dot" in symbol:  # the packed kernel: quantize + conv/dense + requantize in one call
+        return "packed conv/dense"
     return KERNEL_KINDS.get(re.sub(r"\d+$", "", symbol), "elementwise/pool/other")
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from marvin_compile import te_dot, te_ops
 from marvin_compile.dot_isa import DotISA
+from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
@@ -71,6 +73,13 @@ def _integer_core(core: relax.Call, x: relax.Expr, w: relax.Expr, acc: str) -> r
     )
 
 
+def weight_bound(weight: np.ndarray, precision: Precision) -> int:
+    """The largest |sum_k x[k] * w[o, k]| any input can reach with these weights (nearest rounding)."""
+    levels = np.floor(weight.astype(np.float64) * 2.0**precision.fl + 0.5)
+    levels = np.clip(levels, precision.int_min, precision.int_max).reshape(weight.shape[0], -1)
+    return int(np.abs(levels).sum(axis=1).max()) * 2 ** (precision.wl - 1)
+
+
 def int32_max_wl(reduction: int) -> int:
     """The largest wl whose products sum exactly in int32 over a reduction of length K."""
     wl = 1
@@ -106,13 +115,21 @@ def packed_core(
 @tvm.transform.module_pass(opt_level=0, name="LowerToIntegerKernels")
 class LowerToIntegerKernels:
     """Rewrite quantized layers into integer kernels of their class (one class, or one per layer name);
-    with ``isa``, into packed dot-product kernels where the layer allows."""
+    with ``isa``, into packed dot-product kernels where the layer allows.
+
+    ``frozen`` (deployment) gives each layer's final weight and precision: the int32 bound is then
+    checked against the actual quantized weights, ``2**(wl-1) * max_o sum_k |w[o, k]|``, which
+    trained weights meet far above the worst-case word length."""
 
     def __init__(
-        self, kernel_class: KernelClass | Mapping[str, KernelClass], isa: DotISA | None = None
+        self,
+        kernel_class: KernelClass | Mapping[str, KernelClass],
+        isa: DotISA | None = None,
+        frozen: Mapping[str, tuple[np.ndarray, Precision]] | None = None,
     ) -> None:
         self.kernel_class = kernel_class
         self.isa = isa
+        self.frozen = frozen or {}
 
     def _class_of(self, func: relax.Function) -> KernelClass:
         if isinstance(self.kernel_class, KernelClass):
@@ -148,7 +165,9 @@ class LowerToIntegerKernels:
         if packed is not None:
             attrs["marvin.dot_isa"] = self.isa.name
             attrs["marvin.int32_max_wl"] = min(fast_wl, kernel_class.max_wl)
-        branch = packed is not None and fast_wl < kernel_class.max_wl
+        layer = str(func.attrs[LAYER_ATTR])
+        exact_int32 = layer in self.frozen and weight_bound(*self.frozen[layer]) <= INT32_MAX
+        branch = packed is not None and fast_wl < kernel_class.max_wl and not exact_int32
         axis = _channel_axis(core.value)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:

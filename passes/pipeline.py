@@ -23,6 +23,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.fixed_point import Precision
+from marvin_compile.frontend import layer_name
 from marvin_compile.kernel_classes import KernelClass, class_for_wl
 from marvin_compile.passes.bind_dispatch import BindLayerDispatch
 from marvin_compile.passes.extract_layers import ExtractLayers
@@ -93,10 +94,12 @@ def freeze(
 ) -> tvm.IRModule:
     """Deployment: every layer quantized (nearest) at its own class and precision, weights folded."""
     classes = {name: class_for_wl(p.wl) for name, p in precision.items()}
+    weights = {layer_name(k): np.asarray(v) for k, v in params.items() if k.endswith("weight")}
+    frozen = {name: (weights[name], p) for name, p in precision.items() if name in weights}
     seq = tvm.transform.Sequential(
         [
             InsertFixedPointQuantize("nearest"),
-            LowerToIntegerKernels(classes, _isa(target)),
+            LowerToIntegerKernels(classes, _isa(target), frozen),
             LowerFloatDotKernels(_isa(target)),
             relax.transform.BindParams("main", dict(params)),
             FreezeLayerPrecision(precision),

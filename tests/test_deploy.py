@@ -211,3 +211,36 @@ def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
         text=True,
     )
     assert r.returncode == 2 and "not a training run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_path):
+    """K = 576 at wl 12 exceeds the worst-case int32 bound, but trained-size weights do not: the
+    deployed layer runs the packed int32 kernel (no run-time branch) and stays exact."""
+    from marvin_compile.dot_isa import dot_isa
+    from marvin_compile.fixed_point import quantize_np
+    from marvin_compile.frontend import import_onnx, load_onnx
+    from marvin_compile.passes import pipeline
+    from marvin_compile.passes.lower_integer import INT32_MAX, int32_max_wl, weight_bound
+    from marvin_compile.target import resolve_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 8, 3, padding=1, bias=False)).eval()
+    p = Precision(12, 9)
+    weight = model[0].weight.detach().numpy()
+    assert int32_max_wl(64 * 9) < p.wl and weight_bound(weight, p) <= INT32_MAX
+    deploy(model, torch.randn(2, 64, 6, 6), {"0": p}, tmp_path / "d")
+    imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
+    frozen = pipeline.freeze(
+        pipeline.partition(imported.mod), {"0": p}, imported.params, resolve_target("cpu")
+    )
+    text = frozen.script()
+    if dot_isa(resolve_target("cpu")) is not None:
+        assert "marvin_dot_conv2d" in text and "R.nn.conv2d" not in text  # no int64 fallback branch
+    x = np.random.default_rng(0).normal(size=(3, 64, 6, 6)).astype(np.float32)
+    got = load(tmp_path / "d")(x)
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(quantize_np(x.astype(np.float64), p.wl, p.fl)),
+        torch.from_numpy(quantize_np(weight.astype(np.float64), p.wl, p.fl)),
+        padding=1,
+    ).numpy()
+    np.testing.assert_array_equal(got, quantize_np(ref, p.wl, p.fl))
