@@ -196,6 +196,7 @@ class Case:
     w: np.ndarray
     b: np.ndarray
     layer: relax.Function
+    onnx_path: str
     torch: Timing | None = None
     ref: np.ndarray | None = None
     torch_grad: dict[str, Timing] = field(default_factory=dict)  # "dx", "dw"
@@ -217,7 +218,7 @@ def prepare(shape: Shape, batch: int, workdir: str) -> Case:
         raise RuntimeError(f"{shape.name}: expected one layer, found {[lay.name for lay in layers]}")
     w = model[0].weight.detach().numpy().copy()
     b = model[0].bias.detach().numpy().copy()
-    return Case(shape, shape.macs(batch), x, w, b, layers[0].func)
+    return Case(shape, shape.macs(batch), x, w, b, layers[0].func, onnx_path)
 
 
 def time_torch(case: Case, repeat: int) -> None:
@@ -289,8 +290,11 @@ def time_gradients(case: Case, repeat: int, store: VariantStore) -> list[Row]:
     return rows
 
 
-def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
-    """Phase 2: the compiled variant of each kernel class on the same data, checked against torch."""
+def time_ours(
+    case: Case, repeat: int, store: VariantStore, suffix: str = "", classes: tuple[str, ...] = ()
+) -> list[Row]:
+    """Phase 2: the compiled variant of each kernel class on the same data, checked against torch
+    (``classes``: only these; ``suffix`` marks the rows, e.g. " tuned")."""
     from marvin_compile.runtime.compiled_model import precision_args
 
     assert case.torch is not None and case.ref is not None, "time_torch first"
@@ -298,7 +302,10 @@ def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
     x, w, b = (tvm.runtime.tensor(a, dev) for a in (case.x, case.w, case.b))
     torch_gops = 2 * case.macs / case.torch.median_s / 1e9
     rows = []
-    for name, class_name, precision in precisions(case.shape):
+    for label, class_name, precision in precisions(case.shape):
+        if classes and class_name not in classes:
+            continue
+        name = label + suffix
         variant = store.get(case.layer, CLASS_BY_NAME[class_name], "nearest")
         qp, fl = precision_args(precision, dev)
         y = variant.fn(x, w, b, qp, fl).numpy()
@@ -317,6 +324,19 @@ def time_ours(case: Case, repeat: int, store: VariantStore) -> list[Row]:
             flush=True,
         )
     return rows
+
+
+def tuned_rows(cases: list[Case], repeat: int, target, args: argparse.Namespace, workdir: str) -> list[Row]:
+    """Tune every case's packed kernels with meta_schedule (``marvin-compile tune``), then time the
+    variants built from the database next to the default-schedule rows."""
+    from marvin_compile.runtime.variant_store import VariantStore
+    from marvin_compile.tuning import TuningDatabase, tune
+
+    db = os.path.join(workdir, "tuning")
+    for case in cases:
+        tune(case.onnx_path, target, args.tune_trials, db, args.batch, ("int8", "int16"))
+    store = VariantStore(target, os.path.join(workdir, "tuned-cache"), TuningDatabase(db, target))
+    return [r for case in cases for r in time_ours(case, repeat, store, " tuned", ("int8", "int16"))]
 
 
 def _own_cpu_s() -> float:
@@ -437,6 +457,16 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             f"- Other processes' CPU share: {_pct(info.torch_load)} while torch was timed, "
             f"{_pct(info.ours_load)} while ours was.",
             *[f"- **Warning: {w}.**" for w in load_warnings(info)],
+            *(
+                [
+                    "- Rows marked `tuned`: the same variants built from a meta_schedule tuning database "
+                    "(`--tune-trials N`: per shape and class, the default schedule plus N-1 sampled "
+                    "register tilings, timed at this batch); the default schedule is itself a candidate, "
+                    "so a tuned row differs from its default row by the chosen tiling and by timing noise."
+                ]
+                if any(r.kernel_class.endswith(" tuned") for r in rows)
+                else []
+            ),
             "",
             markdown_table(rows),
             "",
@@ -463,6 +493,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-md", action="store_true", help="rewrite the kernels section of BENCHMARKS.md")
     p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file for --write-md")
     p.add_argument("--cache-dir", default=None, help="variant cache (default: a fresh temp dir)")
+    p.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also autotune each shape's int8/int16 kernels (N trials each) and add 'tuned' rows",
+    )
     p.add_argument(
         "--tvm-threads",
         type=int,
@@ -512,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
         rows = [row for case in cases for row in time_ours(case, repeat, store)]
         grad_rows = [row for case in cases for row in time_gradients(case, repeat, store)]
+        if args.tune_trials:
+            rows += tuned_rows(cases, repeat, target, args, workdir)
         ours_load = meter.other_share()
     elapsed = time.perf_counter() - start - waited
     info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), torch_load, ours_load)
