@@ -326,9 +326,12 @@ def time_ours(
     return rows
 
 
-def tuned_rows(cases: list[Case], repeat: int, target, args: argparse.Namespace, workdir: str) -> list[Row]:
+def tuned_rows(
+    cases: list[Case], repeat: int, target, args: argparse.Namespace, workdir: str
+) -> tuple[list[Row], float | None]:
     """Tune every case's packed kernels with meta_schedule (``marvin-compile tune``), then time the
-    variants built from the database next to the default-schedule rows."""
+    variants built from the database next to the default-schedule rows; also returns other
+    processes' CPU share while those were timed."""
     from marvin_compile.runtime.variant_store import VariantStore
     from marvin_compile.tuning import TuningDatabase, tune
 
@@ -336,7 +339,9 @@ def tuned_rows(cases: list[Case], repeat: int, target, args: argparse.Namespace,
     for case in cases:
         tune(case.onnx_path, target, args.tune_trials, db, args.batch, ("int8", "int16"))
     store = VariantStore(target, os.path.join(workdir, "tuned-cache"), TuningDatabase(db, target))
-    return [r for case in cases for r in time_ours(case, repeat, store, " tuned", ("int8", "int16"))]
+    meter = LoadMeter()
+    rows = [r for case in cases for r in time_ours(case, repeat, store, " tuned", ("int8", "int16"))]
+    return rows, meter.other_share()
 
 
 def _own_cpu_s() -> float:
@@ -549,9 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
         rows = [row for case in cases for row in time_ours(case, repeat, store)]
         grad_rows = [row for case in cases for row in time_gradients(case, repeat, store)]
-        if args.tune_trials:
-            rows += tuned_rows(cases, repeat, target, args, workdir)
         ours_load = meter.other_share()
+        if args.tune_trials:  # tuning's builder/runner processes would count as load: meter apart
+            tuned, tuned_load = tuned_rows(cases, repeat, target, args, workdir)
+            rows += tuned
+            ours_load = max(ours_load or 0.0, tuned_load or 0.0)
     elapsed = time.perf_counter() - start - waited
     info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), torch_load, ours_load)
 

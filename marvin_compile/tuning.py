@@ -17,9 +17,9 @@ A database directory holds:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -212,32 +212,33 @@ def _measure(
     def space(sch: Schedule) -> None:
         schedule_dot(sch, isa, tune=tune)
 
-    # meta_schedule prints its task tables to stdout; they stay in work/<task>/logs instead.
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        ms.tune_tir(
-            tvm.IRModule({"main": task.static}),
-            target,
-            work_dir=str(work),
-            max_trials_global=trials,
-            num_trials_per_iter=min(trials, 8),
-            space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[], mutator_probs={}),
-            strategy="replay-trace",
-            builder=ms.builder.LocalBuilder(
-                timeout_sec=BUILD_TIMEOUT_S, max_workers=1, initializer=install_fast_parsing
-            ),
-            runner=ms.runner.LocalRunner(
-                timeout_sec=RUN_TIMEOUT_S,
-                initializer=install_fast_parsing,
-                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
-            ),
-            database=ms.database.JSONDatabase(work_dir=str(work)),
-            cost_model="random",
-            measure_callbacks=[
-                ms.measure_callback.AddToDatabase(),
-                ms.measure_callback.RemoveBuildArtifact(),
-                _Progress(report),
-            ],
-        )
+    # meta_schedule's console handler takes the level its logger has when tuning starts (and the
+    # logger is reset to DEBUG after): at WARNING, its task tables go to work/<task>/logs only.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    ms.tune_tir(
+        tvm.IRModule({"main": task.static}),
+        target,
+        work_dir=str(work),
+        max_trials_global=trials,
+        num_trials_per_iter=min(trials, 8),
+        space=ms.space_generator.ScheduleFn(space, sch_rules=[], postprocs=[], mutator_probs={}),
+        strategy="replay-trace",
+        builder=ms.builder.LocalBuilder(
+            timeout_sec=BUILD_TIMEOUT_S, max_workers=1, initializer=install_fast_parsing
+        ),
+        runner=ms.runner.LocalRunner(
+            timeout_sec=RUN_TIMEOUT_S,
+            initializer=install_fast_parsing,
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
+        ),
+        database=ms.database.JSONDatabase(work_dir=str(work)),
+        cost_model="random",
+        measure_callbacks=[
+            ms.measure_callback.AddToDatabase(),
+            ms.measure_callback.RemoveBuildArtifact(),
+            _Progress(report),
+        ],
+    )
 
 
 def _mean_secs(record: ms.database.TuningRecord) -> float | None:
