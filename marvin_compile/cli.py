@@ -149,7 +149,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from marvin_compile.tuning import tune
 
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    result = tune(args.model, resolve_target(args.target), args.trials, args.db, args.batch, classes)
+    try:
+        result = tune(args.model, resolve_target(args.target), args.trials, args.db, args.batch, classes)
+    except KeyboardInterrupt:
+        print(
+            "marvin-compile: tuning interrupted; measured candidates are kept, rerun to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(f"tuned {len(result['tasks'])} kernels at batch {result['batch']} -> {result['db']}")
     return 0
 

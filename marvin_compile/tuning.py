@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,12 @@ class TuningDatabase:
         for container in ("int8", "int16"):
             isa.intrinsic(container)  # the trace's tensorize step looks the intrinsic up by name
         sch = Schedule(func)
-        trace.apply_to_schedule(sch, remove_postproc=True)
+        try:
+            trace.apply_to_schedule(sch, remove_postproc=True)
+        except Exception as exc:  # noqa: BLE001 - a record TVM cannot replay must not stop a build
+            msg = f"tuning record in {self.path} does not apply ({exc}); using the default schedule"
+            warnings.warn(msg, stacklevel=2)
+            return None
         return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
     def commit(self, func: tirx.PrimFunc, record: ms.database.TuningRecord) -> None:

@@ -121,3 +121,19 @@ def test_bad_requests_fail_clearly(conv_model, tmp_path, capsys):
     assert "accepted: int8, int16" in capsys.readouterr().err
     assert main(["tune", str(conv_model[1]), "--target", "cuda", "--db", str(tmp_path / "d")]) == 2
     assert "no packed integer kernels" in capsys.readouterr().err
+
+
+def test_a_record_that_does_not_replay_falls_back_to_the_default(conv_model, tuned, monkeypatch):
+    db, _, _ = tuned
+    target = resolve_target("cpu")
+    database = tuning.TuningDatabase(db, target)
+    ((_, func),) = pipeline.layer_functions(pipeline.partition(import_onnx(load_onnx(conv_model[1])).mod))
+    kernel = tuning._dot_kernel(pipeline.variant_module(func, CLASS_BY_NAME["int8"], "nearest", target))
+    assert database.schedule(kernel) is not None
+
+    def broken(self, sch, remove_postproc):
+        raise RuntimeError("instruction mismatch")
+
+    monkeypatch.setattr(type(database.trace_for(kernel)), "apply_to_schedule", broken)
+    with pytest.warns(UserWarning, match="does not apply"):
+        assert database.schedule(kernel) is None
