@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -39,9 +40,11 @@ from marvin_compile.frontend import import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.passes import pipeline
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot
+from marvin_compile.report import atomic_write_json
 from marvin_compile.target import target_key
 from marvin_compile.tvmscript import install_fast_parsing, load_tensor_intrinsics
 
+META = "tuning.json"  # the batch the database's kernels were timed at
 BUILD_TIMEOUT_S = 200.0  # meta_schedule's 30 s default fails every candidate on 2 busy cores
 RUN_TIMEOUT_S = 60.0
 TUNED_CLASSES = ("int8", "int16")
@@ -257,6 +260,20 @@ def _fastest(records: list[ms.database.TuningRecord]) -> ms.database.TuningRecor
     return min(timed, key=lambda p: p[0])[1] if timed else None
 
 
+def _check_batch(path: Path, batch: int) -> None:
+    """One database, one tuning batch: times measured at other batches are not comparable."""
+    meta = path / META
+    if meta.is_file():
+        tuned_at = json.loads(meta.read_text())["batch"]
+        if tuned_at != batch:
+            raise TuningError(
+                f"the tuning database {path} was tuned at batch {tuned_at}, not {batch}; "
+                f"accepted: --batch {tuned_at}, or another --db for batch {batch}"
+            )
+    else:
+        atomic_write_json(meta, {"batch": batch})
+
+
 def _reporter(
     log: Callable[[str], None], label: str, base: int, trials: int
 ) -> Callable[[int, float | None], None]:
@@ -286,8 +303,9 @@ def tune(
         raise TuningError(f"--trials must be at least 1, got {trials}")
     if batch < 1:
         raise TuningError(f"--batch must be at least 1, got {batch}")
+    tasks = kernel_tasks(model_path, target, batch, classes)  # validates target and classes first
     db = TuningDatabase(db_dir if db_dir is not None else default_db_dir(target), target, create=True)
-    tasks = kernel_tasks(model_path, target, batch, classes)
+    _check_batch(db.path, batch)
     load_tensor_intrinsics()
     summary = {}
     for i, task in enumerate(tasks, 1):

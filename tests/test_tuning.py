@@ -123,6 +123,12 @@ def test_bad_requests_fail_clearly(conv_model, tmp_path, capsys):
     assert "no packed integer kernels" in capsys.readouterr().err
 
 
+def test_a_database_keeps_one_tuning_batch(conv_model, tuned, capsys):
+    db, _, _ = tuned
+    assert main(["tune", str(conv_model[1]), "--db", str(db), "--batch", "8", "--classes", "int8"]) == 2
+    assert "tuned at batch 4, not 8" in capsys.readouterr().err
+
+
 def test_a_record_that_does_not_replay_falls_back_to_the_default(conv_model, tuned, monkeypatch):
     db, _, _ = tuned
     target = resolve_target("cpu")
