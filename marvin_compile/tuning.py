@@ -202,8 +202,8 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         for result in runner_results:
             self.done += 1
-            if result.error_msg is None and result.run_secs:
-                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+            secs = _mean_secs(result.run_secs) if result.error_msg is None else None
+            if secs is not None:
                 self.best = secs if self.best is None else min(self.best, secs)
         self.report(self.done, self.best)
 
@@ -250,13 +250,14 @@ def _measure(
     )
 
 
-def _mean_secs(record: ms.database.TuningRecord) -> float | None:
-    secs = [float(s) for s in record.run_secs or []]
+def _mean_secs(run_secs) -> float | None:
+    """Mean of a measurement's run times; None for no or failed runs."""
+    secs = [float(s) for s in run_secs or []]
     return sum(secs) / len(secs) if secs and all(s < 1e9 for s in secs) else None  # 1e10: failed run
 
 
 def _fastest(records: list[ms.database.TuningRecord]) -> ms.database.TuningRecord | None:
-    timed = [(t, r) for r in records if (t := _mean_secs(r)) is not None]
+    timed = [(t, r) for r in records if (t := _mean_secs(r.run_secs)) is not None]
     return min(timed, key=lambda p: p[0])[1] if timed else None
 
 
@@ -326,6 +327,10 @@ def tune(
             log(f"{label}: no candidate ran; kept the default schedule")
             continue
         db.commit(task.symbolic, best)
-        summary[task.key] = {"users": task.users, "trials": len(measured), "best_ms": 1e3 * _mean_secs(best)}
+        summary[task.key] = {
+            "users": task.users,
+            "trials": len(measured),
+            "best_ms": 1e3 * _mean_secs(best.run_secs),
+        }
         log(f"{label}: best {summary[task.key]['best_ms']:.3f} ms after {len(measured)} trials")
     return {"db": str(db.path), "batch": batch, "tasks": summary}

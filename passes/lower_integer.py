@@ -162,9 +162,6 @@ class LowerToIntegerKernels:
         packed = packed_core(core.value, w, w_perm, self.isa)
         fast_wl = int32_max_wl(reduction)
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
-        if packed is not None:
-            attrs["marvin.dot_isa"] = self.isa.name
-            attrs["marvin.int32_max_wl"] = min(fast_wl, kernel_class.max_wl)
         layer = str(func.attrs[LAYER_ATTR])
         exact_int32 = layer in self.frozen and weight_bound(*self.frozen[layer]) <= INT32_MAX
         branch = packed is not None and fast_wl < kernel_class.max_wl and not exact_int32

@@ -17,21 +17,12 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func
+from marvin_compile.passes.utils import lanes_for, schedule_injective, static_extent
 
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-VECTOR_LANES = (16, 8, 4, 2)
 SPATIAL, REDUCE = 0, 2  # IterVar kinds
-
-
-def _static(extent: tirx.PrimExpr) -> int | None:
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
-
-
-def _lanes(extent: int) -> int | None:
-    """The widest vector that divides the extent (no tail predicate, which vectorize rejects)."""
-    return next((v for v in VECTOR_LANES if extent % v == 0), None)
 
 
 def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
@@ -41,8 +32,8 @@ def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
     reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == REDUCE]
     if len(spatial) + len(reduce) != len(loops) or not spatial or not reduce:
         return
-    extent = _static(sch.get(spatial[-1]).extent)
-    lanes = _lanes(extent) if extent is not None and len(spatial) > 1 else None
+    extent = static_extent(sch.get(spatial[-1]).extent)
+    lanes = lanes_for(extent) if extent is not None and len(spatial) > 1 else None
     if lanes is not None:
         outer, inner = sch.split(spatial[-1], factors=[None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, inner)
@@ -56,24 +47,6 @@ def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
     sch.decompose_reduction(block, reduce[0])
 
 
-def _schedule_injective(sch: Schedule, block) -> None:
-    loops = sch.get_loops(block)
-    if not loops:
-        return  # a scalar
-    static = 1
-    for lp in loops:
-        extent = _static(sch.get(lp).extent)
-        static *= extent if extent is not None else 1
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    lanes = _lanes(static)
-    if lanes is None:
-        sch.parallel(fused)
-        return
-    outer, inner = sch.split(fused, factors=[None, lanes])
-    sch.parallel(outer)
-    sch.vectorize(inner)
-
-
 def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None) -> tirx.PrimFunc:
     if has_dot_block(func):
         tuned = None if tuning is None else tuning.schedule(func)
@@ -85,7 +58,7 @@ def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None
         _schedule_reduction(sch, blocks, reductions[0])
     elif not reductions:
         for block in blocks:  # a fused chain (bias quantize + requantize, say): each on its own
-            _schedule_injective(sch, block)
+            schedule_injective(sch, block)
     else:
         return func
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -14,6 +14,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
+from marvin_compile.passes.utils import schedule_injective
 from marvin_compile.te_dot import DOT_BLOCK
 
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
@@ -53,12 +54,6 @@ def default_tiles(ob: int, w: int, lanes: int) -> tuple[int, int]:
     return max(pairs, key=lambda p: (p[0] * p[1], p[1]))
 
 
-def _parallel_injective(sch: Schedule, block, parallel_axes: int) -> None:
-    loops = sch.get_loops(block)
-    outer = sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0]
-    sch.parallel(outer)
-
-
 def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
     """Schedule a ``te_dot`` PrimFunc in place; ``tune`` samples the tiles (meta_schedule space)."""
     block = sch.get_sblock(DOT_BLOCK)
@@ -89,27 +84,19 @@ def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
     sch.unroll(wi)
     _inline_neighbours(sch)
     _schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
-    _parallel_injective(sch, sch.get_sblock("dot_pack_w"), 2)
+    schedule_injective(sch, sch.get_sblock("dot_pack_w"))
     _schedule_unpack(sch, sch.get_sblock("dot_unpack"))
 
 
 def _schedule_pack_x(sch: Schedule, block) -> None:
-    """Parallel over images x channel groups. The input quantizer (when fused in) is computed per
-    parallel slab, vectorized along the width: inlined into the packing it would run scalar."""
+    """Parallel over images x channel groups. The input quantizer (fused in) stays a stage of its
+    own: inlined into the packing it would run scalar."""
     quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
     n, cb, *_ = sch.get_loops(block)
     outer = sch.fuse(n, cb)
     sch.parallel(outer)
-    for producer in quantizers:
-        loops = sch.get_loops(producer)
-        inner = sch.fuse(*loops[1:])
-        sch.parallel(loops[0])
-        extent = sch.get(inner).extent
-        lanes = next(
-            (v for v in (16, 8, 4) if isinstance(extent, tirx.IntImm) and int(extent) % v == 0), None
-        )
-        if lanes is not None:
-            sch.vectorize(sch.split(inner, factors=[None, lanes])[1])
+    for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
+        schedule_injective(sch, producer)
 
 
 def _schedule_unpack(sch: Schedule, block) -> None:

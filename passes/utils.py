@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
-from tvm import relax
+from tvm import relax, tirx
+from tvm.s_tir import Schedule
 
 LAYER_ATTR = "marvin.layer"
 
@@ -66,3 +67,36 @@ def map_layers(
         elif gv.name_hint not in old:
             out[gv] = f
     return tvm.IRModule(out)
+
+
+# TIR schedule helpers shared by schedule_cpu and schedule_dot.
+VECTOR_LANES = (16, 8, 4, 2)
+
+
+def static_extent(extent: tirx.PrimExpr) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def lanes_for(extent: int) -> int | None:
+    """The widest vector that divides the extent (no tail predicate, which vectorize rejects)."""
+    return next((v for v in VECTOR_LANES if extent % v == 0), None)
+
+
+def schedule_injective(sch: Schedule, block) -> None:
+    """All loops fused, parallel outside, vectorized inside by the widest vector dividing the static
+    part of the extent (a symbolic batch dimension is a multiple of 1)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return  # a scalar
+    static = 1
+    for lp in loops:
+        extent = static_extent(sch.get(lp).extent)
+        static *= extent if extent is not None else 1
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    lanes = lanes_for(static)
+    if lanes is None:
+        sch.parallel(fused)
+        return
+    outer, inner = sch.split(fused, factors=[None, lanes])
+    sch.parallel(outer)
+    sch.vectorize(inner)
