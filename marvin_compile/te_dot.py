@@ -5,7 +5,9 @@ One PrimFunc per layer call, four stages:
 - ``dot_pack_x``: the quantized input in ``[N, C/d, H+pad, W+pad, d]`` (d = the intrinsic's
   reduction depth), zero padding folded in (for vpdpbusd the operand is ``x + 128`` as uint8);
 - ``dot_pack_w``: the weight in ``[O/L, C/d, KH, KW, L, d]`` (L = the intrinsic's lanes), so one
-  instruction reads one contiguous 64-byte row; packed per call, which costs O(weights);
+  instruction reads one contiguous 64-byte row. In training the weight changes every step and is
+  packed in the kernel (O(weights) per call); a deployed kernel takes it packed (``PackedWeight``,
+  from ``pack_weight`` on the constant weight, folded at build time);
 - ``marvin_dot``: the reduction (int32; float32 for the float32 class), tensorized by
   ``passes/schedule_dot``;
 - ``dot_unpack``: back to NCHW (or rows x features) in the class's accumulator dtype, minus the
@@ -16,6 +18,8 @@ A matmul ``[M, K] x [K, O]`` is the same kernel with rows as the width axis, blo
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from tvm import te, tirx
 
@@ -30,8 +34,19 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pack_weight(w: te.Tensor, isa: DotISA, container: str, conv: bool) -> tuple[te.Tensor, te.Tensor | None]:
-    """``w`` is [O, C, KH, KW] (conv) or [O, K] (matmul)."""
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in the kernel's layout: ``data`` [O/L, C/d, KH, KW, L, d] (KH = KW = 1 for a
+    matmul), the per-output sums vpdpbusd's offset correction needs (else None), and O."""
+
+    data: te.Tensor
+    sums: te.Tensor | None
+    out_features: int
+
+
+def pack_weight(w: te.Tensor, isa: DotISA, container: str) -> PackedWeight:
+    """``w`` [O, C, KH, KW] (conv) or [O, K] (matmul), integer, in the kernel's layout."""
+    conv = len(w.shape) == 4
     o, c = int(w.shape[0]), int(w.shape[1])
     kh, kw = (int(w.shape[2]), int(w.shape[3])) if conv else (1, 1)
     lanes, depth = isa.lanes, isa.depth(container)
@@ -44,11 +59,17 @@ def _pack_weight(w: te.Tensor, isa: DotISA, container: str, conv: bool) -> tuple
         return tirx.Select(inside, _cast(dtype, value), tirx.const(0, dtype))
 
     packed = te.compute((_ceil(o, lanes), _ceil(c, depth), kh, kw, lanes, depth), f, name="dot_pack_w")
+    return PackedWeight(packed, weight_sums(w, isa, container), o)
+
+
+def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
+    """``sum_k w[o, k]`` when the operand is offset (vpdpbusd's x + 128), else None."""
     if isa.operand_dtype(container) != "uint8":
-        return packed, None
+        return None
     r = [te.reduce_axis((0, n), name=f"r{i}") for i, n in enumerate(w.shape[1:])]
-    wsum = te.compute((o,), lambda oc: te.sum(tirx.Cast("int32", w[(oc, *r)]), axis=r), name="dot_weight_sum")
-    return packed, wsum
+    return te.compute(
+        (w.shape[0],), lambda oc: te.sum(tirx.Cast("int32", w[(oc, *r)]), axis=r), name="dot_weight_sum"
+    )
 
 
 def _operand(value: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
@@ -92,7 +113,7 @@ def _correct(y: tirx.PrimExpr, wsum: te.Tensor | None, oc, acc: str) -> tirx.Pri
 
 def conv2d(
     x: te.Tensor,
-    w: te.Tensor,
+    w: te.Tensor | PackedWeight,
     strides: tuple[int, int],
     padding: tuple[int, int, int, int],
     isa: DotISA,
@@ -101,7 +122,8 @@ def conv2d(
 ) -> te.Tensor:
     """NCHW x OIHW -> NCHW in ``acc`` (int32, or int64 for the int16 class), groups 1, dilation 1."""
     n, c, h, wd = x.shape
-    o, _, kh, kw = (int(d) for d in w.shape)
+    wpk = w if isinstance(w, PackedWeight) else pack_weight(w, isa, container)
+    o, kh, kw = wpk.out_features, int(wpk.data.shape[2]), int(wpk.data.shape[3])
     top, left, bottom, right = padding
     sh, sw = strides
     depth, lanes = isa.depth(container), isa.lanes
@@ -116,20 +138,20 @@ def conv2d(
         return tirx.Select(inside, _operand(x[b, cc, hi, wi], isa, container), pad)
 
     xp = te.compute((n, _ceil(int(c), depth), hp, wp_, depth), pack_x, name="dot_pack_x")
-    wpk, wsum = _pack_weight(w, isa, container, conv=True)
     dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk, (n, _ceil(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth, dtype)
+    y = _reduce(xp, wpk.data, (n, _ceil(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth, dtype)
     return te.compute(
         (n, o, oh, ow),
-        lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wsum, oc, acc),
+        lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wpk.sums, oc, acc),
         name="dot_unpack",
     )
 
 
-def matmul(x: te.Tensor, w: te.Tensor, isa: DotISA, container: str, acc: str) -> te.Tensor:
+def matmul(x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: str, acc: str) -> te.Tensor:
     """``x [M, K]`` times ``w [O, K]`` transposed -> ``[M, O]`` in ``acc``."""
     m, k = x.shape
-    o = int(w.shape[0])
+    wpk = w if isinstance(w, PackedWeight) else pack_weight(w, isa, container)
+    o = wpk.out_features
     depth, lanes = isa.depth(container), isa.lanes
     blocks = (m + ROW_BLOCK - 1) // ROW_BLOCK
     pad = _pad(isa, container)
@@ -140,15 +162,14 @@ def matmul(x: te.Tensor, w: te.Tensor, isa: DotISA, container: str, acc: str) ->
         return tirx.Select(inside, _operand(x[row, cc], isa, container), pad)
 
     xp = te.compute((blocks, _ceil(int(k), depth), 1, ROW_BLOCK, depth), pack_x, name="dot_pack_x")
-    wpk, wsum = _pack_weight(w, isa, container, conv=False)
     dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk, (blocks, _ceil(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth, dtype)
+    y = _reduce(xp, wpk.data, (blocks, _ceil(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth, dtype)
     return te.compute(
         (m, o),
         lambda row, oc: _correct(
             # min(): row // ROW_BLOCK < blocks always, but TVM cannot prove it for a symbolic M
             y[te.min(row // ROW_BLOCK, blocks - 1), oc // lanes, 0, row % ROW_BLOCK, oc % lanes],
-            wsum,
+            wpk.sums,
             oc,
             acc,
         ),

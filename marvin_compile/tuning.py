@@ -2,8 +2,10 @@
 
 A task is one packed kernel (``te_dot``) of one (layer, kernel class); layers with the same shapes
 share it. The design space is ``schedule_dot(tune=True)``: the register tile (output-channel
-blocks x output columns). It samples static loops only, so a trace measured at the tuning batch
-replays onto the symbolic-batch kernel that the variants, the training driver and deployment use.
+blocks x output columns) over static loops only. A build looks the tile up by the kernel's dot
+block (``dot_signature``), so the tile measured at the tuning batch applies to the symbolic-batch
+kernels of the variants and the training driver, and to deployed kernels (packed constant
+weight, ReLU / residual add fused in) whose dot block is the same.
 The untuned default schedule is measured first, so the database's best is never a schedule slower
 than the default on this device.
 
@@ -39,7 +41,7 @@ from marvin_compile.dot_isa import dot_isa
 from marvin_compile.frontend import import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.passes import pipeline
-from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot
+from marvin_compile.passes.schedule_dot import dot_signature, has_dot_block, schedule_dot
 from marvin_compile.report import atomic_write_json
 from marvin_compile.target import target_key
 from marvin_compile.tvmscript import install_fast_parsing, load_tensor_intrinsics
@@ -83,6 +85,7 @@ class TuningDatabase:
         self.path.mkdir(parents=True, exist_ok=True)
         self.target = target
         self._db = ms.database.JSONDatabase(work_dir=str(self.path), module_equality="structural")
+        self._tile_table: dict[str, tuple[tuple[int, int] | None]] | None = None
 
     @property
     def digest(self) -> str:
@@ -93,26 +96,31 @@ class TuningDatabase:
     def __len__(self) -> int:
         return len(self._db)
 
-    def trace_for(self, func: tirx.PrimFunc) -> tirx.Trace | None:
-        """The best recorded trace for a symbolic-batch kernel, or None."""
-        mod = _workload(func)
-        if not self._db.has_workload(mod):
-            return None
-        best = self._db.get_top_k(self._db.commit_workload(mod), 1)
-        return best[0].trace if best else None
+    def tiles_for(self, func: tirx.PrimFunc) -> tuple[tuple[int, int] | None] | None:
+        """``(tile,)`` of the fastest record for ``func``'s dot block (tile None: the default
+        schedule won), or None when the database has no record for it."""
+        if self._tile_table is None:
+            self._tile_table = self._best_tiles()
+        return self._tile_table.get(dot_signature(func))
+
+    def _best_tiles(self) -> dict[str, tuple[tuple[int, int] | None]]:
+        best: dict[str, tuple[float, tuple[int, int] | None]] = {}
+        for record in self._db.get_all_tuning_records():
+            secs = _mean_secs(record.run_secs)
+            key = dot_signature(record.workload.mod["main"])
+            if secs is not None and (key not in best or secs < best[key][0]):
+                best[key] = (secs, _tile_of(record.trace))
+        return {key: (tile,) for key, (_, tile) in best.items()}
 
     def schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-        """``func`` scheduled by its best recorded trace (None when the database has none)."""
-        trace = self.trace_for(func)
-        if trace is None:
+        """``func`` scheduled with its tuned register tile (None when the database has none)."""
+        found = self.tiles_for(func)
+        if found is None:
             return None
-        isa = dot_isa(self.target)
-        for container in ("int8", "int16"):
-            isa.intrinsic(container)  # the trace's tensorize step looks the intrinsic up by name
         sch = Schedule(func)
         try:
-            trace.apply_to_schedule(sch, remove_postproc=True)
-        except Exception as exc:  # noqa: BLE001 - a record TVM cannot replay must not stop a build
+            schedule_dot(sch, dot_isa(self.target), tiles=found[0])
+        except Exception as exc:  # noqa: BLE001 - a record that does not fit must not stop a build
             msg = f"tuning record in {self.path} does not apply ({exc}); using the default schedule"
             warnings.warn(msg, stacklevel=2)
             return None
@@ -120,9 +128,20 @@ class TuningDatabase:
 
     def commit(self, func: tirx.PrimFunc, record: ms.database.TuningRecord) -> None:
         workload = self._db.commit_workload(_workload(func))
+        self._tile_table = None
         self._db.commit_tuning_record(
             ms.database.TuningRecord(record.trace, workload, record.run_secs, self.target, record.args_info)
         )
+
+
+def _tile_of(trace: tirx.Trace) -> tuple[int, int] | None:
+    """The (ob_block, w_block) a ``schedule_dot(tune=True)`` trace sampled; None for the default."""
+    values = [
+        int(inst.attrs[0][int(trace.decisions[inst])])
+        for inst in trace.insts
+        if inst.kind.name == "SampleCategorical"
+    ]
+    return (values[0], values[1]) if len(values) == 2 else None
 
 
 def open_database(db: str | os.PathLike | None, target: tvm.target.Target) -> TuningDatabase | None:

@@ -1,9 +1,10 @@
 """Freeze each layer's precision and weights into constants, for a deployed model.
 
 Run after ``BindParams("main", ...)``: every layer call in ``main`` then passes constant weights.
-This pass binds those constants and the layer's ``qp``/``fl`` into the layer function, so the
-call keeps only the activation; constant folding then stores each weight and bias already
-quantized in its integer container.
+This pass binds those constants and the layer's ``qp``/``fl`` into the layer function and inlines
+its body into ``main`` (a layer that branches at run time stays a call), so TVM's fusion sees
+each kernel next to the ReLU or residual add that follows it; constant folding then stores each
+weight and bias already quantized (and packed) in its integer container.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, substitute
 
 @tvm.transform.module_pass(opt_level=0, name="FreezeLayerPrecision")
 class FreezeLayerPrecision:
-    """Bind every layer's ``qp``, ``fl`` and constant weight arguments; calls pass only ``x``."""
+    """Bind every layer's ``qp``, ``fl`` and constant weight arguments and inline the layer."""
 
     def __init__(self, precision: Mapping[str, Precision]) -> None:
         self.precision = precision
@@ -30,19 +31,18 @@ class FreezeLayerPrecision:
         main = mod["main"]
         bindings = [b for block in main.body.blocks for b in block.bindings]
         bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in layers}))
-        new_gv = {  # fresh GlobalVars: the frozen functions have a new signature
-            b.value.op: bb.add_func(self._freeze(layers[b.value.op], b.value.args[1:]), b.value.op.name_hint)
-            for b in bindings
-            if isinstance(b.value, relax.Call) and b.value.op in layers
-        }
         vmap: dict = {}
         with bb.function("main__frozen", list(main.params), attrs=dict(main.attrs)):
             with bb.dataflow():
                 for b in bindings:
                     value = substitute(b.value, vmap)
-                    if isinstance(value, relax.Call) and value.op in new_gv:
-                        value = relax.Call(new_gv[value.op], [value.args[0]])
-                    vmap[b.var] = bb.emit(value, b.var.name)
+                    if isinstance(value, relax.Call) and value.op in layers:
+                        frozen = self._freeze(layers[value.op], value.args[1:])
+                        inlined = _inline(bb, frozen, value.args[0])
+                        if inlined is None:  # a layer that branches at run time stays a function
+                            inlined = relax.Call(bb.add_func(frozen, value.op.name_hint), [value.args[0]])
+                        value = inlined
+                    vmap[b.var] = value if isinstance(value, relax.Var) else bb.emit(value, b.var.name)
                 result = bb.emit_output(substitute(main.body.body, vmap))
             bb.emit_func_output(result)
         built = bb.get()
@@ -66,3 +66,17 @@ class FreezeLayerPrecision:
         for param, w in zip(func.params[1:], weights, strict=False):
             binding[param.name] = w.value
         return func.bind_params(binding)
+
+
+def _inline(bb: relax.BlockBuilder, func: relax.Function, x: relax.Expr) -> relax.Expr | None:
+    """Emit a one-parameter function's dataflow bindings on ``x`` (its symbolic batch bound to
+    ``x``'s); None when its body is not a single dataflow block."""
+    blocks = func.body.blocks
+    if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
+        return None
+    dims = zip(func.params[0].ty.shape.values, x.ty.shape.values, strict=True)
+    func = func.bind_symbolic_vars({p: a for p, a in dims if isinstance(p, tvm.tirx.Var)})
+    local: dict = {func.params[0]: x}
+    for b in func.body.blocks[0].bindings:
+        local[b.var] = bb.emit(substitute(b.value, local), b.var.name)
+    return substitute(func.body.body, local)

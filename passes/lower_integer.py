@@ -32,6 +32,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param
 ACC_ATTR = "marvin.accumulator"
 INT32_MAX = 2**31 - 1
 QNAME = "fxp_quantize_int"
+OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable: element-wise consumers fuse in
 
 
 def _core_binding(func: relax.Function) -> tuple[relax.VarBinding, dict]:
@@ -179,39 +180,67 @@ class LowerToIntegerKernels:
             y = bind(_integer_core(core.value, xi, wt, acc))
             return bb.call_te(te_ops.requantize, y, bi, qp, fl, axis, seed, primfunc_name_hint="requantize")
 
-        def fast(bi: relax.Expr | None) -> relax.Expr:
-            """One packed kernel: quantize x and w as its prologue (inlined into the packing, same
-            hash sites as the generic path), the dot product, requantize as its epilogue."""
+        def fast(bi: relax.Expr | None, weight: list[relax.Expr] | None) -> relax.Expr:
+            """One packed kernel: quantize x (and w, unless ``weight`` holds it packed) as its
+            prologue (inlined into the packing, same hash sites as the generic path), the dot
+            product, requantize as its epilogue."""
             kind, kwargs = packed
             dot = functools.partial(
                 getattr(te_dot, kind), **kwargs, isa=self.isa, container=container, acc=acc
             )
             optional = {"bias": bi, "seed": seed}
             present = [k for k, v in optional.items() if v is not None]
+            n_weight = 1 if weight is None else len(weight)
 
-            def kernel(xt, wt, qp_t, fl_t, *rest):  # call_te takes only tensors and PrimExprs
-                given = dict(zip(present, rest, strict=True))
+            def kernel(xt, *rest):  # call_te takes only tensors and PrimExprs
+                wts, (qp_t, fl_t), extra = (
+                    rest[:n_weight],
+                    rest[n_weight : n_weight + 2],
+                    rest[n_weight + 2 :],
+                )
+                given = dict(zip(present, extra, strict=True))
                 sd = given.get("seed")
                 xq = te_ops.quantize_to_int(xt, qp_t, container, sd, SALTS[0])
-                wq = te_ops.quantize_to_int(wt, qp_t, container, sd, SALTS[1])
+                if weight is None:
+                    wq = te_ops.quantize_to_int(wts[0], qp_t, container, sd, SALTS[1])
+                else:
+                    wq = te_dot.PackedWeight(wts[0], wts[1] if len(wts) > 1 else None, weight_shape[0])
                 return te_ops.requantize(dot(xq, wq), given.get("bias"), qp_t, fl_t, axis, sd)
 
             extra = [optional[k] for k in present]
-            return bb.call_te(kernel, x, w, qp, fl, *extra, primfunc_name_hint=f"marvin_dot_{kind}")
+            call = bb.call_te(
+                kernel, x, *(weight or [w]), qp, fl, *extra, primfunc_name_hint=f"marvin_dot_{kind}"
+            )
+            if weight is not None:  # deployment: relu / residual add after the layer fuse into it
+                gv = call.args[0]
+                bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
+            return call
+
+        def packed_weight() -> list[relax.Expr]:
+            """Quantize and pack the (constant) weight in calls of their own, which constant
+            folding evaluates at build time: the deployed kernel reads an integer packed weight."""
+            wq = bb.emit_te(te_ops.quantize_to_int, w, qp, container, primfunc_name_hint=QNAME)
+            isa = self.isa
+            data = bb.emit_te(lambda t: te_dot.pack_weight(t, isa, container).data, wq)
+            if isa.operand_dtype(container) != "uint8":
+                return [data]
+            return [data, bb.emit_te(lambda t: te_dot.weight_sums(t, isa, container), wq)]
 
         with bb.function(name, params, attrs=attrs):
             with bb.dataflow():
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])
+                weight = packed_weight() if packed is not None and layer in self.frozen else None
                 if branch:  # int16 class: int32 products only while the word length allows
                     word = relax.op.take(qp, relax.const(3, "int64"), axis=0)  # 2**(wl-1) - 1
                     cond = bb.emit_output(
                         bb.emit(relax.op.less(word, relax.const(2.0 ** (fast_wl - 1), "float32")))
                     )
                     bi = None if bi is None else bb.emit_output(bi)
+                    weight = None if weight is None else [bb.emit_output(v) for v in weight]
                 else:
-                    out = bb.emit_output(fast(bi) if packed is not None else generic(bb.emit, bi))
+                    out = bb.emit_output(fast(bi, weight) if packed is not None else generic(bb.emit, bi))
             if branch:
-                out = bb.emit(relax.If(cond, fast(bi), generic(bb.normalize, bi)))
+                out = bb.emit(relax.If(cond, fast(bi, weight), generic(bb.normalize, bi)))
             bb.emit_func_output(out)
 
 

@@ -5,7 +5,9 @@
 - lower:     integer kernels of the layer's kernel class (packed dot-product kernels on x86;
              the float32 class's product on the packed FMA kernel), then dead-code cleanup;
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
-- freeze:    deployment: precisions and weights become constants, folded into integer containers;
+- freeze:    deployment: precisions and weights become constants, folded into integer containers
+             (packed for the dot-product kernels), and layers are inlined into ``main`` so TVM's
+             fusion appends each layer's ReLU / residual add to its kernel;
 - glue:      ``main`` calls layers through the runtime dispatcher;
 - build:     TVM's Relax lowering and fusion, CPU schedules (``schedule_dot`` for the packed
              kernels, ``schedule_cpu`` for the rest), codegen for the target (``tvm.compile``).

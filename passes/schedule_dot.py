@@ -23,13 +23,15 @@ MAX_OB_BLOCK = 4
 MAX_VECTOR = 64  # longest unpack row vectorized as one vector (LLVM splits it into registers)
 
 
-def has_dot_block(func: tirx.PrimFunc) -> bool:
-    sch = Schedule(func)
+def _find_block(sch: Schedule, name: str):
     try:
-        sch.get_sblock(DOT_BLOCK)
+        return sch.get_sblock(name)
     except Exception:  # noqa: BLE001 - TVM raises its own ScheduleError
-        return False
-    return True
+        return None
+
+
+def has_dot_block(func: tirx.PrimFunc) -> bool:
+    return _find_block(Schedule(func), DOT_BLOCK) is not None
 
 
 def _intrinsic(sch: Schedule, block, isa: DotISA) -> str:
@@ -54,8 +56,27 @@ def default_tiles(ob: int, w: int, lanes: int) -> tuple[int, int]:
     return max(pairs, key=lambda p: (p[0] * p[1], p[1]))
 
 
-def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
-    """Schedule a ``te_dot`` PrimFunc in place; ``tune`` samples the tiles (meta_schedule space)."""
+def dot_signature(func: tirx.PrimFunc) -> str:
+    """What a register tile depends on: the reduction block's operand and accumulator buffers and
+    its loop extents (the symbolic batch as ``n``). A tuned kernel's tile applies to every kernel
+    with this signature: the training variant, and the deployed one that takes its weight packed
+    and has the layer's ReLU or residual add fused in."""
+    sch = Schedule(func)
+    block = sch.get(sch.get_sblock(DOT_BLOCK))
+
+    def dims(shape) -> str:
+        return ",".join(str(int(d)) if isinstance(d, tirx.IntImm) else "n" for d in shape)
+
+    buffers = [f"{r.source.dtype}[{dims(r.source.shape)}]" for r in (*block.reads, *block.writes)]
+    loops = [f"{int(iv.iter_type)}:{dims([iv.dom.extent])}" for iv in block.iter_vars]
+    return ";".join(buffers + loops)
+
+
+def schedule_dot(
+    sch: Schedule, isa: DotISA, tune: bool = False, tiles: tuple[int, int] | None = None
+) -> None:
+    """Schedule a ``te_dot`` PrimFunc in place: register tile ``tiles`` (ob_block, w_block), else
+    the default; ``tune`` samples it instead (the meta_schedule design space)."""
     block = sch.get_sblock(DOT_BLOCK)
     intrin = _intrinsic(sch, block, isa)
     n, ob, h, w, oi, cb, kh, kw, p = sch.get_loops(block)
@@ -66,7 +87,9 @@ def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
         ob_tiles = [None, sch.sample_categorical(ob_choice, [1 / len(ob_choice)] * len(ob_choice))]
         w_tiles = [None, sch.sample_categorical(w_choice, [1 / len(w_choice)] * len(w_choice))]
     else:
-        ob_block, w_block = default_tiles(ob_extent, w_extent, isa.lanes)
+        ob_block, w_block = tiles or default_tiles(ob_extent, w_extent, isa.lanes)
+        if ob_extent % ob_block or w_extent % w_block:
+            raise ValueError(f"tile {ob_block}x{w_block} does not divide the loops {ob_extent}x{w_extent}")
         ob_tiles, w_tiles = [None, ob_block], [None, w_block]
     obo, obi = sch.split(ob, ob_tiles)
     wo, wi = sch.split(w, w_tiles)
@@ -84,7 +107,9 @@ def schedule_dot(sch: Schedule, isa: DotISA, tune: bool = False) -> None:
     sch.unroll(wi)
     _inline_neighbours(sch)
     _schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
-    schedule_injective(sch, sch.get_sblock("dot_pack_w"))
+    pack_w = _find_block(sch, "dot_pack_w")  # absent when the kernel takes the weight packed
+    if pack_w is not None:
+        schedule_injective(sch, pack_w)
     _schedule_unpack(sch, sch.get_sblock("dot_unpack"))
 
 
@@ -112,8 +137,9 @@ def _schedule_unpack(sch: Schedule, block) -> None:
 
 def _inline_neighbours(sch: Schedule) -> None:
     """Inline the element-wise stages around the kernel: the weight quantizer into the packing,
-    consumers (requantize, or a bias add TVM's FuseOps appended) into the unpack. The input
-    quantizer is placed by ``_schedule_pack_x``."""
+    consumers (requantize, and in a deployed model the ReLU or residual add FuseOps appended) into
+    the unpack, in order, so a chain collapses into it. The input quantizer is placed by
+    ``_schedule_pack_x``."""
     ours = {"dot_pack_x", "dot_pack_w", "dot_weight_sum", DOT_BLOCK, "dot_unpack"}
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name = sch.get(block).name_hint

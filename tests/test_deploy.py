@@ -244,3 +244,41 @@ def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_pa
         padding=1,
     ).numpy()
     np.testing.assert_array_equal(got, quantize_np(ref, p.wl, p.fl))
+
+
+def test_deployed_weights_are_stored_in_integer_containers():
+    """Freezing folds each weight's quantization (and, on the packed kernels, its packing) into
+    an integer constant: the only float32 constants left are the 4-element precision vectors."""
+    import tvm
+    from tvm import relax
+
+    from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
+    from marvin_compile.passes import pipeline
+    from marvin_compile.target import resolve_target
+
+    torch.manual_seed(0)
+    model = lenet5().eval()
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lenet-{os.getpid()}.onnx")
+    export_onnx(model, torch.randn(2, 1, 32, 32), path)
+    imported = import_onnx(load_onnx(path))
+    os.remove(path)
+    prec = {name: Precision(*p) for name, p in PRECISION.items()}
+    frozen = pipeline.freeze(pipeline.partition(imported.mod), prec, imported.params, resolve_target("cpu"))
+
+    def constants(e: relax.Expr) -> list[np.ndarray]:
+        if isinstance(e, tvm.ir.expr.Constant):
+            return [e.value.numpy()]
+        parts = e.args if isinstance(e, relax.Call) else e.fields if isinstance(e, relax.Tuple) else []
+        return [c for part in parts for c in constants(part)]
+
+    found = [
+        c
+        for func in frozen.functions.values()
+        if isinstance(func, relax.Function)
+        for block in func.body.blocks
+        for b in block.bindings
+        for c in constants(b.value)
+    ]
+    weights = [c for c in found if c.size > 4]
+    assert len(weights) >= 2 * len(PRECISION)  # a weight and a bias per layer, at least
+    assert all(np.issubdtype(c.dtype, np.integer) for c in weights), sorted({str(c.dtype) for c in weights})

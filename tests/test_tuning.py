@@ -129,17 +129,48 @@ def test_a_database_keeps_one_tuning_batch(conv_model, tuned, capsys):
     assert "tuned at batch 4, not 8" in capsys.readouterr().err
 
 
-def test_a_record_that_does_not_replay_falls_back_to_the_default(conv_model, tuned, monkeypatch):
+def test_a_record_that_does_not_fit_falls_back_to_the_default(conv_model, tuned, monkeypatch):
     db, _, _ = tuned
     target = resolve_target("cpu")
-    database = tuning.TuningDatabase(db, target)
     ((_, func),) = pipeline.layer_functions(pipeline.partition(import_onnx(load_onnx(conv_model[1])).mod))
     kernel = tuning._dot_kernel(pipeline.variant_module(func, CLASS_BY_NAME["int8"], "nearest", target))
-    assert database.schedule(kernel) is not None
-
-    def broken(self, sch, remove_postproc):
-        raise RuntimeError("instruction mismatch")
-
-    monkeypatch.setattr(type(database.trace_for(kernel)), "apply_to_schedule", broken)
+    assert tuning.TuningDatabase(db, target).schedule(kernel) is not None
+    monkeypatch.setattr(tuning, "_tile_of", lambda trace: (7, 7))  # 7 divides none of the loops
     with pytest.warns(UserWarning, match="does not apply"):
-        assert database.schedule(kernel) is None
+        assert tuning.TuningDatabase(db, target).schedule(kernel) is None
+
+
+def test_deployed_fused_kernel_uses_the_tuned_tile_and_stays_exact(tuned, tmp_path, monkeypatch):
+    """The deployed kernel differs from the tuned one (packed constant weight, ReLU fused in), but
+    its dot block is the same, so the tuned tile applies; the result is exact."""
+    from marvin_compile.fixed_point import Precision, quantize_np
+    from marvin_compile.runtime.deploy import deploy, load
+
+    db, _, _ = tuned
+    applied = []
+    original = tuning.TuningDatabase.schedule
+    monkeypatch.setattr(
+        tuning.TuningDatabase,
+        "schedule",
+        lambda self, f: applied.append((f, original(self, f))) or applied[-1][1],
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()).eval()
+    p = Precision(8, 4)
+    deploy(model, torch.randn(2, 3, 8, 8), {"0": p}, tmp_path / "d", db=db)
+    (kernel, scheduled), *_ = applied
+    assert scheduled is not None
+    assert "fxp_requantize_intermediate" in kernel.script()  # the ReLU consumes it inside the kernel
+
+    x = np.random.default_rng(2).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    w, b = (
+        quantize_np(t.detach().numpy().astype(np.float64), p.wl, p.fl)
+        for t in (model[0].weight, model[0].bias)
+    )
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(quantize_np(x.astype(np.float64), p.wl, p.fl)),
+        torch.from_numpy(w),
+        torch.from_numpy(b),
+        padding=1,
+    ).numpy()
+    np.testing.assert_array_equal(load(tmp_path / "d")(x), np.maximum(quantize_np(ref, p.wl, p.fl), 0))
