@@ -27,6 +27,7 @@ import functools
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import marvin_compile  # noqa: F401  # isort: skip - before torch, as in the CLI: sets OMP_WAIT_POLICY
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,6 +194,42 @@ def float_results(
     return results
 
 
+# The float32 eager step in a child process whose libgomp keeps its default wait policy (idle
+# workers spin before they sleep): torch loads before marvin_compile there, so OMP_WAIT_POLICY stays
+# unset. Prints the median step ms.
+_DEFAULT_POLICY_CHILD = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import train_step as ts
+name, steps, warmup = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+build, shape, _, _ = ts.MODELS[name]
+torch.manual_seed(0)
+model = build().train()
+x, y = torch.randn(ts.BATCH, *shape), torch.randint(0, 10, (ts.BATCH,))
+opt = torch.optim.SGD(model.parameters(), lr=ts.LR, momentum=ts.MOMENTUM, weight_decay=ts.WEIGHT_DECAY)
+print(ts.time_steps(lambda: ts.torch_step(model, opt, x, y), steps, False, warmup)[0])
+"""
+
+
+def default_policy_eager(name: str, steps: int, warmup: int) -> Result:
+    """float32 eager with libgomp's default wait policy (a child process, see above)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    args = [
+        sys.executable,
+        "-c",
+        _DEFAULT_POLICY_CHILD,
+        str(Path(__file__).parent),
+        name,
+        str(steps),
+        str(warmup),
+    ]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    label = "float32 eager, libgomp default wait policy"
+    if done.returncode != 0:
+        return Result(label, None, f"failed: {done.stderr.strip().splitlines()[-1][:120]}")
+    return Result(label, float(done.stdout.split()[-1]), "child process, OMP_WAIT_POLICY unset")
+
+
 def marvin_optimizer(model: nn.Module, handle: MarvinHandle, **precision_source: Any) -> MSGD:
     """MSGD as the driver sets it up, with a fixed ``precision=`` or a live ``controller=``."""
     opt = MSGD(
@@ -260,6 +298,7 @@ def bench_model(name: str, steps: int, warmup: int, try_compile: bool) -> list[R
     y = torch.randint(0, 10, (BATCH,))
     print(f"{name}: {steps} timed steps after {warmup} warm-up steps", flush=True)
     results = float_results(base, x, y, steps, warmup, try_compile)
+    results.append(default_policy_eager(name, steps, warmup))
     for r in results:
         print(
             f"  {r.name}: {r.median_ms if r.median_ms is None else round(r.median_ms, 1)} ms {r.note}",
@@ -334,6 +373,11 @@ def section(
         "innermost region only.",
         "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "
         "affinity TVM's thread pool narrows before timing them.",
+        f"- Threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for every row but "
+        "the `libgomp default wait policy` one (importing marvin_compile before torch sets it, as the "
+        "CLI does: torch's idle OpenMP workers otherwise spin on the cores TVM's kernels need); "
+        "TVM_THREAD_POOL_SPIN_COUNT=0 from `quantize_` on (TVM's idle workers sleep too). Ratios are "
+        "against the float32 eager row of this process.",
     ]
     title = "## Training step: MARViN vs float32 PyTorch"
     return "\n".join([begin, title, "", *notes, "", table(per_model), end])

@@ -12,6 +12,12 @@ __version__ = "0.1.0"
 if hasattr(os, "sched_getaffinity"):
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
+# In a training step torch's OpenMP workers and TVM's pool take turns on the same cores. An idle
+# OpenMP worker spins (libgomp's default), keeping its core from TVM's kernels, and on a loaded
+# machine it makes torch's own parallel regions crawl. libgomp reads this when torch loads, so it
+# takes effect when marvin_compile is imported before torch (the CLI does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if TYPE_CHECKING:
     from marvin_compile.runtime.deploy import DeployedModel
 

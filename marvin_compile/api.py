@@ -88,6 +88,10 @@ def quantize_(
 ) -> MarvinHandle:
     """Compile every Conv/Linear layer of ``model`` and route its forward through the variants."""
     config = config or MarvinConfig()
+    # Training interleaves TVM kernels with torch ops: TVM's idle workers must not spin against
+    # torch's (read when TVM's pool starts, at the first parallel kernel; deployed inference, whose
+    # kernels run back to back, keeps TVM's spinning default).
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     target = resolve_target(config.target)
     store = VariantStore(target, config.cache_dir, open_database(config.tuning_db, target))
     with tempfile.TemporaryDirectory() as tmp:
