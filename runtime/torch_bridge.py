@@ -131,18 +131,20 @@ class _QuantizedLayerFn(torch.autograd.Function):
             gx = grad @ weight
             gw = grad.reshape(-1, grad.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
             gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        else:
-            conv_input, conv_weight = (
-                (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)
-                if isinstance(module, nn.Conv2d)
-                else (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight)
+        else:  # one call for all three, as autograd makes it (shared layout conversions), dx if needed
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad,
+                xq,
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                module.stride,
+                module.padding,
+                module.dilation,
+                False,
+                [0] * (weight.dim() - 2),
+                module.groups,
+                [ctx.needs_input_grad[0], True, ctx.has_bias],
             )
-            kw = dict(
-                stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups
-            )
-            gx = conv_input(xq.shape, weight, grad, **kw)
-            gw = conv_weight(xq, weight.shape, grad, **kw)
-            gb = grad.sum(dim=[0, *range(2, grad.dim())]) if ctx.has_bias else None
         return gx, gw, gb, None, None, None
 
 
