@@ -7,7 +7,9 @@ Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of outpu
   the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
 - ``avx512``: int16 ``vpmaddwd`` + add, 16 lanes (int8 runs widened to int16);
 - ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16);
-- every family: float32 ``vfmadd`` (depth 1) for the float32 class.
+- every family: float32 ``vfmadd`` (depth 1) for the float32 class, and float64 ``vfmadd`` for
+  int16 products above the int32 bound: integer-valued float64 sums are exact below 2**53, i.e.
+  for any reduction shorter than 2**23 of products of at most 2**30.
 
 Integer arithmetic wraps modulo 2**32, so the result is exact whenever the true sum fits in int32.
 The kernels keep ``C`` in a small per-tile buffer that LLVM promotes to registers.
@@ -34,29 +36,32 @@ class DotISA:
     lanes: int  # output channels per instruction (int32 lanes)
 
     def depth(self, container: str) -> int:
-        """Reduction elements per lane per instruction for a class's container."""
-        if container == "float32":
+        """Reduction elements per lane per instruction for a container (``float64``: the exact
+        wide product of int16 operands)."""
+        if container in FLOATS:
             return 1
         return 4 if self.name == "avx512_vnni" and container == "int8" else 2
 
     def operand_dtype(self, container: str) -> str:
         """The dtype the packed activation holds (uint8 with offset for vpdpbusd)."""
-        return {1: "float32", 2: "int16", 4: "uint8"}[self.depth(container)]
+        return container if container in FLOATS else {2: "int16", 4: "uint8"}[self.depth(container)]
 
     def weight_dtype(self, container: str) -> str:
-        return {1: "float32", 2: "int16", 4: "int8"}[self.depth(container)]
+        return container if container in FLOATS else {2: "int16", 4: "int8"}[self.depth(container)]
 
     def product_dtype(self, container: str) -> str:
         """The dtype the instruction accumulates in."""
-        return "float32" if container == "float32" else "int32"
+        return container if container in FLOATS else "int32"
 
     def intrinsic(self, container: str) -> str:
         """The registered tensor intrinsic's name (registered on first use)."""
-        name = f"marvin_dot_{self.name}_{self.depth(container)}"
+        suffix = "f64" if container == "float64" else self.depth(container)
+        name = f"marvin_dot_{self.name}_{suffix}"
         _register(name)
         return name
 
 
+FLOATS = ("float32", "float64")
 ISAS = {
     "avx512_vnni": DotISA("avx512_vnni", 16),
     "avx512": DotISA("avx512", 16),
@@ -99,12 +104,12 @@ def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):
     return desc
 
 
-def _desc_fma(lanes: int):
+def _desc_fma(lanes: int, dtype: str):
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((1,), "float32", offset_factor=1),
-        B: T.Buffer((lanes, 1), "float32", offset_factor=1),
-        C: T.Buffer((lanes,), "float32", offset_factor=1),
+        A: T.Buffer((1,), dtype, offset_factor=1),
+        B: T.Buffer((lanes, 1), dtype, offset_factor=1),
+        C: T.Buffer((lanes,), dtype, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
@@ -117,14 +122,14 @@ def _desc_fma(lanes: int):
     return desc
 
 
-def _impl_fma(lanes: int):
-    vec = f"float32x{lanes}"
+def _impl_fma(lanes: int, dtype: str):
+    vec = f"{dtype}x{lanes}"  # float64 x 16 lanes: LLVM splits it into two (zmm) or four (ymm) FMAs
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((1,), "float32", offset_factor=1),
-        B: T.Buffer((lanes, 1), "float32", offset_factor=1),
-        C: T.Buffer((lanes,), "float32", offset_factor=1),
+        A: T.Buffer((1,), dtype, offset_factor=1),
+        B: T.Buffer((lanes, 1), dtype, offset_factor=1),
+        C: T.Buffer((lanes,), dtype, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
@@ -197,6 +202,9 @@ _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C i
     "marvin_dot_avx512_vnni_1": (16, 1, "float32", "float32", "llvm.fma", True),
     "marvin_dot_avx512_1": (16, 1, "float32", "float32", "llvm.fma", True),
     "marvin_dot_avx2_1": (8, 1, "float32", "float32", "llvm.fma", True),
+    "marvin_dot_avx512_vnni_f64": (16, 1, "float64", "float64", "llvm.fma", True),
+    "marvin_dot_avx512_f64": (16, 1, "float64", "float64", "llvm.fma", True),
+    "marvin_dot_avx2_f64": (8, 1, "float64", "float64", "llvm.fma", True),
 }
 
 
@@ -205,7 +213,7 @@ def _register(name: str) -> None:
     lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[name]
     with fast_parsing():
         if depth == 1:
-            desc, impl = _desc_fma(lanes), _impl_fma(lanes)
+            desc, impl = _desc_fma(lanes, a_dtype), _impl_fma(lanes, a_dtype)
         else:
             desc = _desc(lanes, depth, a_dtype, b_dtype)
             impl = _impl(lanes, depth, a_dtype, b_dtype, llvm_name, fused)

@@ -9,7 +9,8 @@ Given an x86 dot-product family (``dot_isa``), conv2d and Linear products run as
 on the machine's integer dot instructions (``te_dot``), which accumulate in int32. For the int8
 class that is always exact. For the int16 class it is exact only while
 ``K * 2**(2*(wl-1)) < 2**31``, so the kernel branches at run time on the word length: the packed
-int32 kernel below that bound, the int64 product above it.
+int32 kernel below that bound, above it the packed kernel on float64 FMAs, whose integer-valued
+sums are exact below 2**53 (any K < 2**23).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param
 ACC_ATTR = "marvin.accumulator"
 INT32_MAX = 2**31 - 1
 QNAME = "fxp_quantize_int"
+FLOAT64_EXACT_K = 2**23  # int16 products (<= 2**30) sum exactly in float64 below this many terms
 OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable: element-wise consumers fuse in
 
 
@@ -180,13 +182,17 @@ class LowerToIntegerKernels:
             y = bind(_integer_core(core.value, xi, wt, acc))
             return bb.call_te(te_ops.requantize, y, bi, qp, fl, axis, seed, primfunc_name_hint="requantize")
 
-        def fast(bi: relax.Expr | None, weight: list[relax.Expr] | None) -> relax.Expr:
+        def fast(bi: relax.Expr | None, weight: list[relax.Expr] | None, wide: bool = False) -> relax.Expr:
             """One packed kernel: quantize x (and w, unless ``weight`` holds it packed) as its
             prologue (inlined into the packing, same hash sites as the generic path), the dot
-            product, requantize as its epilogue."""
+            product (``wide``: on float64, exact where int32 is not), requantize as its epilogue."""
             kind, kwargs = packed
             dot = functools.partial(
-                getattr(te_dot, kind), **kwargs, isa=self.isa, container=container, acc=acc
+                getattr(te_dot, kind),
+                **kwargs,
+                isa=self.isa,
+                container="float64" if wide else container,
+                acc=acc,
             )
             optional = {"bias": bi, "seed": seed}
             present = [k for k, v in optional.items() if v is not None]
@@ -239,8 +245,9 @@ class LowerToIntegerKernels:
                     weight = None if weight is None else [bb.emit_output(v) for v in weight]
                 else:
                     out = bb.emit_output(fast(bi, weight) if packed is not None else generic(bb.emit, bi))
-            if branch:
-                out = bb.emit(relax.If(cond, fast(bi, weight), generic(bb.normalize, bi)))
+            if branch:  # above the int32 bound: packed float64 products, exact for K < 2**23
+                wide = fast(bi, None, wide=True) if reduction < FLOAT64_EXACT_K else generic(bb.normalize, bi)
+                out = bb.emit(relax.If(cond, fast(bi, weight), wide))
             bb.emit_func_output(out)
 
 

@@ -36,22 +36,27 @@ def has_dot_block(func: tirx.PrimFunc) -> bool:
 
 def _intrinsic(sch: Schedule, block, isa: DotISA) -> str:
     a_dtype = sch.get(block).reads[0].source.dtype
-    return isa.intrinsic({"uint8": "int8", "int16": "int16", "float32": "float32"}[a_dtype])
+    return isa.intrinsic({"uint8": "int8"}.get(a_dtype, a_dtype))
 
 
-def max_accumulators(lanes: int) -> int:
-    """Accumulator vectors that stay in registers: below TVM's stack-allocation limit (a heap
-    workspace may alias the operands, so LLVM keeps it in memory) and leaving operand registers."""
-    return min((STACK_BYTES - 1) // (4 * lanes), REGISTERS[lanes] - 4)
+def _acc_bytes(sch: Schedule, block) -> int:
+    return tvm.DataType(sch.get(block).writes[0].source.dtype).bits // 8
+
+
+def max_accumulators(lanes: int, acc_bytes: int = 4) -> int:
+    """Accumulators of ``lanes`` elements that stay in registers: below TVM's stack-allocation limit
+    (a heap workspace may alias the operands, so LLVM keeps it in memory) and leaving operand
+    registers (an 8-byte accumulator takes two vector registers)."""
+    return min((STACK_BYTES - 1) // (acc_bytes * lanes), (REGISTERS[lanes] - 4) * 4 // acc_bytes)
 
 
 def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def default_tiles(ob: int, w: int, lanes: int) -> tuple[int, int]:
+def default_tiles(ob: int, w: int, lanes: int, acc_bytes: int = 4) -> tuple[int, int]:
     """(ob_block, w_block): the most accumulators that fit, wider w first (it reuses weights)."""
-    budget = max_accumulators(lanes)
+    budget = max_accumulators(lanes, acc_bytes)
     pairs = [(o, x) for o in _divisors(ob, MAX_OB_BLOCK) for x in _divisors(w, budget) if o * x <= budget]
     return max(pairs, key=lambda p: (p[0] * p[1], p[1]))
 
@@ -81,13 +86,14 @@ def schedule_dot(
     intrin = _intrinsic(sch, block, isa)
     n, ob, h, w, oi, cb, kh, kw, p = sch.get_loops(block)
     ob_extent, w_extent = int(sch.get(ob).extent), int(sch.get(w).extent)
+    acc_bytes = _acc_bytes(sch, block)
     if tune:  # the space: every divisor pair; tiles past the register budget measure slow
-        budget = max_accumulators(isa.lanes)
+        budget = max_accumulators(isa.lanes, acc_bytes)
         ob_choice, w_choice = _divisors(ob_extent, MAX_OB_BLOCK), _divisors(w_extent, budget)
         ob_tiles = [None, sch.sample_categorical(ob_choice, [1 / len(ob_choice)] * len(ob_choice))]
         w_tiles = [None, sch.sample_categorical(w_choice, [1 / len(w_choice)] * len(w_choice))]
     else:
-        ob_block, w_block = tiles or default_tiles(ob_extent, w_extent, isa.lanes)
+        ob_block, w_block = tiles or default_tiles(ob_extent, w_extent, isa.lanes, acc_bytes)
         if ob_extent % ob_block or w_extent % w_block:
             raise ValueError(f"tile {ob_block}x{w_block} does not divide the loops {ob_extent}x{w_extent}")
         ob_tiles, w_tiles = [None, ob_block], [None, w_block]

@@ -100,6 +100,30 @@ def test_matmul_exact(isa, container, rows):
     np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ w.astype(np.int64).T)
 
 
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("shape", CONVS, ids=lambda s: "n{}c{}h{}o{}k{}s{}p{}".format(*s))
+def test_full_range_int16_conv_on_float64_is_exact(isa, shape):
+    """Above the int32 bound (here: every int16 value, K up to 144) the int16 class packs its
+    operands as float64, whose integer-valued sums stay exact."""
+    n, c, h, o, k, stride, pad = shape
+    rng = np.random.default_rng(sum(shape) + 1)
+    x, w = _operands(rng, "int16", (n, c, h, h)), _operands(rng, "int16", (o, c, k, k))
+    x.flat[:8], w.flat[:8] = -(2**15), -(2**15)  # products of 2**30, sums far past int32
+    nv = tvm.tirx.Var("n", "int64")
+    xp, wp = te.placeholder((nv, c, h, h), "int16", name="x"), te.placeholder((o, c, k, k), "int16", name="w")
+
+    def make(xt, wt, isa_):
+        return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, "float64", "int64")
+
+    lib = _build(isa, make, xp, wp)
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(x.astype(np.int64)), torch.from_numpy(w.astype(np.int64)), stride=stride, padding=pad
+    ).numpy()
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.int64))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
 @pytest.mark.parametrize("k", [1, 18, 144, 576, 4608])
 def test_int32_max_wl_is_the_exact_bound(k):
     wl = int32_max_wl(k)
