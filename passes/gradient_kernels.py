@@ -153,7 +153,13 @@ class AddGradientKernels:
 
         dx_length = w_shape[0] * _prod(w_shape[2:])
         self._product(
-            bb, "dx", [g, w, qp_g, qp_w, seed], dx_generic, dx_packed, kind, dx_length, (qp_g, qp_w)
+            bb,
+            "dx",
+            [g, w, qp_g, qp_w, seed],
+            dx_generic,
+            dx_packed if kind else None,
+            dx_length,
+            (qp_g, qp_w),
         )
 
         x, g2, qp_x, qp_g2, seed2 = (
@@ -210,8 +216,7 @@ class AddGradientKernels:
             "dw",
             [x, g2, qp_x, qp_g2, seed2],
             dw_generic,
-            dw_packed,
-            kind,
+            dw_packed if kind else None,
             dw_length,
             (qp_x, qp_g2),
             offset,
@@ -224,24 +229,24 @@ class AddGradientKernels:
         name: str,
         params: list[relax.Var],
         generic: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr],
-        packed: Callable[[], relax.Expr],
-        kind: str | None,
+        packed: Callable[[], relax.Expr] | None,
         length: int,
         qps: tuple[relax.Var, relax.Var],
         offset: bool = False,
     ) -> None:
-        """Define ``name``: the packed kernel where its int32 sums of ``length`` products are exact for
-        every word length of the class, the generic one where they never are, else an ``R.If``.
+        """Define ``name``: the ``packed`` kernel (None: none) where its int32 sums of ``length`` products
+        are exact for every word length of the class, the generic one where they never are, else an
+        ``R.If`` on the word lengths.
 
         ``offset``: the kernel also needs the sums of (x + 128) * g in int32 (vpdpbusd's dw), a bound
         of the int8 class only, checked here for its widest word length."""
-        bound = product_bound(length) if kind is not None else 0
+        bound = product_bound(length) if packed is not None else 0
         widest = self.kernel_class.max_wl - 1
         worst = 2 ** (OFFSET_BITS + widest) if offset else 4**widest
-        branch = kind is not None and worst > bound and not offset and bound > 0
+        branch = bound < worst and bound > 0 and not offset
         with bb.function(name, params):
             with bb.dataflow():
-                if branch:
+                if branch:  # qp[3] + 1 = 2**(wl-1): the operands' bound, a product exact in float32
                     a, b = (
                         relax.op.add(relax.op.take(qp, relax.const(3, "int64"), axis=0), relax.const(1.0))
                         for qp in qps
@@ -249,9 +254,8 @@ class AddGradientKernels:
                     fits = relax.op.less_equal(relax.op.multiply(a, b), relax.const(float(bound), "float32"))
                     cond = bb.emit_output(bb.emit(fits))
                 else:
-                    fast = kind is not None and worst <= bound
-                    out = bb.emit_output(packed() if fast else generic(bb.emit))
-            if branch:  # qp[3] + 1 = 2**(wl-1): the product bound, exact in float32
+                    out = bb.emit_output(packed() if worst <= bound else generic(bb.emit))
+            if branch:
                 out = bb.emit(relax.If(cond, packed(), generic(bb.normalize)))
             bb.emit_func_output(out)
 
