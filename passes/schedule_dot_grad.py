@@ -14,7 +14,6 @@ from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.passes.schedule_dot import _intrinsic, _schedule_pack_x, _schedule_unpack, default_tiles
-from marvin_compile.passes.utils import schedule_injective
 from marvin_compile.te_dot_grad import DW_BLOCK
 
 
@@ -57,11 +56,25 @@ def schedule_dot_dw(sch: Schedule, isa: DotISA) -> None:
         elif name == "dot_grad_sum":
             _schedule_sum(sch, block)
         elif name == "dot_pack_g":
-            for producer in sch.get_producers(block):  # the gradient quantizer, at root
-                schedule_injective(sch, producer)
-            schedule_injective(sch, block)
+            _schedule_pack_g(sch, block)
     _schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
     _schedule_unpack(sch, sch.get_sblock("dot_unpack"))
+
+
+def _schedule_pack_g(sch: Schedule, block) -> None:
+    """The gradient quantizer inlined into the packing, vectorized along the gradient's contiguous
+    axis (output columns; channels for a Linear): one pass over g, its hash computed in vectors."""
+    for producer in sch.get_producers(block):
+        sch.compute_inline(producer)
+    q, ob, i, j, oi, p = sch.get_loops(block)
+    if int(sch.get(j).extent) > 1:
+        sch.reorder(q, ob, i, oi, p, j)
+        inner = j
+    else:
+        sch.reorder(q, ob, i, j, p, oi)
+        inner = oi
+    sch.parallel(sch.fuse(q, ob))
+    sch.vectorize(inner)
 
 
 def _schedule_sum(sch: Schedule, block) -> None:
