@@ -1,9 +1,10 @@
 """Packed backward products of the low-bit training step on the x86 dot-product intrinsics.
 
 - ``conv2d_input_grad`` / ``linear_input_grad`` (dx) are forward packed kernels (``te_dot``) of
-  rearranged operands, so ``schedule_dot`` schedules them unchanged: dx of a conv2d is the stride-1
-  convolution of the stride-dilated gradient with the weight transposed to [C, O, KH, KW] and flipped
-  in space; dx of a Linear is ``g @ w`` (``te_dot.matmul`` of the weight transposed).
+  rearranged operands, so ``schedule_dot`` schedules them unchanged: dx of a conv2d is a stride-1
+  convolution of g with the weight transposed to [C, O, KH, KW] and flipped in space, one group of
+  output channels per stride phase (the caller interleaves them); dx of a Linear is ``g @ w``
+  (``te_dot.matmul`` of the weight transposed).
 - ``conv2d_weight_grad`` / ``linear_weight_grad`` (dw) reduce over the (symbolic) batch and the
   output positions: ``marvin_dot_dw`` sums one chunk of samples in int32 on the dot instructions
   (lanes = output channels of the gradient, rows = the im2col rows C*KH*KW of the input, read in
@@ -28,6 +29,22 @@ DW_BLOCK = "marvin_dot_dw"
 DW_CHUNK = 128  # products per int32 partial sum aimed at: amortises the int64 fold of a chunk
 
 
+def input_grad_phase(kernel: int, stride: int, pad: int, size: int, out: int) -> tuple[int, int, int, int]:
+    """Along one axis, the stride-1 convolution of g that gives every phase of dx: (top padding,
+    taps, bottom padding, outputs per phase). Phase ph (dx rows s*a + ph) takes the kernel taps
+    i = r + s*m, r = (ph + pad) mod s, from g rows a + (ph + pad) // s - m; each phase's taps are
+    placed, flipped, in one kernel of the returned size."""
+    live = []
+    for ph in range(stride):
+        r, q = (ph + pad) % stride, (ph + pad) // stride
+        if r < kernel:
+            live.append((q, _ceil(kernel - r, stride)))
+    top = max(0, *(m - 1 - q for q, m in live))
+    taps = max(q for q, _ in live) + top + 1
+    rows = _ceil(size, stride)
+    return top, taps, rows - 1 - out - top + taps, rows
+
+
 def conv2d_input_grad(
     g: te.Tensor,
     w: te.Tensor,
@@ -37,32 +54,33 @@ def conv2d_input_grad(
     isa: DotISA,
     container: str,
 ) -> te.Tensor:
-    """dx [N, C, H, W] (int32) of a conv2d (groups 1, dilation 1, each pad <= kernel - 1).
+    """dx of a conv2d (groups 1, dilation 1, each pad < kernel) phase by phase, int32
+    [N, SH*SW*C, ceil(H/SH), ceil(W/SW)]: channel (ph*SW + pw)*C + c holds dx[:, c, SH*a + ph, SW*b + pw].
 
-    The gradient dilated by the stride (zeros between its rows and columns) is correlated with the
-    flipped weight at padding ``kernel - 1 - pad`` on top/left; the bottom/right padding makes the
-    output exactly H x W, which also covers inputs the forward's stride did not reach."""
-    n, o, oh, ow = g.shape
-    _, c, kh, kw = (int(d) for d in w.shape)
-    sh, sw = strides
-    top, left = padding[0], padding[1]
-    hd, wd = (int(oh) - 1) * sh + 1, (int(ow) - 1) * sw + 1
-    if (sh, sw) != (1, 1):
-        zero = tirx.const(0, g.dtype)
-        g = te.compute(
-            (n, o, hd, wd),
-            lambda b, k, i, j: tirx.Select(
-                tirx.all(tirx.floormod(i, sh) == 0, tirx.floormod(j, sw) == 0),
-                g[b, k, tirx.floordiv(i, sh), tirx.floordiv(j, sw)],
-                zero,
-            ),
-            name="dot_dilate_g",
-        )
-    flipped = te.compute(
-        (c, o, kh, kw), lambda ci, k, i, j: w[k, ci, kh - 1 - i, kw - 1 - j], name="dot_flip_w"
-    )
-    pads = (kh - 1 - top, kw - 1 - left, in_hw[0] - hd + top, in_hw[1] - wd + left)
-    return te_dot.conv2d(g, flipped, (1, 1), pads, isa, container, "int32")
+    Each phase is a stride-1 correlation of g with the taps of w that reach it (flipped), so all
+    phases are one packed conv of g with SH*SW*C output channels (``te_dot.conv2d``); no product
+    with an inserted zero is computed, unlike the stride-dilated gradient. At stride 1 this is the
+    plain flipped-kernel correlation and the layout is NCHW."""
+    o, c, kh, kw = (int(d) for d in w.shape)
+    oh, ow = (int(d) for d in g.shape[2:])
+    (sh, sw), (top, left) = strides, padding[:2]
+    t, th, b, _ = input_grad_phase(kh, sh, top, in_hw[0], oh)
+    lf, tw, rt, _ = input_grad_phase(kw, sw, left, in_hw[1], ow)
+
+    def tap(phase, u, stride, pad, shift, kernel):
+        """(index into w, valid) of tap u of a phase's flipped kernel along one axis."""
+        r, m = tirx.floormod(phase + pad, stride), tirx.floordiv(phase + pad, stride) + shift - u
+        count = tirx.floordiv(kernel - r + stride - 1, stride)
+        return te.max(te.min(r + stride * m, kernel - 1), 0), tirx.all(m >= 0, m < count)
+
+    def weight(k, oc, u, v):
+        ph, pw, ci = k // (sw * c), k // c % sw, k % c
+        i, row_ok = tap(ph, u, sh, top, t, kh)
+        j, col_ok = tap(pw, v, sw, left, lf, kw)
+        return tirx.Select(tirx.all(row_ok, col_ok), w[oc, ci, i, j], tirx.const(0, w.dtype))
+
+    phases = te.compute((sh * sw * c, o, th, tw), weight, name="dot_phase_w")
+    return te_dot.conv2d(g, phases, (1, 1), (t, lf, b, rt), isa, container, "int32")
 
 
 def linear_input_grad(g: te.Tensor, w: te.Tensor, isa: DotISA, container: str) -> te.Tensor:

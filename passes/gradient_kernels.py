@@ -137,7 +137,7 @@ class AddGradientKernels:
                 )
             return bb.call_te(te_grad_ops.rescale, prod, qp_g, qp_w)
 
-        def dx_packed() -> relax.Expr:
+        def dx_packed(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
             def kernel(gt, wt, qp_gt, qp_wt, seed_t):  # call_te takes only tensors and PrimExprs
                 gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
                 wq = quant(wt, qp_wt, container)
@@ -149,7 +149,10 @@ class AddGradientKernels:
                     )
                 return te_grad_ops.rescale(prod, qp_gt, qp_wt)
 
-            return bb.call_te(kernel, g, w, qp_g, qp_w, seed, primfunc_name_hint="marvin_dot_dx")
+            out = bb.call_te(kernel, g, w, qp_g, qp_w, seed, primfunc_name_hint="marvin_dot_dx")
+            if kind == "conv2d" and strides != [1, 1]:
+                out = _interleave_phases(bind, bind(out), list(x_ty.shape), strides)
+            return out
 
         dx_length = w_shape[0] * _prod(w_shape[2:])
         self._product(
@@ -195,7 +198,7 @@ class AddGradientKernels:
                 )
             return bb.call_te(te_grad_ops.rescale, prod, qp_x, qp_g2)
 
-        def dw_packed() -> relax.Expr:
+        def dw_packed(_bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
             def kernel(xt, gt, qp_xt, qp_gt, seed_t):
                 xq = quant(xt, qp_xt, container)
                 gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
@@ -229,7 +232,7 @@ class AddGradientKernels:
         name: str,
         params: list[relax.Var],
         generic: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr],
-        packed: Callable[[], relax.Expr] | None,
+        packed: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None,
         length: int,
         qps: tuple[relax.Var, relax.Var],
         offset: bool = False,
@@ -254,10 +257,26 @@ class AddGradientKernels:
                     fits = relax.op.less_equal(relax.op.multiply(a, b), relax.const(float(bound), "float32"))
                     cond = bb.emit_output(bb.emit(fits))
                 else:
-                    out = bb.emit_output(packed() if worst <= bound else generic(bb.emit))
+                    out = bb.emit_output(packed(bb.emit) if worst <= bound else generic(bb.emit))
             if branch:
-                out = bb.emit(relax.If(cond, packed(), generic(bb.normalize)))
+                out = bb.emit(relax.If(cond, packed(bb.normalize), generic(bb.normalize)))
             bb.emit_func_output(out)
+
+
+def _interleave_phases(
+    bind: Callable[[relax.Expr], relax.Expr], y: relax.Expr, x_shape: list, strides: list[int]
+) -> relax.Expr:
+    """dx in NCHW from the phase-major layout of ``te_dot_grad.conv2d_input_grad`` (one copy; a
+    ragged last phase row or column is cut off)."""
+    n, c, h, w = x_shape
+    sh, sw = strides
+    a, b = -(-int(h) // sh), -(-int(w) // sw)
+    y = bind(relax.op.reshape(y, [n, sh, sw, c, a, b]))
+    y = bind(relax.op.permute_dims(y, [0, 3, 4, 1, 5, 2]))
+    y = relax.op.reshape(y, [n, c, a * sh, b * sw])
+    if (a * sh, b * sw) == (int(h), int(w)):
+        return y
+    return relax.op.strided_slice(bind(y), axes=[2, 3], begin=[0, 0], end=[int(h), int(w)])
 
 
 def _prod(xs: list[int]) -> int:

@@ -32,6 +32,9 @@ CONVS = [  # (c, h, o, k, stride, pad)
     (5, 6, 7, 1, 2, 0),  # a 1x1 stride-2 shortcut
     (2, 10, 3, 5, 1, 0),  # LeNet-like, no padding
     (6, 5, 17, 3, 1, 1),  # more output channels than one vector of lanes
+    (2, 7, 3, 1, 2, 0),  # a 1x1 stride-2 shortcut on an odd size
+    (3, 9, 5, 3, 2, 2),  # padding kernel - 1
+    (2, 11, 3, 5, 3, 1),  # stride 3, a 5x5 kernel
 ]
 LINEAR = (37, 21)  # (k, o)
 BATCHES = {"conv2d": (1, 3, 9), "linear": (1, 3, 130)}  # 9 and 130: several int32 chunks of dw
