@@ -53,6 +53,10 @@ def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
     torch.testing.assert_close(layer.bias.grad, b.grad, rtol=0, atol=0)
 
+    layer.weight.grad = None
+    layer(x.detach()).backward(g)  # a first layer: its input gradient is skipped, dw is the same
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
+
 
 def test_lowbit_backward_is_unbiased(cache_dir):
     """Off-grid gradients: stochastic quantization averages to the float backward."""
