@@ -242,7 +242,25 @@ def time_torch(case: Case, repeat: int) -> None:
     )
 
 
-GRADIENT_CLASSES = {"int8": Precision(8, 4), "int16": Precision(16, 8)}  # the lowbit backward's
+def gradient_precisions(shape: Shape, target: tvm.target.Target) -> list[tuple[str, str, Precision]]:
+    """(row label, kernel class, precision) of the backward rows: int8 at wl 8; int16 at the largest
+    wl whose dx and dw sums are exact in int32 on the target's packed kernels (when below 16) and at
+    wl 16 (the int64 kernels)."""
+    from marvin_compile.dot_isa import dot_isa
+    from marvin_compile.passes.gradient_kernels import product_bound
+    from marvin_compile.te_dot_grad import dw_chunk
+
+    rows = [("int8", "int8", Precision(8, 4))]
+    isa = dot_isa(target)
+    if isa is not None:
+        out = shape.hw + 2 * shape.pad - shape.k + 1
+        dx_length = shape.cout * shape.k * shape.k
+        positions = out * out if shape.kind == "conv" else 1
+        bound = min(product_bound(dx_length), product_bound(dw_chunk(isa, "int16", positions)))
+        fast = min(16, (bound.bit_length() - 1) // 2 + 1)  # 4**(wl-1) <= bound
+        if fast < 16:
+            rows.append((f"int16 wl{fast}", "int16", Precision(fast, fast // 2)))
+    return [*rows, ("int16 wl16", "int16", Precision(16, 8))]
 
 
 def torch_gradients(case: Case, x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable]:
@@ -266,8 +284,8 @@ def time_gradients(case: Case, repeat: int, store: VariantStore) -> list[Row]:
     g_np = np.random.default_rng(1).standard_normal(case.ref.shape, dtype=np.float32)
     g, seed = tvm.runtime.tensor(g_np, dev), tvm.runtime.tensor(np.array(7, np.uint32), dev)
     rows = []
-    for name, precision in GRADIENT_CLASSES.items():
-        vm = store.get_gradients(case.layer, CLASS_BY_NAME[name]).fn
+    for name, class_name, precision in gradient_precisions(case.shape, store.target):
+        vm = store.get_gradients(case.layer, CLASS_BY_NAME[class_name]).fn
         qp, _ = precision_args(precision, dev)
         calls = {
             "dx": functools.partial(vm["dx"], g, w, qp, qp, seed),
@@ -476,9 +494,10 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             markdown_table(rows),
             "",
             "Backward products of the lowbit training step: our integer dx / dw kernels (the incoming "
-            "gradient quantized stochastically; dw accumulates over the batch in int64) against "
-            "`torch.nn.grad.conv2d_input` / `conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, "
-            "same MAC count as the forward.",
+            "gradient quantized stochastically; packed int32 dot-product kernels, dw summed over the "
+            "batch in int64; int16 wlN as above, for the dx and dw bounds together, wl16 = the int64 "
+            "kernels) against `torch.nn.grad.conv2d_input` / `conv2d_weight` (GEMM: `g @ W`, "
+            "`g.T @ x`) in float32, same MAC count as the forward.",
             "",
             markdown_table(grad_rows),
             END,

@@ -4,51 +4,106 @@ The incoming gradient is quantized stochastically into the class's integer conta
 dynamic scale ``qp_g`` chosen per call by the runtime (gradients span many octaves, so a fixed fl
 would flush them to zero); the weight and the saved input are already on the layer's grid. The
 products accumulate in integers and are rescaled once, so they are exact given the quantized
-operands. ``dw`` reduces over the batch, whose size is only known at run time: it always
-accumulates in int64.
+operands.
+
+Given an x86 dot-product family (``dot_isa``), conv2d (groups 1, dilation 1) and Linear products
+run as packed kernels (``te_dot_grad``) that sum in int32: dx over ``O * KH * KW`` products, dw per
+chunk of samples (then in int64 over the batch). Where the class's word lengths can overflow that
+int32 sum (the int16 class), the function branches at run time on the operands' word lengths: the
+packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else the generic kernels. The
+generic kernels (other layers, other targets) accumulate dx in the class's accumulator and dw, whose
+batch is only known at run time, in int64.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import relax
 
-from marvin_compile import te_grad_ops, te_ops
+from marvin_compile import te_dot_grad, te_grad_ops, te_ops
+from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.utils import layer_functions, param
 
 SALT_GRAD = 0x5BD1E995
+INT32_MAX = 2**31 - 1
+OFFSET_BITS = 8  # vpdpbusd's offset input x + 128 lies in [0, 2**8)
 
 
-def _core(func: relax.Function) -> relax.Call:
-    calls = [b.value for blk in func.body.blocks for b in blk.bindings if op_name(b.value) in CORE_OPS]
+def _core(func: relax.Function) -> tuple[relax.Call, dict]:
+    bindings = {b.var: b.value for blk in func.body.blocks for b in blk.bindings}
+    calls = [v for v in bindings.values() if op_name(v) in CORE_OPS]
     if len(calls) != 1:
         raise ValueError(f"layer {func.attrs['marvin.layer']} must hold one conv/matmul")
-    return calls[0]
+    return calls[0], bindings
+
+
+def product_bound(length: int) -> int:
+    """The largest power of two P with ``length * P <= INT32_MAX``: int32 sums ``length`` products
+    of magnitude at most P exactly (0 if not even products of 1)."""
+    most = INT32_MAX // length
+    return 0 if most == 0 else 2 ** (most.bit_length() - 1)
+
+
+def packed_kind(core: relax.Call, bindings: dict, isa: DotISA | None) -> str | None:
+    """``conv2d`` or ``linear`` when the packed kernels compute this layer's gradients, else None:
+    grouped/dilated conv, other layouts, padding wider than the kernel, conv1d, non-x86 targets."""
+    if isa is None:
+        return None
+    a = core.attrs
+    if core.op.name == "relax.nn.conv2d":
+        kh, kw = (int(d) for d in list(core.args[1].ty.shape)[2:])
+        top, left, bottom, right = (int(v) for v in a.padding)
+        plain = (
+            int(a.groups) == 1
+            and all(int(d) == 1 for d in a.dilation)
+            and (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW")
+            and all(0 <= p < kh for p in (top, bottom))
+            and all(0 <= p < kw for p in (left, right))
+        )
+        return "conv2d" if plain else None
+    w = bindings.get(core.args[1])
+    transposed = op_name(w) == "relax.permute_dims" and [int(v) for v in w.attrs.axes] == [1, 0]
+    return "linear" if core.op.name == "relax.matmul" and transposed else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddGradientKernels")
 class AddGradientKernels:
-    """For the module's single layer function, add integer ``dx`` and ``dw`` functions of a class."""
+    """For the module's single layer function, add integer ``dx`` and ``dw`` functions of a class
+    (packed dot-product kernels where ``isa`` and the layer allow)."""
 
-    def __init__(self, kernel_class: KernelClass) -> None:
+    def __init__(self, kernel_class: KernelClass, isa: DotISA | None = None) -> None:
         if not kernel_class.is_integer:
             raise ValueError(f"low-bit gradients need an integer kernel class, got {kernel_class.name}")
         self.kernel_class = kernel_class
+        self.isa = isa
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         ((_, func),) = layer_functions(mod)
-        core = _core(func)
+        core, bindings = _core(func)
         x_ty, w_ty, y_ty = func.params[0].ty, func.params[1].ty, func.ret_ty
         if core.op.name == "relax.matmul" and len(x_ty.shape) != 2:
             raise ValueError(
                 f"layer {func.attrs['marvin.layer']}: low-bit backward supports 2-D Linear inputs only"
             )
         w_shape = [int(d) for d in w_ty.shape]
-        k = self.kernel_class
+        k, isa = self.kernel_class, self.isa
+        kind = packed_kind(core, bindings, isa)
+        conv = core.op.name != "relax.matmul"
+        a = core.attrs
+        nd = len(w_shape) - 2
+        strides = [int(v) for v in a.strides] if conv else []
+        padding = [int(v) for v in a.padding] if conv else []
+        dilation = [int(v) for v in a.dilation] if conv else []
+        groups = int(a.groups) if conv else 1
+        in_spatial = [int(d) for d in list(x_ty.shape)[2:]]
+        out_spatial = [int(d) for d in list(y_ty.shape)[2:]]
         bb = relax.BlockBuilder(mod)
         quant = te_ops.quantize_to_int
+        container = k.container
 
         g, w, qp_g, qp_w, seed = (
             param("g", y_ty.shape, "float32"),
@@ -57,32 +112,58 @@ class AddGradientKernels:
             param("qp_w", (4,), "float32"),
             param("seed", (), "uint32"),
         )
-        with bb.function("dx", [g, w, qp_g, qp_w, seed]):
-            with bb.dataflow():
-                gi = bb.emit_te(
-                    quant, g, qp_g, k.container, seed, SALT_GRAD, primfunc_name_hint="fxp_quantize_grad"
-                )
-                wi = bb.emit_te(quant, w, qp_w, k.container, primfunc_name_hint="fxp_quantize_int")
-                if core.op.name == "relax.matmul":
-                    acc = k.accumulator(w_shape[0])
-                    prod = bb.emit(relax.op.matmul(gi, wi, out_dtype=acc))
-                else:
-                    a = core.attrs
-                    nd = len(w_shape) - 2
-                    acc = k.accumulator(w_shape[0] // int(a.groups) * _prod(w_shape[2:]))
-                    prod = bb.emit_te(
+
+        def dx_generic(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            gi = bind(
+                bb.call_te(quant, g, qp_g, container, seed, SALT_GRAD, primfunc_name_hint="fxp_quantize_grad")
+            )
+            wi = bind(bb.call_te(quant, w, qp_w, container, primfunc_name_hint="fxp_quantize_int"))
+            if not conv:
+                prod = bind(relax.op.matmul(gi, wi, out_dtype=k.accumulator(w_shape[0])))
+            else:
+                acc = k.accumulator(w_shape[0] // groups * _prod(w_shape[2:]))
+                prod = bind(
+                    bb.call_te(
                         te_grad_ops.conv_input_grad,
                         gi,
                         wi,
-                        [int(d) for d in list(x_ty.shape)[2:]],
-                        [int(v) for v in a.strides],
-                        [int(v) for v in list(a.padding)[:nd]],
-                        [int(v) for v in a.dilation],
-                        int(a.groups),
+                        in_spatial,
+                        strides,
+                        padding[:nd],
+                        dilation,
+                        groups,
                         acc,
                     )
-                out = bb.emit_output(bb.emit_te(te_grad_ops.rescale, prod, qp_g, qp_w))
-            bb.emit_func_output(out)
+                )
+            return bb.call_te(te_grad_ops.rescale, prod, qp_g, qp_w)
+
+        def dx_packed(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            def kernel(gt, wt, qp_gt, qp_wt, seed_t):  # call_te takes only tensors and PrimExprs
+                gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
+                wq = quant(wt, qp_wt, container)
+                if kind == "linear":
+                    prod = te_dot_grad.linear_input_grad(gq, wq, isa, container)
+                else:
+                    prod = te_dot_grad.conv2d_input_grad(
+                        gq, wq, tuple(in_spatial), tuple(strides), tuple(padding), isa, container
+                    )
+                return te_grad_ops.rescale(prod, qp_gt, qp_wt)
+
+            out = bb.call_te(kernel, g, w, qp_g, qp_w, seed, primfunc_name_hint="marvin_dot_dx")
+            if kind == "conv2d" and strides != [1, 1]:
+                out = _interleave_phases(bind, bind(out), list(x_ty.shape), strides)
+            return out
+
+        dx_length = w_shape[0] * _prod(w_shape[2:])
+        self._product(
+            bb,
+            "dx",
+            [g, w, qp_g, qp_w, seed],
+            dx_generic,
+            dx_packed if kind else None,
+            dx_length,
+            (qp_g, qp_w),
+        )
 
         x, g2, qp_x, qp_g2, seed2 = (
             param("x", x_ty.shape, "float32"),
@@ -91,31 +172,111 @@ class AddGradientKernels:
             param("qp_g", (4,), "float32"),
             param("seed", (), "uint32"),
         )
-        with bb.function("dw", [x, g2, qp_x, qp_g2, seed2]):
-            with bb.dataflow():
-                xi = bb.emit_te(quant, x, qp_x, k.container, primfunc_name_hint="fxp_quantize_int")
-                gi = bb.emit_te(
-                    quant, g2, qp_g2, k.container, seed2, SALT_GRAD, primfunc_name_hint="fxp_quantize_grad"
+
+        def dw_generic(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            xi = bind(bb.call_te(quant, x, qp_x, container, primfunc_name_hint="fxp_quantize_int"))
+            gi = bind(
+                bb.call_te(
+                    quant, g2, qp_g2, container, seed2, SALT_GRAD, primfunc_name_hint="fxp_quantize_grad"
                 )
-                if core.op.name == "relax.matmul":
-                    prod = bb.emit(relax.op.matmul(relax.op.permute_dims(gi, [1, 0]), xi, out_dtype="int64"))
-                else:
-                    a = core.attrs
-                    nd = len(w_shape) - 2
-                    prod = bb.emit_te(
+            )
+            if not conv:
+                prod = bind(relax.op.matmul(bind(relax.op.permute_dims(gi, [1, 0])), xi, out_dtype="int64"))
+            else:
+                prod = bind(
+                    bb.call_te(
                         te_grad_ops.conv_weight_grad,
                         xi,
                         gi,
                         w_shape,
-                        [int(v) for v in a.strides],
-                        [int(v) for v in list(a.padding)[:nd]],
-                        [int(v) for v in a.dilation],
-                        int(a.groups),
+                        strides,
+                        padding[:nd],
+                        dilation,
+                        groups,
                         "int64",
                     )
-                out = bb.emit_output(bb.emit_te(te_grad_ops.rescale, prod, qp_x, qp_g2))
-            bb.emit_func_output(out)
+                )
+            return bb.call_te(te_grad_ops.rescale, prod, qp_x, qp_g2)
+
+        def dw_packed(_bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            def kernel(xt, gt, qp_xt, qp_gt, seed_t):
+                xq = quant(xt, qp_xt, container)
+                gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
+                if kind == "linear":
+                    prod = te_dot_grad.linear_weight_grad(xq, gq, isa, container)
+                else:
+                    prod = te_dot_grad.conv2d_weight_grad(
+                        xq, gq, tuple(w_shape[2:]), tuple(strides), tuple(padding), isa, container
+                    )
+                return te_grad_ops.rescale(prod, qp_xt, qp_gt)
+
+            return bb.call_te(kernel, x, g2, qp_x, qp_g2, seed2, primfunc_name_hint="marvin_dot_dw")
+
+        dw_length = 0 if kind is None else te_dot_grad.dw_chunk(isa, container, _prod(out_spatial))
+        offset = kind is not None and isa.operand_dtype(container) == "uint8"
+        self._product(
+            bb,
+            "dw",
+            [x, g2, qp_x, qp_g2, seed2],
+            dw_generic,
+            dw_packed if kind else None,
+            dw_length,
+            (qp_x, qp_g2),
+            offset,
+        )
         return bb.get()
+
+    def _product(
+        self,
+        bb: relax.BlockBuilder,
+        name: str,
+        params: list[relax.Var],
+        generic: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr],
+        packed: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None,
+        length: int,
+        qps: tuple[relax.Var, relax.Var],
+        offset: bool = False,
+    ) -> None:
+        """Define ``name``: the ``packed`` kernel (None: none) where its int32 sums of ``length`` products
+        are exact for every word length of the class, the generic one where they never are, else an
+        ``R.If`` on the word lengths.
+
+        ``offset``: the kernel also needs the sums of (x + 128) * g in int32 (vpdpbusd's dw), a bound
+        of the int8 class only, checked here for its widest word length."""
+        bound = product_bound(length) if packed is not None else 0
+        widest = self.kernel_class.max_wl - 1
+        worst = 2 ** (OFFSET_BITS + widest) if offset else 4**widest
+        branch = bound < worst and bound > 0 and not offset
+        with bb.function(name, params):
+            with bb.dataflow():
+                if branch:  # qp[3] + 1 = 2**(wl-1): the operands' bound, a product exact in float32
+                    a, b = (
+                        relax.op.add(relax.op.take(qp, relax.const(3, "int64"), axis=0), relax.const(1.0))
+                        for qp in qps
+                    )
+                    fits = relax.op.less_equal(relax.op.multiply(a, b), relax.const(float(bound), "float32"))
+                    cond = bb.emit_output(bb.emit(fits))
+                else:
+                    out = bb.emit_output(packed(bb.emit) if worst <= bound else generic(bb.emit))
+            if branch:
+                out = bb.emit(relax.If(cond, packed(bb.normalize), generic(bb.normalize)))
+            bb.emit_func_output(out)
+
+
+def _interleave_phases(
+    bind: Callable[[relax.Expr], relax.Expr], y: relax.Expr, x_shape: list, strides: list[int]
+) -> relax.Expr:
+    """dx in NCHW from the phase-major layout of ``te_dot_grad.conv2d_input_grad`` (one copy; a
+    ragged last phase row or column is cut off)."""
+    n, c, h, w = x_shape
+    sh, sw = strides
+    a, b = -(-int(h) // sh), -(-int(w) // sw)
+    y = bind(relax.op.reshape(y, [n, sh, sw, c, a, b]))
+    y = bind(relax.op.permute_dims(y, [0, 3, 4, 1, 5, 2]))
+    y = relax.op.reshape(y, [n, c, a * sh, b * sw])
+    if (a * sh, b * sw) == (int(h), int(w)):
+        return y
+    return relax.op.strided_slice(bind(y), axes=[2, 3], begin=[0, 0], end=[int(h), int(w)])
 
 
 def _prod(xs: list[int]) -> int:

@@ -40,7 +40,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 5  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 6  # part of every cache key: bump when the same inputs compile to other code
 
 
 def _isa(target: tvm.target.Target | None) -> DotISA | None:
@@ -79,10 +79,13 @@ def input_quantizer_module(func: relax.Function, rounding: str) -> tvm.IRModule:
     return input_quantizer(func, rounding)
 
 
-def gradient_module(func: relax.Function, kernel_class: KernelClass) -> tvm.IRModule:
-    """Phase lower for the low-bit backward: the layer's integer ``dx`` and ``dw`` products."""
+def gradient_module(
+    func: relax.Function, kernel_class: KernelClass, target: tvm.target.Target | None = None
+) -> tvm.IRModule:
+    """Phase lower for the low-bit backward: the layer's integer ``dx`` and ``dw`` products (packed
+    kernels where ``target`` has integer dot-product instructions)."""
     seq = tvm.transform.Sequential(
-        [AddGradientKernels(kernel_class), relax.transform.DeadCodeElimination(["dx", "dw"])],
+        [AddGradientKernels(kernel_class, _isa(target)), relax.transform.DeadCodeElimination(["dx", "dw"])],
         name="gradient_lower",
     )
     return seq(layer_module(func))

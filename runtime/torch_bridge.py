@@ -78,21 +78,22 @@ class CompiledLayer:
         return extra
 
     def run_gradients(
-        self, g: torch.Tensor, xq: torch.Tensor, w: torch.Tensor, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dx, dw) in integer kernels; g is scaled so its largest magnitude fills the word length."""
+        self, g: torch.Tensor, xq: torch.Tensor, w: torch.Tensor, seed: int, input_grad: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(dx, dw) in integer kernels; g is scaled so its largest magnitude fills the word length.
+        ``input_grad=False`` (the input needs no gradient, e.g. the first layer) skips dx: None."""
         p = self.precision
         amax = float(g.abs().max())
         if amax == 0.0:
-            return torch.zeros_like(xq), torch.zeros_like(w)
+            return (torch.zeros_like(xq) if input_grad else None), torch.zeros_like(w)
         scale = min(max(math.floor(math.log2(p.int_max / amax)), -126), 126)
         dev = self.store.device
         qp_g = tvm.runtime.tensor(np.array([2.0**scale, 2.0**-scale, p.int_min, p.int_max], np.float32), dev)
         qp, seed_t = self._args[0], tvm.runtime.tensor(np.array(seed, dtype=np.uint32), dev)
         vm = self.gradients.fn
-        gx = vm["dx"](to_tvm(g), to_tvm(w), qp_g, qp, seed_t)
+        gx = torch.from_dlpack(vm["dx"](to_tvm(g), to_tvm(w), qp_g, qp, seed_t)) if input_grad else None
         gw = vm["dw"](to_tvm(xq), to_tvm(g), qp, qp_g, seed_t)
-        return torch.from_dlpack(gx), torch.from_dlpack(gw)
+        return gx, torch.from_dlpack(gw)
 
 
 class _QuantizedLayerFn(torch.autograd.Function):
@@ -124,14 +125,15 @@ class _QuantizedLayerFn(torch.autograd.Function):
         if layer.precision != ctx.precision:
             raise RuntimeError(f"layer {layer.layer.name}: precision changed between forward and backward")
         xq = layer.quantize_input(x, ctx.seeds[0])
+        need_x = ctx.needs_input_grad[0]  # False for a first layer: skip its input gradient
         if layer.gradients is not None:
-            gx, gw = layer.run_gradients(grad, xq, weight, ctx.seeds[1])
+            gx, gw = layer.run_gradients(grad, xq, weight, ctx.seeds[1], need_x)
             gb = grad.sum(dim=[0, *range(2, grad.dim())]) if ctx.has_bias else None
         elif isinstance(module, nn.Linear):
-            gx = grad @ weight
+            gx = grad @ weight if need_x else None
             gw = grad.reshape(-1, grad.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
             gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        else:  # one call for all three, as autograd makes it (shared layout conversions), dx if needed
+        else:  # one call for all three, as autograd makes it (shared layout conversions)
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 grad,
                 xq,
@@ -143,7 +145,7 @@ class _QuantizedLayerFn(torch.autograd.Function):
                 False,
                 [0] * (weight.dim() - 2),
                 module.groups,
-                [ctx.needs_input_grad[0], True, ctx.has_bias],
+                [need_x, True, ctx.has_bias],
             )
         return gx, gw, gb, None, None, None
 

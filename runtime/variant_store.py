@@ -128,7 +128,7 @@ class VariantStore:
             key,
             kernel_class.name,
             "stochastic",
-            lambda: pipeline.gradient_module(func, kernel_class),
+            lambda: pipeline.gradient_module(func, kernel_class, self.target),
             entry=None,
         )
 

@@ -13,12 +13,14 @@ from marvin_compile.fixed_point import Precision, quantize
 def _net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
     if kind == "conv2d":
         return nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 9, 9)
+    if kind == "conv2d_dense":  # the packed dot-product gradient kernels on x86
+        return nn.Conv2d(3, 5, 3, stride=2, padding=1), (3, 3, 9, 9)
     if kind == "conv1d":
         return nn.Conv1d(3, 4, 3, padding=2, dilation=2), (3, 3, 10)
     return nn.Linear(12, 5), (3, 12)
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv2d_dense", "conv1d", "linear"])
 @pytest.mark.parametrize("wl,fl", [(8, 4), (16, 9)])
 def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     """Gradients on a coarse grid survive the dynamic-scale quantization, so dx and dw are exact."""
@@ -42,14 +44,18 @@ def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     w, b = (t.clone().requires_grad_() for t in reference)
     if kind == "linear":
         ref = nn.functional.linear(xq, w, b)
-    elif kind == "conv2d":
-        ref = nn.functional.conv2d(xq, w, b, stride=2, padding=1, groups=2)
+    elif kind.startswith("conv2d"):
+        ref = nn.functional.conv2d(xq, w, b, stride=2, padding=1, groups=layer.groups)
     else:
         ref = nn.functional.conv1d(xq, w, b, padding=2, dilation=2)
     ref.backward(g)
     torch.testing.assert_close(x.grad, xq.grad, rtol=0, atol=0)
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
     torch.testing.assert_close(layer.bias.grad, b.grad, rtol=0, atol=0)
+
+    layer.weight.grad = None
+    layer(x.detach()).backward(g)  # a first layer: its input gradient is skipped, dw is the same
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
 
 
 def test_lowbit_backward_is_unbiased(cache_dir):

@@ -1,0 +1,217 @@
+"""Packed backward products of the low-bit training step on the x86 dot-product intrinsics.
+
+- ``conv2d_input_grad`` / ``linear_input_grad`` (dx) are forward packed kernels (``te_dot``) of
+  rearranged operands, so ``schedule_dot`` schedules them unchanged: dx of a conv2d is a stride-1
+  convolution of g with the weight transposed to [C, O, KH, KW] and flipped in space, one group of
+  output channels per stride phase (the caller interleaves them); dx of a Linear is ``g @ w``
+  (``te_dot.matmul`` of the weight transposed).
+- ``conv2d_weight_grad`` / ``linear_weight_grad`` (dw) reduce over the (symbolic) batch and the
+  output positions: ``marvin_dot_dw`` sums one chunk of samples in int32 on the dot instructions
+  (lanes = output channels of the gradient, rows = the im2col rows C*KH*KW of the input, read in
+  place from the packed input, depth = samples), ``dot_fold`` adds the chunks up in int64. The
+  chunk length (``dw_chunk``) is what has to keep int32 exact; the caller checks that bound.
+
+Padding (spatial, channels, samples beyond the batch) is zero in the gradient operand, so padded
+products vanish. With vpdpbusd the input carries the +128 offset and ``dot_grad_sum`` holds the
+``128 * sum(g)`` to subtract per chunk; TVM may widen before subtracting, so the caller keeps the
+uncorrected chunk sums (|x + 128| < 2**8) inside int32 as well.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from marvin_compile import te_dot
+from marvin_compile.dot_isa import DotISA
+from marvin_compile.te_dot import OFFSET, _cast, _ceil, _operand, _pad
+
+DW_BLOCK = "marvin_dot_dw"
+DW_CHUNK = 128  # products per int32 partial sum aimed at: amortises the int64 fold of a chunk
+
+
+def input_grad_phase(kernel: int, stride: int, pad: int, size: int, out: int) -> tuple[int, int, int, int]:
+    """Along one axis, the stride-1 convolution of g that gives every phase of dx: (top padding,
+    taps, bottom padding, outputs per phase). Phase ph (dx rows s*a + ph) takes the kernel taps
+    i = r + s*m, r = (ph + pad) mod s, from g rows a + (ph + pad) // s - m; each phase's taps are
+    placed, flipped, in one kernel of the returned size."""
+    live = []
+    for ph in range(stride):
+        r, q = (ph + pad) % stride, (ph + pad) // stride
+        if r < kernel:
+            live.append((q, _ceil(kernel - r, stride)))
+    top = max(0, *(m - 1 - q for q, m in live))
+    taps = max(q for q, _ in live) + top + 1
+    rows = _ceil(size, stride)
+    return top, taps, rows - 1 - out - top + taps, rows
+
+
+def conv2d_input_grad(
+    g: te.Tensor,
+    w: te.Tensor,
+    in_hw: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    isa: DotISA,
+    container: str,
+) -> te.Tensor:
+    """dx of a conv2d (groups 1, dilation 1, each pad < kernel) phase by phase, int32
+    [N, SH*SW*C, ceil(H/SH), ceil(W/SW)]: channel (ph*SW + pw)*C + c holds dx[:, c, SH*a + ph, SW*b + pw].
+
+    Each phase is a stride-1 correlation of g with the taps of w that reach it (flipped), so all
+    phases are one packed conv of g with SH*SW*C output channels (``te_dot.conv2d``); no product
+    with an inserted zero is computed, unlike the stride-dilated gradient. At stride 1 this is the
+    plain flipped-kernel correlation and the layout is NCHW."""
+    o, c, kh, kw = (int(d) for d in w.shape)
+    oh, ow = (int(d) for d in g.shape[2:])
+    (sh, sw), (top, left) = strides, padding[:2]
+    t, th, b, _ = input_grad_phase(kh, sh, top, in_hw[0], oh)
+    lf, tw, rt, _ = input_grad_phase(kw, sw, left, in_hw[1], ow)
+
+    def tap(phase, u, stride, pad, shift, kernel):
+        """(index into w, valid) of tap u of a phase's flipped kernel along one axis."""
+        r, m = tirx.floormod(phase + pad, stride), tirx.floordiv(phase + pad, stride) + shift - u
+        count = tirx.floordiv(kernel - r + stride - 1, stride)
+        return te.max(te.min(r + stride * m, kernel - 1), 0), tirx.all(m >= 0, m < count)
+
+    def weight(k, oc, u, v):
+        ph, pw, ci = k // (sw * c), k // c % sw, k % c
+        i, row_ok = tap(ph, u, sh, top, t, kh)
+        j, col_ok = tap(pw, v, sw, left, lf, kw)
+        return tirx.Select(tirx.all(row_ok, col_ok), w[oc, ci, i, j], tirx.const(0, w.dtype))
+
+    phases = te.compute((sh * sw * c, o, th, tw), weight, name="dot_phase_w")
+    return te_dot.conv2d(g, phases, (1, 1), (t, lf, b, rt), isa, container, "int32")
+
+
+def linear_input_grad(g: te.Tensor, w: te.Tensor, isa: DotISA, container: str) -> te.Tensor:
+    """dx [M, K] = g [M, O] @ w [O, K] (int32)."""
+    o, k = (int(d) for d in w.shape)
+    transposed = te.compute((k, o), lambda i, j: w[j, i], name="dot_transpose_w")
+    return te_dot.matmul(g, transposed, isa, container, "int32")
+
+
+def dw_chunk(isa: DotISA, container: str, positions: int) -> int:
+    """Products in one int32 partial sum of dw: whole packed sample blocks (``depth`` samples) of
+    ``positions`` output positions each, about ``DW_CHUNK`` of them."""
+    depth = isa.depth(container)
+    return depth * positions * max(1, _ceil(DW_CHUNK, depth * positions))
+
+
+def conv2d_weight_grad(
+    x: te.Tensor,
+    g: te.Tensor,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    isa: DotISA,
+    container: str,
+) -> te.Tensor:
+    """dw [O, C, KH, KW] (int64) of a conv2d (groups 1, dilation 1) from x [N, C, H, W], g [N, O, OH, OW]."""
+    n, c, h, w = x.shape
+    o, oh, ow = (int(d) for d in g.shape[1:])
+    kh, kw = kernel
+    acc = _weight_grad(
+        lambda b, ci, i, j: x[b, ci, i, j],
+        lambda b, k, i, j: g[b, k, i, j],
+        (n, int(c), o),
+        (int(h), int(w)),
+        (oh, ow),
+        kernel,
+        strides,
+        padding[:2],
+        isa,
+        container,
+    )
+    lanes = isa.lanes
+    return te.compute(
+        (o, int(c), kh, kw),
+        lambda k, ci, i, j: acc[k // lanes, (ci * kh + i) * kw + j, k % lanes],
+        name="dot_unpack",
+    )
+
+
+def linear_weight_grad(x: te.Tensor, g: te.Tensor, isa: DotISA, container: str) -> te.Tensor:
+    """dw [O, K] = g^T [O, M] @ x [M, K] (int64): the conv case with 1 x 1 images and kernel."""
+    m, k = x.shape
+    o = int(g.shape[1])
+    acc = _weight_grad(
+        lambda b, ci, _i, _j: x[b, ci],
+        lambda b, oc, _i, _j: g[b, oc],
+        (m, int(k), o),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        (0, 0),
+        isa,
+        container,
+    )
+    lanes = isa.lanes
+    return te.compute((o, int(k)), lambda oc, ci: acc[oc // lanes, ci, oc % lanes], name="dot_unpack")
+
+
+def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa: DotISA, container: str):
+    """int64 [O/L, C*KH*KW, L]: ``dot_fold`` over chunks of the int32 ``marvin_dot_dw`` sums.
+
+    Index clamps keep every load inside its tensor (Select evaluates both sides); the selected
+    values are the real ones."""
+    n, c, o = sizes
+    (h, w), (oh, ow), (kh, kw), (sh, sw), (top, left) = in_hw, out_hw, kernel, strides, padding
+    depth, lanes = isa.depth(container), isa.lanes
+    blocks = dw_chunk(isa, container, oh * ow) // (depth * oh * ow)  # sample blocks per chunk
+    chunks = (n + blocks * depth - 1) // (blocks * depth)
+    hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    pad = _pad(isa, container)
+
+    def clamp(v, extent):
+        return te.max(te.min(v, extent - 1), 0)
+
+    def pack_x(q, ci, i, j, p):
+        b, hi, wi = q * depth + p, i - top, j - left
+        inside = tirx.all(b < n, hi >= 0, hi < h, wi >= 0, wi < w)
+        value = _operand(x_at(te.min(b, n - 1), ci, clamp(hi, h), clamp(wi, w)), isa, container)
+        return tirx.Select(inside, value, pad)
+
+    xp = te.compute((chunks * blocks, c, hp, wp, depth), pack_x, name="dot_pack_x")
+    gdtype = isa.weight_dtype(container)
+
+    def pack_g(q, ob, i, j, oi, p):
+        b, k = q * depth + p, ob * lanes + oi
+        value = _cast(gdtype, g_at(te.min(b, n - 1), te.min(k, o - 1), i, j))
+        return tirx.Select(tirx.all(b < n, k < o), value, tirx.const(0, gdtype))
+
+    gp = te.compute((chunks * blocks, _ceil(o, lanes), oh, ow, lanes, depth), pack_g, name="dot_pack_g")
+    t = te.reduce_axis((0, blocks), name="t")
+    i = te.reduce_axis((0, oh), name="oh")
+    j = te.reduce_axis((0, ow), name="ow")
+    p = te.reduce_axis((0, depth), name="p")
+    dtype = isa.product_dtype(container)
+    taps = kh * kw
+    part = te.compute(
+        (chunks, _ceil(o, lanes), c * taps, lanes),
+        lambda qc, ob, r, oi: te.sum(
+            _cast(dtype, xp[qc * blocks + t, r // taps, r // kw % kh + i * sh, r % kw + j * sw, p])
+            * _cast(dtype, gp[qc * blocks + t, ob, i, j, oi, p]),
+            axis=[t, i, j, p],
+        ),
+        name=DW_BLOCK,
+    )
+    gsum = None
+    if isa.operand_dtype(container) == "uint8":
+        t2, i2, j2, p2 = (te.reduce_axis((0, e), name=f"s{d}") for d, e in enumerate((blocks, oh, ow, depth)))
+        gsum = te.compute(
+            (chunks, _ceil(o, lanes), lanes),
+            lambda qc, ob, oi: te.sum(
+                tirx.Cast("int32", gp[qc * blocks + t2, ob, i2, j2, oi, p2]), axis=[t2, i2, j2, p2]
+            ),
+            name="dot_grad_sum",
+        )
+    qc = te.reduce_axis((0, chunks), name="qc")
+
+    def fold(ob, r, oi):
+        chunk = part[qc, ob, r, oi]
+        if gsum is not None:  # the caller keeps the uncorrected sums in int32 too (TVM may widen first)
+            chunk = chunk - OFFSET * gsum[qc, ob, oi]
+        return te.sum(tirx.Cast("int64", chunk), axis=qc)
+
+    return te.compute((_ceil(o, lanes), c * taps, lanes), fold, name="dot_fold")

@@ -1,0 +1,158 @@
+"""The low-bit backward products (``dx``, ``dw``) on the packed dot-product kernels, per x86 ISA.
+
+Each compiled gradient module is checked bit for bit against float64 torch on integer operands
+(fl = 0, so the quantizers pass them through): random values with the container's extremes, and
+every operand at the most negative level (the worst-case sums), for odd channel counts, strides 1
+and 2, ragged spatial sizes, batches of 1, odd and several int32 chunks. The int16 class is run at
+the widest word length whose sums stay exact in int32 (the packed kernels) and at wl 16 (the run-time
+branch to the int64 kernels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax, tirx
+
+from marvin_compile.dot_isa import ISAS
+from marvin_compile.fixed_point import Precision
+from marvin_compile.kernel_classes import CLASS_BY_NAME
+from marvin_compile.passes import pipeline
+from marvin_compile.passes.gradient_kernels import product_bound
+from marvin_compile.passes.utils import LAYER_ATTR, param
+from marvin_compile.runtime.compiled_model import precision_args
+from marvin_compile.te_dot_grad import dw_chunk
+from tests.test_dot_kernels import MCPU, RUNNABLE, isa_params
+
+CONVS = [  # (c, h, o, k, stride, pad)
+    (3, 7, 5, 3, 2, 1),  # stride 2 on an odd size (the last input row is reached by no window)
+    (3, 8, 4, 3, 2, 1),  # stride 2 on an even size (ResNet's downsampling conv)
+    (5, 6, 7, 1, 2, 0),  # a 1x1 stride-2 shortcut
+    (2, 10, 3, 5, 1, 0),  # LeNet-like, no padding
+    (6, 5, 17, 3, 1, 1),  # more output channels than one vector of lanes
+    (2, 7, 3, 1, 2, 0),  # a 1x1 stride-2 shortcut on an odd size
+    (3, 9, 5, 3, 2, 2),  # padding kernel - 1
+    (2, 11, 3, 5, 3, 1),  # stride 3, a 5x5 kernel
+]
+LINEAR = (37, 21)  # (k, o)
+BATCHES = {"conv2d": (1, 3, 9), "linear": (1, 3, 130)}  # 9 and 130: several int32 chunks of dw
+
+
+def _layer(kind: str, shape: tuple) -> relax.Function:
+    """A float layer function as ``ExtractLayers`` outlines it (symbolic batch)."""
+    n = tirx.Var("n", "int64")
+    if kind == "linear":
+        k, o = shape
+        x, w = param("x", (n, k), "float32"), param("w", (o, k), "float32")
+    else:
+        c, h, o, kk, _, _ = shape
+        x, w = param("x", (n, c, h, h), "float32"), param("w", (o, c, kk, kk), "float32")
+    bb = relax.BlockBuilder()
+    with bb.function("layer", [x, w], attrs={LAYER_ATTR: "layer", "marvin.op": kind}):
+        with bb.dataflow():
+            if kind == "linear":
+                y = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w, [1, 0]))))
+            else:
+                stride, pad = shape[4], shape[5]
+                y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=pad))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()["layer"].without_attr("global_symbol")
+
+
+def _build(isa: str, kind: str, shape: tuple, container: str):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[isa], "num-cores": 2})
+    mod = pipeline.gradient_module(_layer(kind, shape), CLASS_BY_NAME[container], target)
+    kernels = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    assert {"marvin_dot_dx", "marvin_dot_dw"} <= kernels  # the packed kernels, not a silent fallback
+    return relax.VirtualMachine(pipeline.build(mod, target), tvm.cpu())
+
+
+def _fast_wl(kind: str, shape: tuple, isa: str, container: str) -> int:
+    """The widest int16-class word length both packed products serve (per the kernels' int32 bound)."""
+    if kind == "linear":
+        dx_length, positions = shape[1], 1
+    else:
+        c, h, o, k, stride, pad = shape
+        dx_length, positions = o * k * k, ((h + 2 * pad - k) // stride + 1) ** 2
+    bound = min(product_bound(dx_length), product_bound(dw_chunk(ISAS[isa], container, positions)))
+    return (bound.bit_length() - 1) // 2 + 1
+
+
+def _operands(rng, wl: int, shapes: list[tuple], extreme: bool) -> list[np.ndarray]:
+    lo, hi = -(2 ** (wl - 1)), 2 ** (wl - 1) - 1
+    out = []
+    for s in shapes:
+        v = np.full(s, lo) if extreme else rng.integers(lo, hi + 1, size=s)
+        if not extreme:
+            v.flat[: min(3, v.size)] = [lo, hi, lo][: min(3, v.size)]
+        out.append(v.astype(np.float32))
+    return out
+
+
+def _reference(kind: str, shape: tuple, x, g, w) -> tuple[np.ndarray, np.ndarray]:
+    x64, g64, w64 = (torch.from_numpy(a).double() for a in (x, g, w))
+    if kind == "linear":
+        dx, dw = g64 @ w64, g64.T @ x64
+    else:
+        stride, pad = shape[4], shape[5]
+        dx = torch.nn.grad.conv2d_input(x64.shape, w64, g64, stride=stride, padding=pad)
+        dw = torch.nn.grad.conv2d_weight(x64, w64.shape, g64, stride=stride, padding=pad)
+    return dx.numpy().astype(np.float32), dw.numpy().astype(np.float32)  # one rounding of the exact sums
+
+
+def _check(vm, kind: str, shape: tuple, wl: int, batch: int, extreme: bool) -> None:
+    if kind == "linear":
+        k, o = shape
+        x_shape, w_shape, g_shape = (batch, k), (o, k), (batch, o)
+    else:
+        c, h, o, kk, stride, pad = shape
+        oh = (h + 2 * pad - kk) // stride + 1
+        x_shape, w_shape, g_shape = (batch, c, h, h), (o, c, kk, kk), (batch, o, oh, oh)
+    rng = np.random.default_rng(batch * wl)
+    x, g, w = _operands(rng, wl, [x_shape, g_shape, w_shape], extreme)
+    dev = tvm.cpu()
+    qp, _ = precision_args(Precision(wl, 0), dev)
+    seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
+    gt, wt, xt = (tvm.runtime.tensor(a, dev) for a in (g, w, x))
+    dx = vm["dx"](gt, wt, qp, qp, seed).numpy()
+    dw = vm["dw"](xt, gt, qp, qp, seed).numpy()
+    ref_dx, ref_dw = _reference(kind, shape, x, g, w)
+    np.testing.assert_array_equal(dx, ref_dx)
+    np.testing.assert_array_equal(dw, ref_dw)
+
+
+def _cases(isa: str) -> list[tuple[str, tuple]]:
+    convs = CONVS if isa == RUNNABLE[-1] else CONVS[:1]  # the host's own ISA gets every shape
+    return [("conv2d", s) for s in convs] + [("linear", LINEAR)]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("container", ["int8", "int16"])
+def test_packed_gradients_exact(isa, container):
+    for kind, shape in _cases(isa):
+        vm = _build(isa, kind, shape, container)
+        wls = [8] if container == "int8" else [_fast_wl(kind, shape, isa, container), 16]
+        assert container == "int8" or wls[0] < 16
+        for wl in wls:
+            for batch in BATCHES[kind]:
+                for extreme in (False, True):
+                    _check(vm, kind, shape, wl, batch, extreme)
+
+
+def test_grouped_conv_keeps_the_generic_kernels():
+    """Grouped convs (and dilated ones, conv1d, non-x86 targets) are not packed."""
+    bb = relax.BlockBuilder()
+    n = tirx.Var("n", "int64")
+    x, w = param("x", (n, 4, 6, 6), "float32"), param("w", (4, 2, 3, 3), "float32")
+    with bb.function("layer", [x, w], attrs={LAYER_ATTR: "layer", "marvin.op": "conv2d"}):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=2)))
+        bb.emit_func_output(out)
+    func = bb.get()["layer"].without_attr("global_symbol")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU["avx2"]})
+    mod = pipeline.gradient_module(func, CLASS_BY_NAME["int8"], target)
+    names = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    assert not any(name.startswith("marvin_dot") for name in names)
