@@ -53,8 +53,9 @@ def conv2d_input_grad(
     padding: tuple[int, int, int, int],
     isa: DotISA,
     container: str,
+    acc: str = "int32",
 ) -> te.Tensor:
-    """dx of a conv2d (groups 1, dilation 1, each pad < kernel) phase by phase, int32
+    """dx of a conv2d (groups 1, dilation 1, each pad < kernel) phase by phase, in ``acc``
     [N, SH*SW*C, ceil(H/SH), ceil(W/SW)]: channel (ph*SW + pw)*C + c holds dx[:, c, SH*a + ph, SW*b + pw].
 
     Each phase is a stride-1 correlation of g with the taps of w that reach it (flipped), so all
@@ -80,14 +81,16 @@ def conv2d_input_grad(
         return tirx.Select(tirx.all(row_ok, col_ok), w[oc, ci, i, j], tirx.const(0, w.dtype))
 
     phases = te.compute((sh * sw * c, o, th, tw), weight, name="dot_phase_w")
-    return te_dot.conv2d(g, phases, (1, 1), (t, lf, b, rt), isa, container, "int32")
+    return te_dot.conv2d(g, phases, (1, 1), (t, lf, b, rt), isa, container, acc)
 
 
-def linear_input_grad(g: te.Tensor, w: te.Tensor, isa: DotISA, container: str) -> te.Tensor:
-    """dx [M, K] = g [M, O] @ w [O, K] (int32)."""
+def linear_input_grad(
+    g: te.Tensor, w: te.Tensor, isa: DotISA, container: str, acc: str = "int32"
+) -> te.Tensor:
+    """dx [M, K] = g [M, O] @ w [O, K] (in ``acc``)."""
     o, k = (int(d) for d in w.shape)
     transposed = te.compute((k, o), lambda i, j: w[j, i], name="dot_transpose_w")
-    return te_dot.matmul(g, transposed, isa, container, "int32")
+    return te_dot.matmul(g, transposed, isa, container, acc)
 
 
 def dw_chunk(isa: DotISA, container: str, positions: int) -> int:

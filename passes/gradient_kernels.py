@@ -10,7 +10,8 @@ Given an x86 dot-product family (``dot_isa``), conv2d (groups 1, dilation 1) and
 run as packed kernels (``te_dot_grad``) that sum in int32: dx over ``O * KH * KW`` products, dw per
 chunk of samples (then in int64 over the batch). Where the class's word lengths can overflow that
 int32 sum (the int16 class), the function branches at run time on the operands' word lengths: the
-packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else the generic kernels. The
+packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else (dx) the packed kernel on
+float64 FMAs, exact there too, or (dw) the generic kernels. The
 generic kernels (other layers, other targets) accumulate dx in the class's accumulator and dw, whose
 batch is only known at run time, in int64.
 """
@@ -26,6 +27,7 @@ from marvin_compile import te_dot_grad, te_grad_ops, te_ops
 from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
+from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K
 from marvin_compile.passes.utils import layer_functions, param
 
 SALT_GRAD = 0x5BD1E995
@@ -137,15 +139,18 @@ class AddGradientKernels:
                 )
             return bb.call_te(te_grad_ops.rescale, prod, qp_g, qp_w)
 
-        def dx_packed(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+        def dx_packed(bind: Callable[[relax.Expr], relax.Expr], wide: bool = False) -> relax.Expr:
+            """``wide``: products on float64 FMAs, exact above the int32 bound (``lower_integer``)."""
+            dot_container, acc = ("float64", "int64") if wide else (container, "int32")
+
             def kernel(gt, wt, qp_gt, qp_wt, seed_t):  # call_te takes only tensors and PrimExprs
                 gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
                 wq = quant(wt, qp_wt, container)
                 if kind == "linear":
-                    prod = te_dot_grad.linear_input_grad(gq, wq, isa, container)
+                    prod = te_dot_grad.linear_input_grad(gq, wq, isa, dot_container, acc)
                 else:
                     prod = te_dot_grad.conv2d_input_grad(
-                        gq, wq, tuple(in_spatial), tuple(strides), tuple(padding), isa, container
+                        gq, wq, tuple(in_spatial), tuple(strides), tuple(padding), isa, dot_container, acc
                     )
                 return te_grad_ops.rescale(prod, qp_gt, qp_wt)
 
@@ -163,6 +168,7 @@ class AddGradientKernels:
             dx_packed if kind else None,
             dx_length,
             (qp_g, qp_w),
+            wide=(lambda bind: dx_packed(bind, wide=True)) if kind and dx_length < FLOAT64_EXACT_K else None,
         )
 
         x, g2, qp_x, qp_g2, seed2 = (
@@ -236,10 +242,12 @@ class AddGradientKernels:
         length: int,
         qps: tuple[relax.Var, relax.Var],
         offset: bool = False,
+        wide: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None = None,
     ) -> None:
         """Define ``name``: the ``packed`` kernel (None: none) where its int32 sums of ``length`` products
         are exact for every word length of the class, the generic one where they never are, else an
-        ``R.If`` on the word lengths.
+        ``R.If`` on the word lengths, whose other branch is ``wide`` (the packed float64 products)
+        when given, else the generic kernel.
 
         ``offset``: the kernel also needs the sums of (x + 128) * g in int32 (vpdpbusd's dw), a bound
         of the int8 class only, checked here for its widest word length."""
@@ -259,7 +267,7 @@ class AddGradientKernels:
                 else:
                     out = bb.emit_output(packed(bb.emit) if worst <= bound else generic(bb.emit))
             if branch:
-                out = bb.emit(relax.If(cond, packed(bb.normalize), generic(bb.normalize)))
+                out = bb.emit(relax.If(cond, packed(bb.normalize), (wide or generic)(bb.normalize)))
             bb.emit_func_output(out)
 
 
