@@ -30,7 +30,7 @@ ROW_BLOCK = 8  # matmul rows per register block
 OFFSET = 128  # vpdpbusd takes an unsigned operand: x + 128 in [0, 255] for int8 x
 
 
-def _ceil(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -56,9 +56,9 @@ def pack_weight(w: te.Tensor, isa: DotISA, container: str) -> PackedWeight:
         oc, cc = ob * lanes + oi, cb * depth + p
         inside = tirx.all(oc < o, cc < c)
         value = w[oc, cc, i, j] if conv else w[oc, cc]
-        return tirx.Select(inside, _cast(dtype, value), tirx.const(0, dtype))
+        return tirx.Select(inside, cast_to(dtype, value), tirx.const(0, dtype))
 
-    packed = te.compute((_ceil(o, lanes), _ceil(c, depth), kh, kw, lanes, depth), f, name="dot_pack_w")
+    packed = te.compute((ceil_div(o, lanes), ceil_div(c, depth), kh, kw, lanes, depth), f, name="dot_pack_w")
     return PackedWeight(packed, weight_sums(w, isa, container), o)
 
 
@@ -72,20 +72,20 @@ def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
     )
 
 
-def _operand(value: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
+def operand(value: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
     dtype = isa.operand_dtype(container)
     if dtype == "uint8":
         return tirx.Cast("uint8", tirx.Cast("int32", value) + OFFSET)
-    return _cast(dtype, value)
+    return cast_to(dtype, value)
 
 
-def _cast(dtype: str, value) -> tirx.PrimExpr:
+def cast_to(dtype: str, value) -> tirx.PrimExpr:
     """Cast unless ``value`` (a PrimExpr or a TE tensor element) already has ``dtype``."""
     current = value.dtype if isinstance(value, te.TensorSlice) else str(value.ty)
     return value if current == dtype else tirx.Cast(dtype, value)
 
 
-def _pad(isa: DotISA, container: str) -> tirx.PrimExpr:
+def pad_value(isa: DotISA, container: str) -> tirx.PrimExpr:
     return tirx.const(OFFSET if isa.operand_dtype(container) == "uint8" else 0, isa.operand_dtype(container))
 
 
@@ -98,7 +98,7 @@ def _reduce(xp, wp, out_shape, stride, kh, kw, depth, dtype: str) -> te.Tensor:
     return te.compute(
         out_shape,
         lambda n, ob, h, w, oi: te.sum(
-            _cast(dtype, xp[n, cb, h * sh + i, w * sw + j, p]) * _cast(dtype, wp[ob, cb, i, j, oi, p]),
+            cast_to(dtype, xp[n, cb, h * sh + i, w * sw + j, p]) * cast_to(dtype, wp[ob, cb, i, j, oi, p]),
             axis=[cb, i, j, p],
         ),
         name=DOT_BLOCK,
@@ -108,7 +108,7 @@ def _reduce(xp, wp, out_shape, stride, kh, kw, depth, dtype: str) -> te.Tensor:
 def _correct(y: tirx.PrimExpr, wsum: te.Tensor | None, oc, acc: str) -> tirx.PrimExpr:
     if wsum is not None:
         y = y - OFFSET * wsum[oc]
-    return _cast(acc, y)
+    return cast_to(acc, y)
 
 
 def conv2d(
@@ -130,16 +130,16 @@ def conv2d(
     oh = (int(h) + top + bottom - kh) // sh + 1
     ow = (int(wd) + left + right - kw) // sw + 1
     hp, wp_ = (oh - 1) * sh + kh, (ow - 1) * sw + kw
-    pad = _pad(isa, container)
+    pad = pad_value(isa, container)
 
     def pack_x(b, cb, i, j, p):
         cc, hi, wi = cb * depth + p, i - top, j - left
         inside = tirx.all(cc < c, hi >= 0, hi < h, wi >= 0, wi < wd)
-        return tirx.Select(inside, _operand(x[b, cc, hi, wi], isa, container), pad)
+        return tirx.Select(inside, operand(x[b, cc, hi, wi], isa, container), pad)
 
-    xp = te.compute((n, _ceil(int(c), depth), hp, wp_, depth), pack_x, name="dot_pack_x")
+    xp = te.compute((n, ceil_div(int(c), depth), hp, wp_, depth), pack_x, name="dot_pack_x")
     dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk.data, (n, _ceil(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth, dtype)
+    y = _reduce(xp, wpk.data, (n, ceil_div(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth, dtype)
     return te.compute(
         (n, o, oh, ow),
         lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wpk.sums, oc, acc),
@@ -154,16 +154,16 @@ def matmul(x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: st
     o = wpk.out_features
     depth, lanes = isa.depth(container), isa.lanes
     blocks = (m + ROW_BLOCK - 1) // ROW_BLOCK
-    pad = _pad(isa, container)
+    pad = pad_value(isa, container)
 
     def pack_x(b, cb, _i, j, p):
         row, cc = b * ROW_BLOCK + j, cb * depth + p
         inside = tirx.all(row < m, cc < k)
-        return tirx.Select(inside, _operand(x[row, cc], isa, container), pad)
+        return tirx.Select(inside, operand(x[row, cc], isa, container), pad)
 
-    xp = te.compute((blocks, _ceil(int(k), depth), 1, ROW_BLOCK, depth), pack_x, name="dot_pack_x")
+    xp = te.compute((blocks, ceil_div(int(k), depth), 1, ROW_BLOCK, depth), pack_x, name="dot_pack_x")
     dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk.data, (blocks, _ceil(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth, dtype)
+    y = _reduce(xp, wpk.data, (blocks, ceil_div(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth, dtype)
     return te.compute(
         (m, o),
         lambda row, oc: _correct(

@@ -23,7 +23,7 @@ from tvm import te, tirx
 
 from marvin_compile import te_dot
 from marvin_compile.dot_isa import DotISA
-from marvin_compile.te_dot import OFFSET, _cast, _ceil, _operand, _pad
+from marvin_compile.te_dot import OFFSET, cast_to, ceil_div, operand, pad_value
 
 DW_BLOCK = "marvin_dot_dw"
 DW_CHUNK = 128  # products per int32 partial sum aimed at: amortises the int64 fold of a chunk
@@ -38,10 +38,10 @@ def input_grad_phase(kernel: int, stride: int, pad: int, size: int, out: int) ->
     for ph in range(stride):
         r, q = (ph + pad) % stride, (ph + pad) // stride
         if r < kernel:
-            live.append((q, _ceil(kernel - r, stride)))
+            live.append((q, ceil_div(kernel - r, stride)))
     top = max(0, *(m - 1 - q for q, m in live))
     taps = max(q for q, _ in live) + top + 1
-    rows = _ceil(size, stride)
+    rows = ceil_div(size, stride)
     return top, taps, rows - 1 - out - top + taps, rows
 
 
@@ -97,7 +97,7 @@ def dw_chunk(isa: DotISA, container: str, positions: int) -> int:
     """Products in one int32 partial sum of dw: whole packed sample blocks (``depth`` samples) of
     ``positions`` output positions each, about ``DW_CHUNK`` of them."""
     depth = isa.depth(container)
-    return depth * positions * max(1, _ceil(DW_CHUNK, depth * positions))
+    return depth * positions * max(1, ceil_div(DW_CHUNK, depth * positions))
 
 
 def conv2d_weight_grad(
@@ -164,7 +164,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     blocks = dw_chunk(isa, container, oh * ow) // (depth * oh * ow)  # sample blocks per chunk
     chunks = (n + blocks * depth - 1) // (blocks * depth)
     hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw
-    pad = _pad(isa, container)
+    pad = pad_value(isa, container)
 
     def clamp(v, extent):
         return te.max(te.min(v, extent - 1), 0)
@@ -172,7 +172,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     def pack_x(q, ci, i, j, p):
         b, hi, wi = q * depth + p, i - top, j - left
         inside = tirx.all(b < n, hi >= 0, hi < h, wi >= 0, wi < w)
-        value = _operand(x_at(te.min(b, n - 1), ci, clamp(hi, h), clamp(wi, w)), isa, container)
+        value = operand(x_at(te.min(b, n - 1), ci, clamp(hi, h), clamp(wi, w)), isa, container)
         return tirx.Select(inside, value, pad)
 
     xp = te.compute((chunks * blocks, c, hp, wp, depth), pack_x, name="dot_pack_x")
@@ -180,10 +180,10 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
 
     def pack_g(q, ob, i, j, oi, p):
         b, k = q * depth + p, ob * lanes + oi
-        value = _cast(gdtype, g_at(te.min(b, n - 1), te.min(k, o - 1), i, j))
+        value = cast_to(gdtype, g_at(te.min(b, n - 1), te.min(k, o - 1), i, j))
         return tirx.Select(tirx.all(b < n, k < o), value, tirx.const(0, gdtype))
 
-    gp = te.compute((chunks * blocks, _ceil(o, lanes), oh, ow, lanes, depth), pack_g, name="dot_pack_g")
+    gp = te.compute((chunks * blocks, ceil_div(o, lanes), oh, ow, lanes, depth), pack_g, name="dot_pack_g")
     t = te.reduce_axis((0, blocks), name="t")
     i = te.reduce_axis((0, oh), name="oh")
     j = te.reduce_axis((0, ow), name="ow")
@@ -191,10 +191,10 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     dtype = isa.product_dtype(container)
     taps = kh * kw
     part = te.compute(
-        (chunks, _ceil(o, lanes), c * taps, lanes),
+        (chunks, ceil_div(o, lanes), c * taps, lanes),
         lambda qc, ob, r, oi: te.sum(
-            _cast(dtype, xp[qc * blocks + t, r // taps, r // kw % kh + i * sh, r % kw + j * sw, p])
-            * _cast(dtype, gp[qc * blocks + t, ob, i, j, oi, p]),
+            cast_to(dtype, xp[qc * blocks + t, r // taps, r // kw % kh + i * sh, r % kw + j * sw, p])
+            * cast_to(dtype, gp[qc * blocks + t, ob, i, j, oi, p]),
             axis=[t, i, j, p],
         ),
         name=DW_BLOCK,
@@ -203,7 +203,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     if isa.operand_dtype(container) == "uint8":
         t2, i2, j2, p2 = (te.reduce_axis((0, e), name=f"s{d}") for d, e in enumerate((blocks, oh, ow, depth)))
         gsum = te.compute(
-            (chunks, _ceil(o, lanes), lanes),
+            (chunks, ceil_div(o, lanes), lanes),
             lambda qc, ob, oi: te.sum(
                 tirx.Cast("int32", gp[qc * blocks + t2, ob, i2, j2, oi, p2]), axis=[t2, i2, j2, p2]
             ),
@@ -217,4 +217,4 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
             chunk = chunk - OFFSET * gsum[qc, ob, oi]
         return te.sum(tirx.Cast("int64", chunk), axis=qc)
 
-    return te.compute((_ceil(o, lanes), c * taps, lanes), fold, name="dot_fold")
+    return te.compute((ceil_div(o, lanes), c * taps, lanes), fold, name="dot_fold")

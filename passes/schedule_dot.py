@@ -23,7 +23,7 @@ MAX_OB_BLOCK = 4
 MAX_VECTOR = 64  # longest unpack row vectorized as one vector (LLVM splits it into registers)
 
 
-def _find_block(sch: Schedule, name: str):
+def find_block(sch: Schedule, name: str):
     try:
         return sch.get_sblock(name)
     except Exception:  # noqa: BLE001 - TVM raises its own ScheduleError
@@ -31,10 +31,10 @@ def _find_block(sch: Schedule, name: str):
 
 
 def has_dot_block(func: tirx.PrimFunc) -> bool:
-    return _find_block(Schedule(func), DOT_BLOCK) is not None
+    return find_block(Schedule(func), DOT_BLOCK) is not None
 
 
-def _intrinsic(sch: Schedule, block, isa: DotISA) -> str:
+def intrinsic_for(sch: Schedule, block, isa: DotISA) -> str:
     a_dtype = sch.get(block).reads[0].source.dtype
     return isa.intrinsic({"uint8": "int8"}.get(a_dtype, a_dtype))
 
@@ -83,7 +83,7 @@ def schedule_dot(
     """Schedule a ``te_dot`` PrimFunc in place: register tile ``tiles`` (ob_block, w_block), else
     the default; ``tune`` samples it instead (the meta_schedule design space)."""
     block = sch.get_sblock(DOT_BLOCK)
-    intrin = _intrinsic(sch, block, isa)
+    intrin = intrinsic_for(sch, block, isa)
     n, ob, h, w, oi, cb, kh, kw, p = sch.get_loops(block)
     ob_extent, w_extent = int(sch.get(ob).extent), int(sch.get(w).extent)
     acc_bytes = _acc_bytes(sch, block)
@@ -112,14 +112,14 @@ def schedule_dot(
     sch.unroll(obi)
     sch.unroll(wi)
     _inline_neighbours(sch)
-    _schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
-    pack_w = _find_block(sch, "dot_pack_w")  # absent when the kernel takes the weight packed
+    schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
+    pack_w = find_block(sch, "dot_pack_w")  # absent when the kernel takes the weight packed
     if pack_w is not None:
         schedule_injective(sch, pack_w)
-    _schedule_unpack(sch, sch.get_sblock("dot_unpack"))
+    schedule_unpack(sch, sch.get_sblock("dot_unpack"))
 
 
-def _schedule_pack_x(sch: Schedule, block) -> None:
+def schedule_pack_x(sch: Schedule, block) -> None:
     """Parallel over images x channel groups. The input quantizer (fused in) stays a stage of its
     own: inlined into the packing it would run scalar."""
     quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
@@ -130,7 +130,7 @@ def _schedule_pack_x(sch: Schedule, block) -> None:
         schedule_injective(sch, producer)
 
 
-def _schedule_unpack(sch: Schedule, block) -> None:
+def schedule_unpack(sch: Schedule, block) -> None:
     """Parallel over images x channels (conv) or rows (matmul), vectorized along the last axis:
     with requantize fused in, this is where the per-element epilogue math runs."""
     loops = sch.get_loops(block)
@@ -145,7 +145,7 @@ def _inline_neighbours(sch: Schedule) -> None:
     """Inline the element-wise stages around the kernel: the weight quantizer into the packing,
     consumers (requantize, and in a deployed model the ReLU or residual add FuseOps appended) into
     the unpack, in order, so a chain collapses into it. The input quantizer is placed by
-    ``_schedule_pack_x``."""
+    ``schedule_pack_x``."""
     ours = {"dot_pack_x", "dot_pack_w", "dot_weight_sum", DOT_BLOCK, "dot_unpack"}
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name = sch.get(block).name_hint

@@ -13,22 +13,24 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
-from marvin_compile.passes.schedule_dot import _intrinsic, _schedule_pack_x, _schedule_unpack, default_tiles
+from marvin_compile.passes.schedule_dot import (
+    default_tiles,
+    find_block,
+    intrinsic_for,
+    schedule_pack_x,
+    schedule_unpack,
+)
 from marvin_compile.te_dot_grad import DW_BLOCK
 
 
 def has_dot_dw_block(func: tirx.PrimFunc) -> bool:
-    try:
-        Schedule(func).get_sblock(DW_BLOCK)
-    except Exception:  # noqa: BLE001 - TVM raises its own ScheduleError
-        return False
-    return True
+    return find_block(Schedule(func), DW_BLOCK) is not None
 
 
 def schedule_dot_dw(sch: Schedule, isa: DotISA) -> None:
     """Schedule a ``te_dot_grad`` weight-gradient PrimFunc in place."""
     part, fold = sch.get_sblock(DW_BLOCK), sch.get_sblock("dot_fold")
-    intrin = _intrinsic(sch, part, isa)
+    intrin = intrinsic_for(sch, part, isa)
     ob, row, oi, qc = sch.get_loops(fold)
     ob_block, row_block = default_tiles(int(sch.get(ob).extent), int(sch.get(row).extent), isa.lanes)
     obo, obi = sch.split(ob, [None, ob_block])
@@ -57,8 +59,8 @@ def schedule_dot_dw(sch: Schedule, isa: DotISA) -> None:
             _schedule_sum(sch, block)
         elif name == "dot_pack_g":
             _schedule_pack_g(sch, block)
-    _schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
-    _schedule_unpack(sch, sch.get_sblock("dot_unpack"))
+    schedule_pack_x(sch, sch.get_sblock("dot_pack_x"))
+    schedule_unpack(sch, sch.get_sblock("dot_unpack"))
 
 
 def _schedule_pack_g(sch: Schedule, block) -> None:
