@@ -63,8 +63,8 @@ FIXED: dict[str, Precision] = {
     "float32": Precision(24, 12),
 }
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]] = {
-    # name: (builder, input shape, default timed steps, warm-up steps). A ResNet-20 lowbit step
-    # takes ~9 s on 2 cores: 1 warm-up step (not 2) keeps the full run near 3 minutes.
+    # name: (builder, input shape, default timed steps, warm-up steps). A ResNet-20 int16 lowbit
+    # step takes ~1.5 s on 2 cores: 1 warm-up step (not 2) keeps the full run near 2 minutes.
     "lenet5": (lenet5, (1, 32, 32), 10, WARMUP),
     "resnet20": (resnet20, (3, 32, 32), 5, 1),
 }
@@ -353,7 +353,7 @@ def section(
         f"- torch {torch.__version__}, threads: {torch.get_num_threads()}",
         f"- One training step (zero_grad, forward, cross entropy, backward, optimizer step) at batch "
         f"{BATCH} on random data (LeNet-5 1x32x32, ResNet-20 3x32x32); median step time ({step_text}; "
-        "ResNet-20 gets one warm-up step: a lowbit step takes ~9 s here). "
+        "ResNet-20 gets one warm-up step: its int16 lowbit step still takes ~1.5 s here). "
         "Compilation happens in `quantize_`, before the timed steps (compiled variants come from the "
         "on-disk cache when present). torch.compile's warm-up step is its first warm-up step.",
         "- Other processes kept "

@@ -10,8 +10,8 @@ Given an x86 dot-product family (``dot_isa``), conv2d (groups 1, dilation 1) and
 run as packed kernels (``te_dot_grad``) that sum in int32: dx over ``O * KH * KW`` products, dw per
 chunk of samples (then in int64 over the batch). Where the class's word lengths can overflow that
 int32 sum (the int16 class), the function branches at run time on the operands' word lengths: the
-packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else (dx) the packed kernel on
-float64 FMAs, exact there too, or (dw) the generic kernels. The
+packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else the packed kernel on
+float64 FMAs, whose integer-valued sums are exact there too. The
 generic kernels (other layers, other targets) accumulate dx in the class's accumulator and dw, whose
 batch is only known at run time, in int64.
 """
@@ -204,15 +204,17 @@ class AddGradientKernels:
                 )
             return bb.call_te(te_grad_ops.rescale, prod, qp_x, qp_g2)
 
-        def dw_packed(_bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+        def dw_packed(_bind: Callable[[relax.Expr], relax.Expr], wide: bool = False) -> relax.Expr:
+            dot_container = "float64" if wide else container
+
             def kernel(xt, gt, qp_xt, qp_gt, seed_t):
                 xq = quant(xt, qp_xt, container)
                 gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
                 if kind == "linear":
-                    prod = te_dot_grad.linear_weight_grad(xq, gq, isa, container)
+                    prod = te_dot_grad.linear_weight_grad(xq, gq, isa, dot_container)
                 else:
                     prod = te_dot_grad.conv2d_weight_grad(
-                        xq, gq, tuple(w_shape[2:]), tuple(strides), tuple(padding), isa, container
+                        xq, gq, tuple(w_shape[2:]), tuple(strides), tuple(padding), isa, dot_container
                     )
                 return te_grad_ops.rescale(prod, qp_xt, qp_gt)
 
@@ -229,6 +231,7 @@ class AddGradientKernels:
             dw_length,
             (qp_x, qp_g2),
             offset,
+            wide=(lambda bind: dw_packed(bind, wide=True)) if kind else None,
         )
         return bb.get()
 

@@ -39,7 +39,7 @@ def intrinsic_for(sch: Schedule, block, isa: DotISA) -> str:
     return isa.intrinsic({"uint8": "int8"}.get(a_dtype, a_dtype))
 
 
-def _acc_bytes(sch: Schedule, block) -> int:
+def accumulator_bytes(sch: Schedule, block) -> int:
     return tvm.DataType(sch.get(block).writes[0].source.dtype).bits // 8
 
 
@@ -86,7 +86,7 @@ def schedule_dot(
     intrin = intrinsic_for(sch, block, isa)
     n, ob, h, w, oi, cb, kh, kw, p = sch.get_loops(block)
     ob_extent, w_extent = int(sch.get(ob).extent), int(sch.get(w).extent)
-    acc_bytes = _acc_bytes(sch, block)
+    acc_bytes = accumulator_bytes(sch, block)
     if tune:  # the space: every divisor pair; tiles past the register budget measure slow
         budget = max_accumulators(isa.lanes, acc_bytes)
         ob_choice, w_choice = _divisors(ob_extent, MAX_OB_BLOCK), _divisors(w_extent, budget)

@@ -14,6 +14,7 @@ from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.passes.schedule_dot import (
+    accumulator_bytes,
     default_tiles,
     find_block,
     intrinsic_for,
@@ -32,7 +33,8 @@ def schedule_dot_dw(sch: Schedule, isa: DotISA) -> None:
     part, fold = sch.get_sblock(DW_BLOCK), sch.get_sblock("dot_fold")
     intrin = intrinsic_for(sch, part, isa)
     ob, row, oi, qc = sch.get_loops(fold)
-    ob_block, row_block = default_tiles(int(sch.get(ob).extent), int(sch.get(row).extent), isa.lanes)
+    extents = int(sch.get(ob).extent), int(sch.get(row).extent)
+    ob_block, row_block = default_tiles(*extents, isa.lanes, accumulator_bytes(sch, part))
     obo, obi = sch.split(ob, [None, ob_block])
     ro, ri = sch.split(row, [None, row_block])
     sch.reorder(obo, ro, qc, obi, ri, oi)
