@@ -126,7 +126,7 @@ def build(
     mod: tvm.IRModule, target: tvm.target.Target, tuning: TuningDatabase | None = None
 ) -> relax.VMExecutable:
     """Phase build: TVM's Relax lowering (legalize, fuse), our CPU schedules on LLVM targets (tuned
-    traces from ``tuning`` where it has them; TVM's GPU pipeline brings its own dlight schedules),
+    register tiles from ``tuning`` where it has them; TVM's GPU pipeline brings its own dlight schedules),
     then codegen."""
     if target.kind.name != "llvm":
         return tvm.compile(mod, target=target)

@@ -69,7 +69,7 @@ def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
 class ScheduleCPU:
-    """Schedule every unscheduled PrimFunc: packed kernels by their tuned trace when ``tuning``
+    """Schedule every unscheduled PrimFunc: packed kernels with their tuned tile when ``tuning``
     has one (else their default), everything else by the generic parallel/vectorize rule."""
 
     def __init__(self, tuning: TuningDatabase | None = None) -> None:
