@@ -41,7 +41,7 @@ from marvin_compile.dot_isa import dot_isa
 from marvin_compile.frontend import import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.passes import pipeline
-from marvin_compile.passes.schedule_dot import dot_signature, has_dot_block, schedule_dot
+from marvin_compile.passes.schedule_dot import dot_signature, has_dot_block, schedule_dot, schedule_dot_func
 from marvin_compile.report import atomic_write_json
 from marvin_compile.target import target_key
 from marvin_compile.tvmscript import install_fast_parsing, load_tensor_intrinsics
@@ -117,14 +117,12 @@ class TuningDatabase:
         found = self.tiles_for(func)
         if found is None:
             return None
-        sch = Schedule(func)
         try:
-            schedule_dot(sch, dot_isa(self.target), tiles=found[0])
+            return schedule_dot_func(func, self.target, tiles=found[0])
         except Exception as exc:  # noqa: BLE001 - a record that does not fit must not stop a build
             msg = f"tuning record in {self.path} does not apply ({exc}); using the default schedule"
             warnings.warn(msg, stacklevel=2)
             return None
-        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
     def commit(self, func: tirx.PrimFunc, record: ms.database.TuningRecord) -> None:
         workload = self._db.commit_workload(_workload(func))

@@ -27,7 +27,7 @@ from marvin_compile import te_dot_grad, te_grad_ops, te_ops
 from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
-from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K
+from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K, packed_core
 from marvin_compile.passes.utils import layer_functions, param
 
 SALT_GRAD = 0x5BD1E995
@@ -52,24 +52,17 @@ def product_bound(length: int) -> int:
 
 def packed_kind(core: relax.Call, bindings: dict, isa: DotISA | None) -> str | None:
     """``conv2d`` or ``linear`` when the packed kernels compute this layer's gradients, else None:
-    grouped/dilated conv, other layouts, padding wider than the kernel, conv1d, non-x86 targets."""
-    if isa is None:
-        return None
-    a = core.attrs
-    if core.op.name == "relax.nn.conv2d":
-        kh, kw = (int(d) for d in list(core.args[1].ty.shape)[2:])
-        top, left, bottom, right = (int(v) for v in a.padding)
-        plain = (
-            int(a.groups) == 1
-            and all(int(d) == 1 for d in a.dilation)
-            and (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW")
-            and all(0 <= p < kh for p in (top, bottom))
-            and all(0 <= p < kw for p in (left, right))
-        )
-        return "conv2d" if plain else None
+    where the forward has no packed kernel (``packed_core``), and convs padded as wide as the kernel."""
     w = bindings.get(core.args[1])
-    transposed = op_name(w) == "relax.permute_dims" and [int(v) for v in w.attrs.axes] == [1, 0]
-    return "linear" if core.op.name == "relax.matmul" and transposed else None
+    packed = packed_core(core, core.args[1], w if op_name(w) == "relax.permute_dims" else None, isa)
+    if packed is None:
+        return None
+    kind, kwargs = packed
+    if kind == "matmul":
+        return "linear"
+    kh, kw = (int(d) for d in list(core.args[1].ty.shape)[2:])
+    top, left, bottom, right = kwargs["padding"]
+    return "conv2d" if max(top, bottom) < kh and max(left, right) < kw else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddGradientKernels")

@@ -16,8 +16,8 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func
-from marvin_compile.passes.schedule_dot_grad import has_dot_dw_block, schedule_dot_dw_func
+from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func, scheduled
+from marvin_compile.passes.schedule_dot_grad import has_dot_dw_block, schedule_dot_dw
 from marvin_compile.passes.utils import lanes_for, schedule_injective, static_extent
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None
         tuned = None if tuning is None else tuning.schedule(func)
         return tuned if tuned is not None else schedule_dot_func(func, tvm.target.Target.current())
     if has_dot_dw_block(func):
-        return schedule_dot_dw_func(func, tvm.target.Target.current())
+        return scheduled(func, tvm.target.Target.current(), schedule_dot_dw)
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]

@@ -9,6 +9,9 @@ tuning, the defaults below hold as many accumulators as stay in registers.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
@@ -157,11 +160,20 @@ def _inline_neighbours(sch: Schedule) -> None:
             sch.compute_inline(block)  # the weight quantizer: O(weights), inlined into the packing
 
 
-def schedule_dot_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """The default (untuned) schedule of one packed kernel for ``target``."""
+def scheduled(
+    func: tirx.PrimFunc, target: tvm.target.Target, rule: Callable[[Schedule, DotISA], None]
+) -> tirx.PrimFunc:
+    """``func`` scheduled in place by ``rule`` with the target's dot-product family."""
     isa = dot_isa(target)
     if isa is None:
         raise ValueError(f"target {target} has no integer dot-product instructions")
     sch = Schedule(func)
-    schedule_dot(sch, isa)
+    rule(sch, isa)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_dot_func(
+    func: tirx.PrimFunc, target: tvm.target.Target, tiles: tuple[int, int] | None = None
+) -> tirx.PrimFunc:
+    """One packed kernel scheduled for ``target`` with register tile ``tiles`` (default: untuned)."""
+    return scheduled(func, target, functools.partial(schedule_dot, tiles=tiles))

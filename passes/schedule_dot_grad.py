@@ -8,11 +8,10 @@ folded into the int64 result; tasks never share an output, so the batch reductio
 
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from marvin_compile.dot_isa import DotISA, dot_isa
+from marvin_compile.dot_isa import DotISA
 from marvin_compile.passes.schedule_dot import (
     accumulator_bytes,
     default_tiles,
@@ -89,13 +88,3 @@ def _schedule_sum(sch: Schedule, block) -> None:
     sch.vectorize(oi)
     init = sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
-
-
-def schedule_dot_dw_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """The schedule of one packed weight-gradient kernel for ``target``."""
-    isa = dot_isa(target)
-    if isa is None:
-        raise ValueError(f"target {target} has no integer dot-product instructions")
-    sch = Schedule(func)
-    schedule_dot_dw(sch, isa)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

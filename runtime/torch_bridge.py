@@ -90,9 +90,9 @@ class CompiledLayer:
         dev = self.store.device
         qp_g = tvm.runtime.tensor(np.array([2.0**scale, 2.0**-scale, p.int_min, p.int_max], np.float32), dev)
         qp, seed_t = self._args[0], tvm.runtime.tensor(np.array(seed, dtype=np.uint32), dev)
-        vm = self.gradients.fn
-        gx = torch.from_dlpack(vm["dx"](to_tvm(g), to_tvm(w), qp_g, qp, seed_t)) if input_grad else None
-        gw = vm["dw"](to_tvm(xq), to_tvm(g), qp, qp_g, seed_t)
+        vm, gt = self.gradients.fn, to_tvm(g)
+        gx = torch.from_dlpack(vm["dx"](gt, to_tvm(w), qp_g, qp, seed_t)) if input_grad else None
+        gw = vm["dw"](to_tvm(xq), gt, qp, qp_g, seed_t)
         return gx, torch.from_dlpack(gw)
 
 
