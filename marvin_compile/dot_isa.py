@@ -17,7 +17,11 @@ The kernels keep ``C`` in a small per-tile buffer that LLVM promotes to register
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import functools
+import os
+import platform
 from dataclasses import dataclass
 
 import tvm
@@ -34,6 +38,7 @@ class DotISA:
 
     name: str
     lanes: int  # output channels per instruction (int32 lanes)
+    amx: bool = False  # AMX-INT8 tiles usable: int8 conv/matmul forward runs on them (``amx``)
 
     def depth(self, container: str) -> int:
         """Reduction elements per lane per instruction for a container (``float64``: the exact
@@ -78,12 +83,35 @@ def dot_isa(target: tvm.target.Target) -> DotISA | None:
         return bool(codegen.target_has_features(feature, target))
 
     if has("avx512vnni") and has("avx512bw"):
-        return ISAS["avx512_vnni"]
+        amx = has("amx-tile") and has("amx-int8") and amx_enabled() and os_grants_amx()
+        return dataclasses.replace(ISAS["avx512_vnni"], amx=amx)
     if has("avx512bw"):
         return ISAS["avx512"]
     if has("avx2") and has("fma"):
         return ISAS["avx2"]
     return None
+
+
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def amx_enabled() -> bool:
+    """``MARVIN_AMX=0`` keeps int8 on the vpdpbusd kernels (to compare, or to build for a machine
+    whose OS refuses AMX)."""
+    value = os.environ.get("MARVIN_AMX", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MARVIN_AMX must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@functools.cache
+def os_grants_amx() -> bool:
+    """Whether this (Linux x86-64) process may use AMX tiles: Linux hands out tile state only on
+    request (``arch_prctl``), once per process."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
 def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):

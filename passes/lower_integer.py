@@ -22,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from marvin_compile import te_dot, te_ops
+from marvin_compile import amx, te_dot, te_ops
 from marvin_compile.dot_isa import DotISA
 from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import KernelClass
@@ -35,6 +35,7 @@ INT32_MAX = 2**31 - 1
 QNAME = "fxp_quantize_int"
 FLOAT64_EXACT_K = 2**23  # int16 products (<= 2**30) sum exactly in float64 below this many terms
 OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable: element-wise consumers fuse in
+OPAQUE = 8  # TVM's OpPatternKind kOpaque: nothing fuses with it
 
 
 def _core_binding(func: relax.Function) -> tuple[relax.VarBinding, dict]:
@@ -169,6 +170,13 @@ class LowerToIntegerKernels:
         exact_int32 = layer in self.frozen and weight_bound(*self.frozen[layer]) <= INT32_MAX
         branch = packed is not None and fast_wl < kernel_class.max_wl and not exact_int32
         axis = _channel_axis(core.value)
+        tiles = None  # int8 on AMX tiles, where the machine has them and the layer suits them
+        if packed is not None and self.isa.amx and container == "int8":
+            kind, kwargs = packed
+            if kind == "matmul":
+                tiles = amx.matmul_geometry(weight_shape)
+            else:
+                tiles = amx.conv_geometry(list(x.ty.shape), weight_shape, **kwargs)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
             """Quantize, TVM's own integer conv2d/matmul, requantize (``bind``: emit or normalize)."""
@@ -222,11 +230,51 @@ class LowerToIntegerKernels:
                 bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
             return call
 
+        def on_tiles(bi: relax.Expr | None, weight: relax.Expr | None) -> relax.Expr:
+            """The AMX kernel (``amx``): quantize and pack x, (in training) quantize and pack w,
+            the tile product, then unpack + requantize, where a deployed model's ReLU or residual
+            add fuses in."""
+            matmul = tiles.w is None
+            sd = [] if seed is None else [seed]
+
+            def pack_x(xt, qp_t, *s):
+                xq = te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
+                return (amx.pack_matmul_input if matmul else amx.pack_conv_input)(xq, tiles)
+
+            xp = bb.emit(bb.call_te(pack_x, x, qp, *sd, primfunc_name_hint="marvin_amx_pack_x"))
+            _mark(bb, xp, OPAQUE)
+            if weight is None:
+
+                def pack_w(wt, qp_t, *s):
+                    wq = te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
+                    return amx.pack_weight(wq, tiles)
+
+                weight = bb.emit(bb.call_te(pack_w, w, qp, *sd, primfunc_name_hint="marvin_amx_pack_w"))
+            n = x.ty.shape[0]
+            kernel = bb.add_func(amx.tile_kernel(tiles), amx.KERNEL)
+            shape = amx.output_shape(tiles, n)
+            y = bb.emit(relax.call_tir(kernel, [xp, weight], relax.TensorType(shape, "int32")))
+            optional = {"bias": bi, "seed": seed}
+            present = [k for k, v in optional.items() if v is not None]
+
+            def unpack(yt, qp_t, fl_t, *extra):
+                given = dict(zip(present, extra, strict=True))
+                out = amx.unpack_matmul(yt, n, tiles, acc) if matmul else amx.unpack_conv(yt, tiles, acc)
+                return te_ops.requantize(out, given.get("bias"), qp_t, fl_t, axis, given.get("seed"))
+
+            extra = [optional[k] for k in present]
+            call = bb.call_te(unpack, y, qp, fl, *extra, primfunc_name_hint="marvin_amx_unpack")
+            gv = call.args[0]
+            bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
+            return call
+
         def packed_weight() -> list[relax.Expr]:
             """Quantize and pack the (constant) weight in calls of their own, which constant
             folding evaluates at build time: the deployed kernel reads an integer packed weight."""
             wq = bb.emit_te(te_ops.quantize_to_int, w, qp, container, primfunc_name_hint=QNAME)
             isa = self.isa
+            if tiles is not None:
+                return [bb.emit_te(lambda t: amx.pack_weight(t, tiles), wq)]
             data = bb.emit_te(lambda t: te_dot.pack_weight(t, isa, container).data, wq)
             if isa.operand_dtype(container) != "uint8":
                 return [data]
@@ -243,12 +291,20 @@ class LowerToIntegerKernels:
                     )
                     bi = None if bi is None else bb.emit_output(bi)
                     weight = None if weight is None else [bb.emit_output(v) for v in weight]
+                elif tiles is not None:
+                    out = bb.emit_output(on_tiles(bi, None if weight is None else weight[0]))
                 else:
                     out = bb.emit_output(fast(bi, weight) if packed is not None else generic(bb.emit, bi))
             if branch:  # above the int32 bound: packed float64 products, exact for K < 2**23
                 wide = fast(bi, None, wide=True) if reduction < FLOAT64_EXACT_K else generic(bb.normalize, bi)
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
             bb.emit_func_output(out)
+
+
+def _mark(bb: relax.BlockBuilder, call: relax.Var, pattern: int) -> None:
+    """Set the fusion pattern of the PrimFunc a just-emitted ``call_te`` binding calls."""
+    gv = bb.lookup_binding(call).args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", pattern))
 
 
 def _channel_axis(core: relax.Call) -> int:

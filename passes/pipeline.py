@@ -40,7 +40,13 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 7  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 8  # part of every cache key: bump when the same inputs compile to other code
+
+
+def codegen_key(target: tvm.target.Target) -> str:
+    """What decides the generated code besides the inputs: the revision and the kernel family the
+    target gets here (AMX use depends on the OS and ``MARVIN_AMX``, not on the target alone)."""
+    return f"{CODEGEN_REVISION}:{_isa(target)}"
 
 
 def _isa(target: tvm.target.Target | None) -> DotISA | None:

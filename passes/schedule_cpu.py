@@ -5,7 +5,8 @@ gives every reduction kernel (conv, matmul, gradient products) the classic shape
 the leading spatial axis, producers (padding) computed per parallel iteration, the reduction
 loops, then the last spatial axis split and vectorized innermost; injective kernels (quantize,
 requantize) are flattened, parallelized and vectorized. Packed dot-product kernels get their own
-schedules (``schedule_dot``; ``schedule_dot_grad`` for the weight gradient).
+schedules (``schedule_dot``; ``schedule_dot_grad`` for the weight gradient; ``schedule_amx`` for the
+layout stages around the AMX tile kernel).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from marvin_compile.passes.schedule_amx import has_amx_block, schedule_amx
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func, scheduled
 from marvin_compile.passes.schedule_dot_grad import has_dot_dw_block, schedule_dot_dw
 from marvin_compile.passes.utils import lanes_for, schedule_injective, static_extent
@@ -54,6 +56,8 @@ def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None
         return tuned if tuned is not None else schedule_dot_func(func, tvm.target.Target.current())
     if has_dot_dw_block(func):
         return scheduled(func, tvm.target.Target.current(), schedule_dot_dw)
+    if has_amx_block(func):
+        return schedule_amx(func)
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]

@@ -57,7 +57,7 @@ def variant_key(
             str(target),
             __version__,
             tvm.__version__,
-            str(pipeline.CODEGEN_REVISION),
+            pipeline.codegen_key(target),
             tuning,
         ]
     )
@@ -167,7 +167,7 @@ class VariantStore:
                 str(self.target),
                 __version__,
                 tvm.__version__,
-                str(pipeline.CODEGEN_REVISION),
+                pipeline.codegen_key(self.target),
             ]
         )
         path = self.path_for("module-" + hashlib.sha256(text.encode()).hexdigest()[:32])

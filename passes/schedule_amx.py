@@ -1,0 +1,71 @@
+"""Schedules of the layout stages around the AMX tile kernel (``amx``).
+
+The tile kernel itself is written scheduled. Around it: ``amx_pack_x`` interleaves each group of
+four channels of the quantized NCHW input (and splits stride phases), ``amx_pack_w`` does the same
+for the weight in training, and ``amx_unpack`` crops the tile output back to NCHW with requantize
+and any fused ReLU / residual add. The input quantizer stays a vectorized stage of its own.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from marvin_compile.amx import GROUP
+from marvin_compile.passes.schedule_dot import find_block
+from marvin_compile.passes.utils import schedule_injective, static_extent
+
+MAX_VECTOR = 64
+AMX_BLOCKS = ("amx_pack_x", "amx_pack_w", "amx_unpack")
+
+
+def has_amx_block(func: tirx.PrimFunc) -> bool:
+    sch = Schedule(func)
+    return any(find_block(sch, name) is not None for name in AMX_BLOCKS)
+
+
+def schedule_amx(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    if find_block(sch, "amx_pack_x") is not None:
+        _pack_x(sch, sch.get_sblock("amx_pack_x"))
+    if find_block(sch, "amx_pack_w") is not None:
+        _pack_w(sch)
+    if find_block(sch, "amx_unpack") is not None:
+        _unpack(sch, sch.get_sblock("amx_unpack"))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _pack_x(sch: Schedule, block) -> None:
+    """Parallel over (image, channel group), then 4 x 4 blocks (pixels x channels) unrolled."""
+    for producer in sch.get_producers(block):  # the quantizer: at root, contiguous, vectorized
+        schedule_injective(sch, producer)
+    n, cg, _ph, _i, j, q = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, cg))
+    _, ji = sch.split(j, factors=[None, GROUP])
+    sch.unroll(ji)  # 4 pixels x 4 channels: LLVM's SLP vectorizer turns them into one shuffle
+    sch.unroll(q)
+
+
+def _pack_w(sch: Schedule) -> None:
+    """Training packs the weight every call: O(weights), the quantizer inlined."""
+    block = sch.get_sblock("amx_pack_w")
+    for producer in sch.get_producers(block):
+        sch.compute_inline(producer)
+    schedule_injective(sch, block)
+
+
+def _unpack(sch: Schedule, block) -> None:
+    """Consumers (requantize, fused ReLU / add) inlined, in order; then parallel over (image,
+    channel), vectorized along the output width (conv), or parallel over rows (matmul)."""
+    for consumer in sch.get_child_blocks(sch.get_sblock("root")):
+        if any(sch.get(p).name_hint == "amx_unpack" for p in sch.get_producers(consumer)):
+            sch.reverse_compute_inline(consumer)
+    block = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    loops = sch.get_loops(block)
+    if len(loops) == 4:
+        n, oc, _i, j = loops
+        sch.parallel(sch.fuse(n, oc))
+        if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
+            sch.vectorize(j)
+    else:
+        sch.parallel(loops[0])
