@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import json
 import os
 import statistics
 import sys
@@ -411,6 +412,19 @@ def tvm_threads() -> str:
     return f"{n} ({source})"
 
 
+def kernel_families(target_text: str) -> str:
+    """Which instructions the integer classes' forward products run on here."""
+    from marvin_compile.dot_isa import dot_isa
+
+    isa = dot_isa(tvm.target.Target(json.loads(target_text)))
+    if isa is None:
+        return "none (TVM's generic integer kernels)"
+    int8 = f"packed `{isa.name}` dot products"
+    if isa.amx:
+        int8 = f"AMX tiles (`tdpbssd`) where a layer has >= 8 input channels, else {int8}"
+    return f"int8 on {int8}; int16 and the backward products on packed `{isa.name}` dot products"
+
+
 def markdown_table(rows: list[Row]) -> str:
     lines = ["| shape | class | ours GOP/s | torch fp32 GOP/s | ratio ours/torch |", "|---|---|--:|--:|--:|"]
     for r in rows:
@@ -467,7 +481,8 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
             "rounding; int8 = Precision(8,4); int16 wlN = Precision(N,N/2) at the largest N whose "
             "products sum exactly in int32 for the shape's reduction (the packed int32 kernel; above it "
-            "the int16 class runs its int64 kernel, shown as wl16); float32 = Precision(24,12).",
+            "the int16 class runs its packed float64 kernel, shown as wl16); float32 = Precision(24,12).",
+            f"- Integer kernels on this target: {kernel_families(info.target)}",
             "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; up to --repeat timed "
             f"samples (fewer, >= 3, for slow cases: ~{CASE_BUDGET_S} s per case); a fast call is looped "
             f"so one sample lasts ~{MIN_SAMPLE_S * 1e3:.0f} ms. Ours = one call of the compiled variant "

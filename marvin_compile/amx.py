@@ -1,5 +1,5 @@
-"""Int8 conv/matmul on Intel AMX tiles (``tdpbssd``): an implicit GEMM with output channels as
-tile rows and output pixels as tile columns, so the result lands in NCHW.
+"""Integer conv/matmul on Intel AMX tiles: an implicit GEMM with output channels as tile rows and
+output pixels as tile columns, so the result lands in NCHW.
 
 One AMX instruction multiplies a 16 x 64 int8 tile by a 64 x 16 int8 tile into a 16 x 16 int32
 tile: 16384 multiply-adds, 16 times an AVX-512 ``vpdpbusd``. Measured here (Xeon, Emerald Rapids)
@@ -15,9 +15,17 @@ a plain tile loop reaches 380-600 GMAC/s on two cores, against 100-150 for float
 - C: ``[N, O16, F]`` int32 with ``F`` the output rows flattened over ``Wq`` (columns past the
   output width are computed and dropped), so unpacking (``unpack_conv``) is a contiguous crop.
 
-Operands are signed (``tdpbssd``), so no offset or correction is needed. A matmul ``[M, K] x
-[O, K]^T`` is the same kernel on a ``[1, K, 1, M]`` image with a 1 x 1 kernel; its unpack
-transposes ``[O16, M]`` back. The product is exact wherever the int8 class's int32 bound holds.
+int8 operands are signed (``tdpbssd``), so no offset or correction is needed. int16 operands
+are split into a signed high byte and an unsigned low byte, ``v = 256 * hi + lo`` (``parts`` = 2
+along the second axis of both packed operands); the four byte products run on ``tdpbssd``,
+``tdpbsud``, ``tdpbusd`` and ``tdpbuud`` into three int32 sums (``y[:, 0]`` high x high, ``y[:, 1]``
+the two cross terms, ``y[:, 2]`` low x low), combined in int64 when unpacking:
+``65536 * hh + 256 * cross + ll``. Each sum stays below 2**31 for reductions up to
+``MAX_REDUCTION``, so int16 is exact at every word length, with no float64 detour.
+
+A matmul ``[M, K] x [O, K]^T`` is the same kernel on a ``[1, K, 1, M]`` image with a 1 x 1
+kernel; its unpack transposes ``[O16, M]`` back. int8 is exact wherever the int8 class's int32
+bound holds.
 
 Linux grants AMX tile state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), once per
 process; every kernel asks at entry (a cheap no-op once granted), so a deployed library runs in
@@ -36,10 +44,12 @@ from marvin_compile.te_dot import cast_to, ceil_div
 
 TILE = 16  # tile rows (output channels) and int32 columns (output pixels)
 GROUP = 4  # int8 channels per 4-byte group of a B-tile row
-PAIR = 2 * TILE  # output pixels per task: two B tiles
+PAIR = 2 * TILE  # output pixels per int8 task (two B tiles); flat output is padded to it
 KERNEL = "marvin_amx_dot"
 WORKERS = 64  # parallel chunks of tasks: each configures its tiles once
 MIN_CHANNELS = 8  # below, most of each tile multiplies padding: vpdpbusd is faster
+MAX_REDUCTION = 2**14  # int16: a cross sum adds two products below 2**16 per term: < 2**31
+CONTAINERS = ("int8", "int16")
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,17 @@ class Geometry:
     kw: int
     stride: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
+    container: str = "int8"
+
+    @property
+    def parts(self) -> int:
+        """Bytes per operand value: int16 splits into a high and a low byte."""
+        return CONTAINERS.index(self.container) + 1
+
+    @property
+    def sums(self) -> int:
+        """int32 partial sums per output: int16's high, cross and low products."""
+        return 1 if self.parts == 1 else 3
 
     @property
     def groups(self) -> int:
@@ -99,47 +120,65 @@ class Geometry:
         return ceil_div(reach, wq), wq, flat
 
 
+def _suits(c: int, reduction: int, container: str) -> bool:
+    """Tiles pay off from 8 channels; int16's int32 partial sums bound the reduction."""
+    return (
+        c >= MIN_CHANNELS and container in CONTAINERS and (container == "int8" or reduction <= MAX_REDUCTION)
+    )
+
+
 def conv_geometry(
-    x_shape: list, w_shape: list[int], strides: list[int], padding: list[int]
+    x_shape: list, w_shape: list[int], strides: list[int], padding: list[int], container: str = "int8"
 ) -> Geometry | None:
-    """The AMX geometry of a conv2d layer, or None where tiles would mostly multiply padding."""
+    """The AMX geometry of a conv2d layer, or None where the tiles do not suit it."""
     o, c, kh, kw = (int(v) for v in w_shape)
-    if c < MIN_CHANNELS:
+    if not _suits(c, c * kh * kw, container):
         return None
-    g = Geometry(c, int(x_shape[2]), int(x_shape[3]), o, kh, kw, tuple(strides), tuple(padding))
-    return g
+    return Geometry(c, int(x_shape[2]), int(x_shape[3]), o, kh, kw, tuple(strides), tuple(padding), container)
 
 
-def matmul_geometry(w_shape: list[int]) -> Geometry | None:
+def matmul_geometry(w_shape: list[int], container: str = "int8") -> Geometry | None:
     o, k = (int(v) for v in w_shape)
-    return None if k < MIN_CHANNELS else Geometry(k, 1, None, o, 1, 1, (1, 1), (0, 0, 0, 0))
+    if not _suits(k, k, container):
+        return None
+    return Geometry(k, 1, None, o, 1, 1, (1, 1), (0, 0, 0, 0), container)
+
+
+def _part(value: tirx.PrimExpr, part, g: Geometry) -> tirx.PrimExpr:
+    """Byte ``part`` of an operand as int8: the value (int8), or int16's high byte (part 0, the
+    arithmetic shift keeps its sign) or low byte (part 1, its unsigned bits). The cast keeps the
+    low 8 bits, so one shift by ``8 - 8 * part`` serves both."""
+    if g.parts == 1:
+        return cast_to("int8", value)
+    shift = tirx.Cast("int32", 8 - 8 * part)
+    return tirx.Cast("int8", tirx.shift_right(tirx.Cast("int32", value), shift))
 
 
 def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
-    """``x`` int8 NCHW -> ``[N, C/4, phases, Hq, Wq, 4]``, zero padding and slack included."""
+    """``x`` NCHW -> ``[N, parts, C/4, phases, Hq, Wq, 4]``, zero padding and slack included."""
     n = x.shape[0]
     hq, wq, _ = g.plane
     sh, sw = g.stride
     top, left = g.padding[0], g.padding[1]
 
-    def f(b, cg, ph, i, j, q):
+    def f(b, part, cg, ph, i, j, q):
         c, hi, wi = cg * GROUP + q, i * sh + ph // sw - top, j * sw + ph % sw - left
         inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
-        return tirx.Select(inside, cast_to("int8", x[b, c, hi, wi]), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(x[b, c, hi, wi], part, g), tirx.const(0, "int8"))
 
-    return te.compute((n, g.groups, g.phases, hq, wq, GROUP), f, name="amx_pack_x")
+    return te.compute((n, g.parts, g.groups, g.phases, hq, wq, GROUP), f, name="amx_pack_x")
 
 
 def pack_matmul_input(x: te.Tensor, g: Geometry) -> te.Tensor:
-    """``x`` int8 [M, K] -> ``[1, K/4, 1, 1, M32, 4]``: rows padded to whole pixel pairs."""
+    """``x`` [M, K] -> ``[1, parts, K/4, 1, 1, M32, 4]``: rows padded to whole pixel pairs."""
     m = x.shape[0]
 
-    def f(_b, cg, _p, _i, r, q):
+    def f(_b, part, cg, _p, _i, r, q):
         c = cg * GROUP + q
         inside = tirx.all(r < m, c < g.c)
-        return tirx.Select(inside, cast_to("int8", x[tirx.min(r, m - 1), c]), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(x[tirx.min(r, m - 1), c], part, g), tirx.const(0, "int8"))
 
-    return te.compute((1, g.groups, 1, 1, _pairs(m), GROUP), f, name="amx_pack_x")
+    return te.compute((1, g.parts, g.groups, 1, 1, _pairs(m), GROUP), f, name="amx_pack_x")
 
 
 def _pairs(m: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -147,38 +186,49 @@ def _pairs(m: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
-    """``w`` int8 [O, C, KH, KW] (or [O, K]) -> the A-tile layout ``[O/16, KH, KW, chunks, 16,
+    """``w`` [O, C, KH, KW] (or [O, K]) -> the A-tile layout ``[parts, O/16, KH, KW, chunks, 16,
     4 * rows]``, zero past O and C."""
     conv = len(w.shape) == 4
 
-    def f(ob, i, j, ch, r, k):
+    def f(part, ob, i, j, ch, r, k):
         oc, c = ob * TILE + r, ch * g.rows * GROUP + k
         inside = tirx.all(oc < g.o, c < g.c)
         value = w[oc, c, i, j] if conv else w[oc, c]
-        return tirx.Select(inside, cast_to("int8", value), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
 
-    shape = (g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
+    shape = (g.parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     return te.compute(shape, f, name="amx_pack_w")
 
 
 def output_shape(g: Geometry, n: tirx.PrimExpr) -> list[tirx.PrimExpr]:
-    """The tile output ``[N, O16, F]``; for a matmul ``n`` is M and the output ``[1, O16, M32]``."""
+    """The tile output ``[N, sums, O16, F]``; for a matmul ``n`` is M and F is M32."""
     if g.w is None:
-        return [1, g.out_blocks * TILE, _pairs(n)]
-    return [n, g.out_blocks * TILE, g.plane[2]]
+        return [1, g.sums, g.out_blocks * TILE, _pairs(n)]
+    return [n, g.sums, g.out_blocks * TILE, g.plane[2]]
+
+
+def _combine(y: te.Tensor, b, oc, f, g: Geometry, acc: str) -> tirx.PrimExpr:
+    """The output value from its partial sums: int16's ``65536 * hh + 256 * cross + ll`` in int64."""
+    if g.sums == 1:
+        return cast_to(acc, y[b, 0, oc, f])
+    hh, cross, ll = (tirx.Cast("int64", y[b, s, oc, f]) for s in range(3))
+    eight = tirx.const(8, "int64")
+    return cast_to(acc, tirx.shift_left(tirx.shift_left(hh, eight) + cross, eight) + ll)
 
 
 def unpack_conv(y: te.Tensor, g: Geometry, acc: str) -> te.Tensor:
-    """``[N, O16, F]`` -> NCHW in ``acc``: drop the padded channels and the columns past OW."""
+    """Tile output -> NCHW in ``acc``: drop the padded channels and the columns past OW."""
     oh, ow = g.out_hw
     wq = g.plane[1]
     return te.compute(
-        (y.shape[0], g.o, oh, ow), lambda b, oc, i, j: cast_to(acc, y[b, oc, i * wq + j]), name="amx_unpack"
+        (y.shape[0], g.o, oh, ow),
+        lambda b, oc, i, j: _combine(y, b, oc, i * wq + j, g, acc),
+        name="amx_unpack",
     )
 
 
 def unpack_matmul(y: te.Tensor, m: tirx.PrimExpr, g: Geometry, acc: str) -> te.Tensor:
-    return te.compute((m, g.o), lambda r, oc: cast_to(acc, y[0, oc, r]), name="amx_unpack")
+    return te.compute((m, g.o), lambda r, oc: _combine(y, 0, oc, r, g, acc), name="amx_unpack")
 
 
 def _amx(name: str, *args) -> tirx.PrimExpr:
@@ -219,63 +269,93 @@ class _Operands:
 
 def _operands(g: Geometry) -> _Operands:
     lanes = g.out_blocks * TILE
-    wp = tirx.decl_buffer((g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP), "int8", name="wp")
+    w_shape = (g.parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
+    wp = tirx.decl_buffer(w_shape, "int8", name="wp")
     if g.w is None:  # matmul: M rows along the width of one image
         flat = tirx.Var("m32", "int64")
-        xp = tirx.decl_buffer((1, g.groups, 1, 1, flat, GROUP), "int8", name="xp")
-        y = tirx.decl_buffer((1, lanes, flat), "int32", name="y")
+        xp = tirx.decl_buffer((1, g.parts, g.groups, 1, 1, flat, GROUP), "int8", name="xp")
+        y = tirx.decl_buffer((1, g.sums, lanes, flat), "int32", name="y")
         return _Operands(xp, wp, y, 1, flat, flat, flat * GROUP)
     n = tirx.Var("n", "int64")
     hq, wq, flat = g.plane
-    xp = tirx.decl_buffer((n, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
-    y = tirx.decl_buffer((n, lanes, flat), "int32", name="y")
+    xp = tirx.decl_buffer((n, g.parts, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
+    y = tirx.decl_buffer((n, g.sums, lanes, flat), "int32", name="y")
     return _Operands(xp, wp, y, n, wq, flat, g.phases * hq * wq * GROUP)
 
 
-def _task(g: Geometry, ops: _Operands, b, ob0, f0, nb: int) -> tirx.Stmt:
-    """One C block: output channels ``ob0 .. ob0 + nb`` (16-blocks) x pixels ``f0 .. f0 + 32``,
-    zeroed, accumulated over kernel taps x channel chunks, stored."""
+@dataclass(frozen=True)
+class _Plan:
+    """One task's tile traffic. Tiles 0-3 accumulate, 4-5 hold A (weights), 6-7 hold B."""
+
+    a: list[tuple[int, int, int]]  # (tile, byte part, output-channel block offset)
+    b: list[tuple[int, int, int]]  # (tile, byte part, 16-pixel block offset)
+    products: list[tuple[str, int, int, int]]  # (instruction, C tile, A tile, B tile)
+    stores: list[tuple[int, int, int, int]]  # (C tile, partial sum, channel block, pixel block)
+
+    @property
+    def pixels(self) -> int:
+        return TILE * len({m for *_, m in self.b})
+
+
+def _plan(g: Geometry, nb: int) -> _Plan:
+    """int8: ``nb`` channel blocks x 2 pixel blocks of C tiles, each loaded A and B tile feeding
+    two products. int16: one block, its high/low byte tiles' four products into three sums."""
+    if g.parts == 1:
+        blocks = [(q, m) for q in range(nb) for m in range(2)]
+        return _Plan(
+            a=[(4 + q, 0, q) for q in range(nb)],
+            b=[(6 + m, 0, m) for m in range(2)],
+            products=[("tdpbssd", q * 2 + m, 4 + q, 6 + m) for q, m in blocks],
+            stores=[(q * 2 + m, 0, q, m) for q, m in blocks],
+        )
+    return _Plan(
+        a=[(4, 0, 0), (5, 1, 0)],
+        b=[(6, 0, 0), (7, 1, 0)],
+        products=[("tdpbssd", 0, 4, 6), ("tdpbsud", 1, 4, 7), ("tdpbusd", 1, 5, 6), ("tdpbuud", 2, 5, 7)],
+        stores=[(s, s, 0, 0) for s in range(3)],
+    )
+
+
+def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0) -> tirx.Stmt:
+    """One task's C tiles: zeroed, accumulated over kernel taps x channel chunks, stored."""
     sh, sw = g.stride
     i, j, ch = (tirx.Var(v, "int64") for v in ("i", "j", "ch"))
     loads = []
-    for q in range(nb):
-        src = tirx.address_of(tirx.BufferLoad(ops.wp, [ob0 + q, i, j, ch, 0, 0]))
-        loads.append(_amx("tileloadd64", _tile(4 + q), src, tirx.const(g.rows * GROUP, "int64")))
+    for tile, part, q in plan.a:
+        src = tirx.address_of(tirx.BufferLoad(ops.wp, [part, ob0 + q, i, j, ch, 0, 0]))
+        loads.append(_amx("tileloadd64", _tile(tile), src, tirx.const(g.rows * GROUP, "int64")))
     phase = (i % sh) * sw + j % sw
-    for m in range(2):
+    for tile, part, m in plan.b:
         col = f0 + m * TILE + (i // sh) * ops.wq + j // sw
-        src = tirx.address_of(tirx.BufferLoad(ops.xp, [b, ch * g.rows, phase, 0, col, 0]))
-        loads.append(_amx("tileloadd64", _tile(6 + m), src, tirx.Cast("int64", ops.plane_bytes)))
-    dots = [
-        _amx("tdpbssd", _tile(q * 2 + m), _tile(4 + q), _tile(6 + m)) for q in range(nb) for m in range(2)
-    ]
+        src = tirx.address_of(tirx.BufferLoad(ops.xp, [b, part, ch * g.rows, phase, 0, col, 0]))
+        loads.append(_amx("tileloadd64", _tile(tile), src, tirx.Cast("int64", ops.plane_bytes)))
+    dots = [_amx(op, _tile(c), _tile(a), _tile(bt)) for op, c, a, bt in plan.products]
     reduce = tirx.SeqStmt([tirx.Evaluate(e) for e in loads + dots])
     for var, extent in ((ch, g.chunks), (j, g.kw), (i, g.kh)):
         reduce = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, reduce)
-    zero = [tirx.Evaluate(_amx("tilezero", _tile(c))) for c in range(2 * nb)]
+    zero = [tirx.Evaluate(_amx("tilezero", _tile(c))) for c, *_ in plan.stores]
+    row_bytes = tirx.Cast("int64", ops.flat * 4)
     store = []
-    for q in range(nb):
-        for m in range(2):
-            dst = tirx.address_of(tirx.BufferLoad(ops.y, [b, (ob0 + q) * TILE, f0 + m * TILE]))
-            row_bytes = tirx.Cast("int64", ops.flat * 4)
-            store.append(tirx.Evaluate(_amx("tilestored64", _tile(q * 2 + m), dst, row_bytes)))
+    for c, part, q, m in plan.stores:
+        dst = tirx.address_of(tirx.BufferLoad(ops.y, [b, part, (ob0 + q) * TILE, f0 + m * TILE]))
+        store.append(tirx.Evaluate(_amx("tilestored64", _tile(c), dst, row_bytes)))
     return tirx.SeqStmt([*zero, reduce, *store])
 
 
 @functools.cache
 def tile_kernel(g: Geometry) -> tirx.PrimFunc:
-    """The AMX tile loop for one geometry, written scheduled. Tasks are (image, pair of
-    output-channel blocks, pair of 16-pixel blocks): a 2 x 2 block of C tiles, so every loaded A
-    and B tile feeds two products. ``WORKERS`` parallel chunks of consecutive tasks (which share
-    their weight tiles) each configure the tiles once."""
+    """The AMX tile loop for one geometry, written scheduled. A task is one image's block of
+    output channels x pixels (``_plan``); ``WORKERS`` parallel chunks of consecutive tasks (which
+    share their weight tiles) each configure the tiles once."""
     ops = _operands(g)
-    nb = 2 if g.out_blocks % 2 == 0 else 1
-    pairs = ops.flat // PAIR
-    per_image = (g.out_blocks // nb) * pairs
+    nb = 2 if g.parts == 1 and g.out_blocks % 2 == 0 else 1
+    plan = _plan(g, nb)
+    spans = ops.flat // plan.pixels
+    per_image = (g.out_blocks // nb) * spans
     tasks = ops.images * per_image
     t, worker = tirx.Var("t", "int64"), tirx.Var("worker", "int64")
     rest = t % per_image
-    body = _task(g, ops, t // per_image, rest // pairs * nb, rest % pairs * PAIR, nb)
+    body = _task(g, ops, plan, t // per_image, rest // spans * nb, rest % spans * plan.pixels)
     start, stop = worker * tasks // WORKERS, (worker + 1) * tasks // WORKERS
     own = tirx.For(t, start, stop - start, tirx.ForKind.SERIAL, body)
     chunk = tirx.SeqStmt([*_config(g), own, tirx.Evaluate(_amx("tilerelease"))])

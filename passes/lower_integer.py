@@ -11,6 +11,11 @@ class that is always exact. For the int16 class it is exact only while
 ``K * 2**(2*(wl-1)) < 2**31``, so the kernel branches at run time on the word length: the packed
 int32 kernel below that bound, above it the packed kernel on float64 FMAs, whose integer-valued
 sums are exact below 2**53 (any K < 2**23).
+
+Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
+input channels run on them (``amx``): the int8 class always; the int16 class above the int32
+bound, as byte products summed in int64 (exact at every word length, twice as fast as float64
+here, while below the bound vpdpwssd matches the tiles on small channel counts).
 """
 
 from __future__ import annotations
@@ -168,15 +173,16 @@ class LowerToIntegerKernels:
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
         layer = str(func.attrs[LAYER_ATTR])
         exact_int32 = layer in self.frozen and weight_bound(*self.frozen[layer]) <= INT32_MAX
-        branch = packed is not None and fast_wl < kernel_class.max_wl and not exact_int32
-        axis = _channel_axis(core.value)
-        tiles = None  # int8 on AMX tiles, where the machine has them and the layer suits them
-        if packed is not None and self.isa.amx and container == "int8":
+        tiles = None  # AMX tiles, where the machine has them and the layer suits them
+        if packed is not None and self.isa.amx:
             kind, kwargs = packed
             if kind == "matmul":
-                tiles = amx.matmul_geometry(weight_shape)
+                tiles = amx.matmul_geometry(weight_shape, container)
             else:
-                tiles = amx.conv_geometry(list(x.ty.shape), weight_shape, **kwargs)
+                tiles = amx.conv_geometry(list(x.ty.shape), weight_shape, **kwargs, container=container)
+        int8_tiles = tiles is not None and container == "int8"
+        branch = not int8_tiles and packed is not None and fast_wl < kernel_class.max_wl and not exact_int32
+        axis = _channel_axis(core.value)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
             """Quantize, TVM's own integer conv2d/matmul, requantize (``bind``: emit or normalize)."""
@@ -226,14 +232,15 @@ class LowerToIntegerKernels:
                 kernel, x, *(weight or [w]), qp, fl, *extra, primfunc_name_hint=f"marvin_dot_{kind}"
             )
             if weight is not None:  # deployment: relu / residual add after the layer fuse into it
-                gv = call.args[0]
-                bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
+                _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
             return call
 
-        def on_tiles(bi: relax.Expr | None, weight: relax.Expr | None) -> relax.Expr:
+        def on_tiles(
+            bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None, weight: relax.Expr | None
+        ) -> relax.Expr:
             """The AMX kernel (``amx``): quantize and pack x, (in training) quantize and pack w,
             the tile product, then unpack + requantize, where a deployed model's ReLU or residual
-            add fuses in."""
+            add fuses in (``bind``: emit or normalize, as in ``generic``)."""
             matmul = tiles.w is None
             sd = [] if seed is None else [seed]
 
@@ -241,19 +248,19 @@ class LowerToIntegerKernels:
                 xq = te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
                 return (amx.pack_matmul_input if matmul else amx.pack_conv_input)(xq, tiles)
 
-            xp = bb.emit(bb.call_te(pack_x, x, qp, *sd, primfunc_name_hint="marvin_amx_pack_x"))
-            _mark(bb, xp, OPAQUE)
+            xp = bb.call_te(pack_x, x, qp, *sd, primfunc_name_hint="marvin_amx_pack_x")
+            _set_pattern(bb, xp, OPAQUE)
             if weight is None:
 
                 def pack_w(wt, qp_t, *s):
                     wq = te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
                     return amx.pack_weight(wq, tiles)
 
-                weight = bb.emit(bb.call_te(pack_w, w, qp, *sd, primfunc_name_hint="marvin_amx_pack_w"))
+                weight = bind(bb.call_te(pack_w, w, qp, *sd, primfunc_name_hint="marvin_amx_pack_w"))
             n = x.ty.shape[0]
             kernel = bb.add_func(amx.tile_kernel(tiles), amx.KERNEL)
-            shape = amx.output_shape(tiles, n)
-            y = bb.emit(relax.call_tir(kernel, [xp, weight], relax.TensorType(shape, "int32")))
+            out_type = relax.TensorType(amx.output_shape(tiles, n), "int32")
+            y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))
             optional = {"bias": bi, "seed": seed}
             present = [k for k, v in optional.items() if v is not None]
 
@@ -264,8 +271,7 @@ class LowerToIntegerKernels:
 
             extra = [optional[k] for k in present]
             call = bb.call_te(unpack, y, qp, fl, *extra, primfunc_name_hint="marvin_amx_unpack")
-            gv = call.args[0]
-            bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
+            _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
             return call
 
         def packed_weight() -> list[relax.Expr]:
@@ -273,7 +279,7 @@ class LowerToIntegerKernels:
             folding evaluates at build time: the deployed kernel reads an integer packed weight."""
             wq = bb.emit_te(te_ops.quantize_to_int, w, qp, container, primfunc_name_hint=QNAME)
             isa = self.isa
-            if tiles is not None:
+            if int8_tiles:
                 return [bb.emit_te(lambda t: amx.pack_weight(t, tiles), wq)]
             data = bb.emit_te(lambda t: te_dot.pack_weight(t, isa, container).data, wq)
             if isa.operand_dtype(container) != "uint8":
@@ -291,19 +297,24 @@ class LowerToIntegerKernels:
                     )
                     bi = None if bi is None else bb.emit_output(bi)
                     weight = None if weight is None else [bb.emit_output(v) for v in weight]
-                elif tiles is not None:
-                    out = bb.emit_output(on_tiles(bi, None if weight is None else weight[0]))
+                elif int8_tiles:
+                    out = bb.emit_output(on_tiles(bb.emit, bi, weight[0] if weight else None))
                 else:
                     out = bb.emit_output(fast(bi, weight) if packed is not None else generic(bb.emit, bi))
-            if branch:  # above the int32 bound: packed float64 products, exact for K < 2**23
-                wide = fast(bi, None, wide=True) if reduction < FLOAT64_EXACT_K else generic(bb.normalize, bi)
+            if branch:  # above the int32 bound: AMX byte products, else packed float64 (K < 2**23)
+                if tiles is not None:
+                    wide = on_tiles(bb.normalize, bi, None)
+                elif reduction < FLOAT64_EXACT_K:
+                    wide = fast(bi, None, wide=True)
+                else:
+                    wide = generic(bb.normalize, bi)
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
             bb.emit_func_output(out)
 
 
-def _mark(bb: relax.BlockBuilder, call: relax.Var, pattern: int) -> None:
-    """Set the fusion pattern of the PrimFunc a just-emitted ``call_te`` binding calls."""
-    gv = bb.lookup_binding(call).args[0]
+def _set_pattern(bb: relax.BlockBuilder, call: relax.Call, pattern: int) -> None:
+    """Set the fusion pattern (TVM's OpPatternKind) of the PrimFunc a ``call_te`` calls."""
+    gv = call.args[0]
     bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", pattern))
 
 

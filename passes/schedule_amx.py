@@ -36,11 +36,12 @@ def schedule_amx(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 
 def _pack_x(sch: Schedule, block) -> None:
-    """Parallel over (image, channel group), then 4 x 4 blocks (pixels x channels) unrolled."""
+    """Parallel over (image, byte part, channel group), then 4 x 4 blocks (pixels x channels)
+    unrolled."""
     for producer in sch.get_producers(block):  # the quantizer: at root, contiguous, vectorized
         schedule_injective(sch, producer)
-    n, cg, _ph, _i, j, q = sch.get_loops(block)
-    sch.parallel(sch.fuse(n, cg))
+    *outer, _ph, _i, j, q = sch.get_loops(block)
+    sch.parallel(sch.fuse(*outer))
     _, ji = sch.split(j, factors=[None, GROUP])
     sch.unroll(ji)  # 4 pixels x 4 channels: LLVM's SLP vectorizer turns them into one shuffle
     sch.unroll(q)

@@ -1,7 +1,8 @@
 """The AMX int8 tile kernels (``amx`` + ``schedule_amx``) against float64 torch.
 
-Runs where the host has AMX-INT8 and the OS grants tile state; elsewhere the int8 class keeps the
-vpdpbusd kernels, which ``test_dot_kernels`` covers. Operands include -128 * -128 products, shapes
+Runs where the host has AMX-INT8 and the OS grants tile state; elsewhere the integer classes keep
+the packed dot-product kernels, which ``test_dot_kernels`` covers. Operands include the
+containers' extreme products (-128 * -128, -32768 * -32768), shapes
 cover strides 1-3, asymmetric padding, channel counts that are not whole 4-channel groups or
 whole 64-channel chunks, output channels that are not whole 16-channel blocks, ragged output
 widths and ragged GEMM rows.
@@ -25,10 +26,11 @@ HOST = dot_isa(TARGET)
 pytestmark = pytest.mark.skipif(HOST is None or not HOST.amx, reason="host CPU or OS lacks AMX-INT8")
 
 
-def _int8(rng, shape) -> np.ndarray:
-    v = rng.integers(-128, 128, size=shape, dtype=np.int64)
-    v.flat[: min(3, v.size)] = [-128, -128, 127][: min(3, v.size)]
-    return v.astype(np.int8)
+def _operands(rng, shape, container: str) -> np.ndarray:
+    info = np.iinfo(container)
+    v = rng.integers(info.min, info.max + 1, size=shape, dtype=np.int64)
+    v.flat[: min(3, v.size)] = [info.min, info.min, info.max][: min(3, v.size)]
+    return v.astype(container)
 
 
 def _compile(funcs: dict[str, tirx.PrimFunc]):
@@ -37,15 +39,17 @@ def _compile(funcs: dict[str, tirx.PrimFunc]):
 
 
 def _run(g: amx.Geometry, x: np.ndarray, w: np.ndarray, matmul: bool) -> np.ndarray:
+    acc = "int32" if g.container == "int8" else "int64"
+
     def stages(n):
-        xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), "int8", name="x")
+        xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
         ys = te.placeholder(amx.output_shape(g, n), "int32", name="y")
         pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
-        out = amx.unpack_matmul(ys, n, g, "int32") if matmul else amx.unpack_conv(ys, g, "int32")
+        out = amx.unpack_matmul(ys, n, g, acc) if matmul else amx.unpack_conv(ys, g, acc)
         return xs, pack, ys, out
 
     xs, pack, ys, out = stages(tirx.Var("n", "int64"))
-    ws = te.placeholder(w.shape, "int8", name="w")
+    ws = te.placeholder(w.shape, g.container, name="w")
     wp = amx.pack_weight(ws, g)
     with TARGET:
         lib = _compile(
@@ -80,31 +84,48 @@ CONVS = [  # (n, c, h, w, o, kh, kw, stride, padding)
 ]
 
 
+CONTAINERS = pytest.mark.parametrize("container", ["int8", "int16"])
+
+
+@CONTAINERS
 @pytest.mark.parametrize("shape", CONVS, ids=lambda s: "x".join(map(str, s[:7])) + f"s{s[7][0]}{s[7][1]}")
-def test_conv_is_exact(shape) -> None:
+def test_conv_is_exact(shape, container: str) -> None:
+    """int16 over its full range too: byte products, int64 sum, no int32 bound."""
     n, c, h, w, o, kh, kw, stride, padding = shape
     rng = np.random.default_rng(0)
-    x, wt = _int8(rng, (n, c, h, w)), _int8(rng, (o, c, kh, kw))
-    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding)
+    x, wt = _operands(rng, (n, c, h, w), container), _operands(rng, (o, c, kh, kw), container)
+    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding, container)
     top, left, bottom, right = padding
-    xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
-    ref = torch.nn.functional.conv2d(
-        torch.from_numpy(xpad), torch.from_numpy(wt.astype(np.float64)), stride=stride
-    )
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride)
     np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
 
 
+@CONTAINERS
 @pytest.mark.parametrize("rows", [1, 5, 33, 130])
 @pytest.mark.parametrize("k,o", [(400, 120), (64, 10), (9, 33)])
-def test_matmul_is_exact(rows: int, k: int, o: int) -> None:
+def test_matmul_is_exact(rows: int, k: int, o: int, container: str) -> None:
     rng = np.random.default_rng(rows)
-    x, w = _int8(rng, (rows, k)), _int8(rng, (o, k))
+    x, w = _operands(rng, (rows, k), container), _operands(rng, (o, k), container)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
-    np.testing.assert_array_equal(_run(amx.matmul_geometry([o, k]), x, w, matmul=True), ref.astype(np.int64))
+    got = _run(amx.matmul_geometry([o, k], container), x, w, matmul=True)
+    np.testing.assert_array_equal(got, ref.astype(np.int64))
 
 
-def test_small_channel_counts_stay_on_vpdpbusd() -> None:
-    """Below 8 input channels most of each tile row would multiply padding."""
+def test_worst_case_int16_reduction_is_exact() -> None:
+    """The longest reduction int16 takes on tiles, every product (-32768)**2: 2**44 in total."""
+    k = amx.MAX_REDUCTION
+    x, w = np.full((3, k), -32768, np.int16), np.full((16, k), -32768, np.int16)
+    got = _run(amx.matmul_geometry([16, k], "int16"), x, w, matmul=True)
+    np.testing.assert_array_equal(got, np.full((3, 16), k * 2**30, np.int64))
+
+
+def test_layers_the_tiles_do_not_suit_keep_the_packed_kernels() -> None:
+    """Below 8 input channels most of each tile row would multiply padding; int16's int32 partial
+    sums bound its reduction; other containers have no tile instructions."""
     assert amx.conv_geometry([1, 3, 32, 32], [16, 3, 3, 3], [1, 1], [1, 1, 1, 1]) is None
     assert amx.matmul_geometry([10, 4]) is None
     assert amx.conv_geometry([1, 16, 32, 32], [16, 16, 3, 3], [1, 1], [1, 1, 1, 1]) is not None
+    assert amx.matmul_geometry([10, amx.MAX_REDUCTION], "int16") is not None
+    assert amx.matmul_geometry([10, amx.MAX_REDUCTION + 1], "int16") is None
+    assert amx.matmul_geometry([10, 64], "int32") is None
