@@ -275,6 +275,10 @@ def _kernel_kind(symbol: str) -> str:
         return "VM/shapes"
     if "marvin_dot" in symbol:  # the packed kernel: quantize, conv/dense, requantize (+ ReLU / add)
         return "packed conv/dense"
+    if "marvin_amx_dot" in symbol:
+        return "AMX tile products"
+    if "marvin_amx" in symbol:  # quantize + pack before the tiles, unpack + requantize (+ ReLU / add) after
+        return "AMX packing/unpacking"
     return KERNEL_KINDS.get(re.sub(r"\d+$", "", symbol), "elementwise/pool/other")
 
 

@@ -35,6 +35,7 @@ any process, not only in ours.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -48,6 +49,7 @@ PAIR = 2 * TILE  # output pixels per int8 task (two B tiles); flat output is pad
 KERNEL = "marvin_amx_dot"
 WORKERS = 64  # parallel chunks of tasks: each configures its tiles once
 MIN_CHANNELS = 8  # below, most of each tile multiplies padding: vpdpbusd is faster
+INT32_MAX = 2**31 - 1
 MAX_REDUCTION = 2**14  # int16: a cross sum adds two products below 2**16 per term: < 2**31
 CONTAINERS = ("int8", "int16")
 
@@ -109,13 +111,18 @@ class Geometry:
 
     @property
     def plane(self) -> tuple[int, int, int]:
-        """(rows, width Wq, flat outputs F) of a phase image: wide enough for every tap of every
-        output pixel (rounded to 4 pixels: the packing moves 4 x 4 blocks), tall enough that the
-        last pixel pair's shifted windows stay inside."""
+        """(rows, width Wq, flat outputs F) of a phase image for the forward tiles (F in whole
+        pixel pairs)."""
+        return self.plane_for(PAIR)
+
+    def plane_for(self, multiple: int) -> tuple[int, int, int]:
+        """(rows, width Wq, flat outputs F): wide enough for every tap of every output pixel
+        (rounded to 4 pixels: the packing moves 4 x 4 blocks), F rounded up to ``multiple``, tall
+        enough that the last block's shifted windows stay inside."""
         sh, sw = self.stride
         oh, ow = self.out_hw
         wq = ceil_div(max(ow + (self.kw - 1) // sw, ceil_div(self.w + self.padding[1], sw)), GROUP) * GROUP
-        flat = ceil_div(oh * wq, PAIR) * PAIR
+        flat = ceil_div(oh * wq, multiple) * multiple
         reach = flat + (self.kh - 1) // sh * wq + (self.kw - 1) // sw
         return ceil_div(reach, wq), wq, flat
 
@@ -233,6 +240,10 @@ def unpack_matmul(y: te.Tensor, m: tirx.PrimExpr, g: Geometry, acc: str) -> te.T
 
 def _amx(name: str, *args) -> tirx.PrimExpr:
     return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def _address(buffer: tirx.Buffer, indices: list) -> tirx.PrimExpr:
+    return tirx.address_of(tirx.BufferLoad(buffer, indices))
 
 
 def _tile(i: int) -> tirx.PrimExpr:
@@ -353,13 +364,157 @@ def tile_kernel(g: Geometry) -> tirx.PrimFunc:
     spans = ops.flat // plan.pixels
     per_image = (g.out_blocks // nb) * spans
     tasks = ops.images * per_image
-    t, worker = tirx.Var("t", "int64"), tirx.Var("worker", "int64")
-    rest = t % per_image
-    body = _task(g, ops, plan, t // per_image, rest // spans * nb, rest % spans * plan.pixels)
+
+    def task(t: tirx.PrimExpr) -> tirx.Stmt:
+        rest = t % per_image
+        return _task(g, ops, plan, t // per_image, rest // spans * nb, rest % spans * plan.pixels)
+
+    return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g)))
+
+
+def _parallel_tasks(
+    tasks: tirx.PrimExpr, task: Callable[[tirx.PrimExpr], tirx.Stmt], config: list[tirx.Stmt]
+) -> tirx.Stmt:
+    """Tile state granted, then ``WORKERS`` parallel chunks of consecutive tasks, each configuring
+    the tiles once. Loops start at 0: TVM 0.27 mis-lowers nested loops with symbolic minimums."""
+    worker, k = tirx.Var("worker", "int64"), tirx.Var("k", "int64")
     start, stop = worker * tasks // WORKERS, (worker + 1) * tasks // WORKERS
-    own = tirx.For(t, start, stop - start, tirx.ForKind.SERIAL, body)
-    chunk = tirx.SeqStmt([*_config(g), own, tirx.Evaluate(_amx("tilerelease"))])
+    own = tirx.For(k, 0, stop - start, tirx.ForKind.SERIAL, task(start + k))
+    chunk = tirx.SeqStmt([*config, own, tirx.Evaluate(_amx("tilerelease"))])
     grant = tirx.call_extern("int64", "syscall", SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
     parallel = tirx.For(worker, 0, WORKERS, tirx.ForKind.PARALLEL, tirx.IfThenElse(stop > start, chunk, None))
-    func = tirx.PrimFunc([ops.xp, ops.wp, ops.y], tirx.SeqStmt([tirx.Evaluate(grant), parallel]))
+    return tirx.SeqStmt([tirx.Evaluate(grant), parallel])
+
+
+def _scheduled(buffers: list[tirx.Buffer], body: tirx.Stmt) -> tirx.PrimFunc:
+    func = tirx.PrimFunc(buffers, body)
     return func.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+
+
+# Weight gradient: dw[o, c, i, j] = sum over images n and output pixels f of g[n, o, f] x[n, c, f + tap]
+DW_STEP = 64  # output pixels per product: one 64-byte A-tile row, 16 four-pixel B-tile rows
+
+
+DW_IMAGES = 16  # images per int32 partial sum of dw at most: chunks of work for the threads
+
+
+def dw_images(g: Geometry) -> int:
+    """Images per int32 partial sum of dw: each adds ``F`` products of magnitude <= 2**14 (0: not
+    even one image fits, the tiles cannot take this layer's dw)."""
+    return min(DW_IMAGES, INT32_MAX // (g.plane_for(DW_STEP)[2] * 2**14))
+
+
+def pack_dw_input(x: te.Tensor, g: Geometry) -> te.Tensor:
+    """``x`` int8 NCHW -> ``[N, C16, phases, Hq, Wq]``: channel planes of the phase images, so a
+    16-channel x 64-pixel window of any tap is one A tile."""
+    n = x.shape[0]
+    hq, wq, _ = g.plane_for(DW_STEP)
+    sh, sw = g.stride
+    top, left = g.padding[0], g.padding[1]
+
+    def f(b, c, ph, i, j):
+        hi, wi = i * sh + ph // sw - top, j * sw + ph % sw - left
+        inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
+        return tirx.Select(inside, cast_to("int8", x[b, c, hi, wi]), tirx.const(0, "int8"))
+
+    return te.compute((n, ceil_div(g.c, TILE) * TILE, g.phases, hq, wq), f, name="amx_pack_dw_x")
+
+
+def pack_dw_grad(gr: te.Tensor, g: Geometry) -> te.Tensor:
+    """``g`` int8 [N, O, OH, OW] -> ``[N, F/4, O16, 4]``, output pixels flattened over ``Wq``
+    (zero past the output width and height, so those products vanish): the B-tile layout."""
+    n = gr.shape[0]
+    _, wq, flat = g.plane_for(DW_STEP)
+    oh, ow = g.out_hw
+
+    def f(b, fg, o, q):
+        pixel = fg * GROUP + q
+        i, j = pixel // wq, pixel % wq
+        inside = tirx.all(o < g.o, i < oh, j < ow)
+        return tirx.Select(inside, cast_to("int8", gr[b, o, tirx.min(i, oh - 1), j]), tirx.const(0, "int8"))
+
+    return te.compute((n, flat // GROUP, g.out_blocks * TILE, GROUP), f, name="amx_pack_dw_g")
+
+
+def fold_dw(part: te.Tensor, g: Geometry) -> te.Tensor:
+    """The per-chunk int32 sums ``[chunks, KH, KW, C16, O16]`` added up in int64 -> dw [O, C, KH, KW]."""
+    r = te.reduce_axis((0, part.shape[0]), name="chunk")
+    return te.compute(
+        (g.o, g.c, g.kh, g.kw),
+        lambda o, c, i, j: te.sum(tirx.Cast("int64", part[r, i, j, c, o]), axis=r),
+        name="amx_fold_dw",
+    )
+
+
+def dw_chunks(n: tirx.PrimExpr, g: Geometry) -> tirx.PrimExpr:
+    return (n + dw_images(g) - 1) // dw_images(g)
+
+
+def dw_partial_shape(g: Geometry, n: tirx.PrimExpr) -> list[tirx.PrimExpr]:
+    """The kernel's output: int32 partial sums ``[chunks, KH, KW, C16, O16]``."""
+    return [dw_chunks(n, g), g.kh, g.kw, ceil_div(g.c, TILE) * TILE, g.out_blocks * TILE]
+
+
+@functools.cache
+def dw_kernel(g: Geometry) -> tirx.PrimFunc:
+    """dw's AMX tile loop, written scheduled. A task is one kernel tap, two 16-channel blocks of x
+    (A tiles) by two 16-channel blocks of g (B tiles), over one chunk of images (``dw_images``):
+    4 C tiles of int32 partial sums, stored per chunk for ``fold_dw``."""
+    n = tirx.Var("n", "int64")
+    hq, wq, flat = g.plane_for(DW_STEP)
+    cb, ob = ceil_div(g.c, TILE), g.out_blocks
+    xp = tirx.decl_buffer((n, cb * TILE, g.phases, hq, wq), "int8", name="xp")
+    gp = tirx.decl_buffer((n, flat // GROUP, ob * TILE, GROUP), "int8", name="gp")
+    chunks = tirx.Var("chunks", "int64")  # dw_chunks(n, g)
+    part = tirx.decl_buffer((chunks, g.kh, g.kw, cb * TILE, ob * TILE), "int32", name="part")
+    ma, mb = (2 if cb % 2 == 0 else 1), (2 if ob % 2 == 0 else 1)
+    per_chunk = g.kh * g.kw * (cb // ma) * (ob // mb)
+    sh, sw = g.stride
+
+    image, step = tirx.Var("image", "int64"), tirx.Var("step", "int64")
+
+    def task(t: tirx.PrimExpr) -> tirx.Stmt:
+        chunk, rest = t // per_chunk, t % per_chunk
+        first = chunk * dw_images(g)
+        b = first + image
+        tap, block = rest // ((cb // ma) * (ob // mb)), rest % ((cb // ma) * (ob // mb))
+        c0, o0 = block // (ob // mb) * ma, block % (ob // mb) * mb
+        i, j = tap // g.kw, tap % g.kw
+        phase = (i % sh) * sw + j % sw
+        col = step * DW_STEP + (i // sh) * wq + j // sw
+        loads = [
+            _amx("tileloadd64", _tile(4 + a), _address(xp, [b, (c0 + a) * TILE, phase, 0, col]), plane_bytes)
+            for a in range(ma)
+        ]
+        loads += [
+            _amx(
+                "tileloadd64",
+                _tile(6 + q),
+                _address(gp, [b, step * (DW_STEP // GROUP), (o0 + q) * TILE, 0]),
+                g_row,
+            )
+            for q in range(mb)
+        ]
+        dots = [_amx("tdpbssd", _tile(a * 2 + q), _tile(4 + a), _tile(6 + q)) for a, q in blocks]
+        inner = tirx.SeqStmt([tirx.Evaluate(e) for e in loads + dots])
+        inner = tirx.For(step, 0, flat // DW_STEP, tirx.ForKind.SERIAL, inner)
+        images = tirx.For(image, 0, tirx.min(n, first + dw_images(g)) - first, tirx.ForKind.SERIAL, inner)
+        zero = [tirx.Evaluate(_amx("tilezero", _tile(a * 2 + q))) for a, q in blocks]
+        store = [
+            tirx.Evaluate(
+                _amx(
+                    "tilestored64",
+                    _tile(a * 2 + q),
+                    _address(part, [chunk, i, j, (c0 + a) * TILE, (o0 + q) * TILE]),
+                    part_row,
+                )
+            )
+            for a, q in blocks
+        ]
+        return tirx.SeqStmt([*zero, images, *store])
+
+    plane_bytes = tirx.const(g.phases * hq * wq, "int64")
+    g_row, part_row = tirx.const(ob * TILE * GROUP, "int64"), tirx.const(ob * TILE * 4, "int64")
+    blocks = [(a, q) for a in range(ma) for q in range(mb)]
+    uniform = Geometry(TILE * GROUP, 1, 1, TILE, 1, 1, (1, 1), (0, 0, 0, 0))  # every tile 16 x 64 bytes
+    return _scheduled([xp, gp, part], _parallel_tasks(chunks * per_chunk, task, _config(uniform)))

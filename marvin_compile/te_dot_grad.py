@@ -3,8 +3,9 @@
 - ``conv2d_input_grad`` / ``linear_input_grad`` (dx) are forward packed kernels (``te_dot``) of
   rearranged operands, so ``schedule_dot`` schedules them unchanged: dx of a conv2d is a stride-1
   convolution of g with the weight transposed to [C, O, KH, KW] and flipped in space, one group of
-  output channels per stride phase (the caller interleaves them); dx of a Linear is ``g @ w``
-  (``te_dot.matmul`` of the weight transposed).
+  output channels per stride phase (``input_grad_weight``; the caller interleaves them); dx of a
+  Linear is ``g @ w`` (``te_dot.matmul`` of the weight transposed). On AMX machines the same
+  rearranged operands feed the tile kernel (``amx``) instead.
 - ``conv2d_weight_grad`` / ``linear_weight_grad`` (dw) reduce over the (symbolic) batch and the
   output positions: ``marvin_dot_dw`` sums one chunk of samples in int32 on the dot instructions
   (lanes = output channels of the gradient, rows = the im2col rows C*KH*KW of the input, read in
@@ -45,25 +46,23 @@ def input_grad_phase(kernel: int, stride: int, pad: int, size: int, out: int) ->
     return top, taps, rows - 1 - out - top + taps, rows
 
 
-def conv2d_input_grad(
-    g: te.Tensor,
+def input_grad_weight(
     w: te.Tensor,
     in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
     strides: tuple[int, int],
     padding: tuple[int, int, int, int],
-    isa: DotISA,
-    container: str,
-    acc: str = "int32",
-) -> te.Tensor:
-    """dx of a conv2d (groups 1, dilation 1, each pad < kernel) phase by phase, in ``acc``
-    [N, SH*SW*C, ceil(H/SH), ceil(W/SW)]: channel (ph*SW + pw)*C + c holds dx[:, c, SH*a + ph, SW*b + pw].
+) -> tuple[te.Tensor, tuple[int, int, int, int]]:
+    """dx of a conv2d (groups 1, dilation 1, each pad < kernel) as one stride-1 convolution of g:
+    its weight [SH*SW*C, O, TH, TW] and padding. Output channel (ph*SW + pw)*C + c of that
+    convolution holds dx[:, c, SH*a + ph, SW*b + pw].
 
     Each phase is a stride-1 correlation of g with the taps of w that reach it (flipped), so all
-    phases are one packed conv of g with SH*SW*C output channels (``te_dot.conv2d``); no product
-    with an inserted zero is computed, unlike the stride-dilated gradient. At stride 1 this is the
-    plain flipped-kernel correlation and the layout is NCHW."""
+    phases are one conv of g with SH*SW*C output channels; no product with an inserted zero is
+    computed, unlike the stride-dilated gradient. At stride 1 this is the plain flipped-kernel
+    correlation and the layout is NCHW."""
     o, c, kh, kw = (int(d) for d in w.shape)
-    oh, ow = (int(d) for d in g.shape[2:])
+    oh, ow = out_hw
     (sh, sw), (top, left) = strides, padding[:2]
     t, th, b, _ = input_grad_phase(kh, sh, top, in_hw[0], oh)
     lf, tw, rt, _ = input_grad_phase(kw, sw, left, in_hw[1], ow)
@@ -80,8 +79,24 @@ def conv2d_input_grad(
         j, col_ok = tap(pw, v, sw, left, lf, kw)
         return tirx.Select(tirx.all(row_ok, col_ok), w[oc, ci, i, j], tirx.const(0, w.dtype))
 
-    phases = te.compute((sh * sw * c, o, th, tw), weight, name="dot_phase_w")
-    return te_dot.conv2d(g, phases, (1, 1), (t, lf, b, rt), isa, container, acc)
+    return te.compute((sh * sw * c, o, th, tw), weight, name="dot_phase_w"), (t, lf, b, rt)
+
+
+def conv2d_input_grad(
+    g: te.Tensor,
+    w: te.Tensor,
+    in_hw: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    isa: DotISA,
+    container: str,
+    acc: str = "int32",
+) -> te.Tensor:
+    """dx of a conv2d phase by phase (``input_grad_weight``) as one packed conv (``te_dot.conv2d``),
+    in ``acc`` [N, SH*SW*C, ceil(H/SH), ceil(W/SW)]."""
+    out_hw = (int(g.shape[2]), int(g.shape[3]))
+    phases, pad = input_grad_weight(w, in_hw, out_hw, strides, padding)
+    return te_dot.conv2d(g, phases, (1, 1), pad, isa, container, acc)
 
 
 def linear_input_grad(

@@ -21,13 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
-from tvm import relax
+from tvm import relax, te
 
-from marvin_compile import te_dot_grad, te_grad_ops, te_ops
+from marvin_compile import amx, te_dot_grad, te_grad_ops, te_ops
 from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
-from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K, packed_core
+from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K, packed_core, tile_product
 from marvin_compile.passes.utils import layer_functions, param
 
 SALT_GRAD = 0x5BD1E995
@@ -152,16 +152,66 @@ class AddGradientKernels:
                 out = _interleave_phases(bind, bind(out), list(x_ty.shape), strides)
             return out
 
+        def dx_geometry() -> amx.Geometry | None:
+            """dx on AMX tiles: a matmul by the transposed weight, or the phase conv of g."""
+            if kind is None or not isa.amx:
+                return None
+            if kind == "linear":
+                return amx.matmul_geometry([w_shape[1], w_shape[0]], container)
+            out_hw = out_spatial[0], out_spatial[1]
+            t, th, b, rows = te_dot_grad.input_grad_phase(
+                w_shape[2], strides[0], padding[0], in_spatial[0], out_hw[0]
+            )
+            lf, tw, rt, cols = te_dot_grad.input_grad_phase(
+                w_shape[3], strides[1], padding[1], in_spatial[1], out_hw[1]
+            )
+            phase_w = [strides[0] * strides[1] * w_shape[1], w_shape[0], th, tw]
+            return amx.conv_geometry([None, w_shape[0], *out_hw], phase_w, [1, 1], [t, lf, b, rt], container)
+
+        tiles = dx_geometry()
+
+        def dx_tiles(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            """dx on AMX tiles: exact for int8, and for int16 at every word length (int64 sums)."""
+            acc = "int32" if container == "int8" else "int64"
+
+            def g_int(gt, qp_gt, seed_t):
+                return quant(gt, qp_gt, container, seed_t, SALT_GRAD)
+
+            def w_int(wt, qp_wt):
+                wq = quant(wt, qp_wt, container)
+                if kind == "linear":
+                    return te.compute((w_shape[1], w_shape[0]), lambda i, j: wq[j, i], name="dot_transpose_w")
+                out_hw = (out_spatial[0], out_spatial[1])
+                return te_dot_grad.input_grad_weight(
+                    wq, tuple(in_spatial), out_hw, tuple(strides), tuple(padding)
+                )[0]
+
+            out = tile_product(
+                bb,
+                bind,
+                tiles,
+                (g_int, [g, qp_g, seed]),
+                (w_int, [w, qp_w]),
+                (te_grad_ops.rescale, [qp_g, qp_w]),
+                y_ty.shape[0],
+                acc,
+            )
+            if kind == "conv2d" and strides != [1, 1]:
+                out = _interleave_phases(bind, bind(out), list(x_ty.shape), strides)
+            return out
+
+        def dx_float64(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            return dx_packed(bind, wide=True)
+
         dx_length = w_shape[0] * _prod(w_shape[2:])
+        int8_tiles = tiles is not None and container == "int8"
+        dx_fast = dx_tiles if int8_tiles else (dx_packed if kind else None)
+        if tiles is not None and not int8_tiles:  # int16 above the int32 bound: byte products on tiles
+            dx_wide = dx_tiles
+        else:
+            dx_wide = dx_float64 if kind and dx_length < FLOAT64_EXACT_K else None
         self._product(
-            bb,
-            "dx",
-            [g, w, qp_g, qp_w, seed],
-            dx_generic,
-            dx_packed if kind else None,
-            dx_length,
-            (qp_g, qp_w),
-            wide=(lambda bind: dx_packed(bind, wide=True)) if kind and dx_length < FLOAT64_EXACT_K else None,
+            bb, "dx", [g, w, qp_g, qp_w, seed], dx_generic, dx_fast, dx_length, (qp_g, qp_w), wide=dx_wide
         )
 
         x, g2, qp_x, qp_g2, seed2 = (
@@ -213,18 +263,52 @@ class AddGradientKernels:
 
             return bb.call_te(kernel, x, g2, qp_x, qp_g2, seed2, primfunc_name_hint="marvin_dot_dw")
 
-        dw_length = 0 if kind is None else te_dot_grad.dw_chunk(isa, container, _prod(out_spatial))
-        offset = kind is not None and isa.operand_dtype(container) == "uint8"
+        dw_tiles_geometry = None  # int8 conv dw on AMX tiles, where present and the layer suits them
+        if kind == "conv2d" and isa.amx and container == "int8":
+            geometry = amx.conv_geometry(list(x_ty.shape), w_shape, strides, padding, container)
+            dw_tiles_geometry = geometry if geometry is not None and amx.dw_images(geometry) > 0 else None
+
+        def dw_tiles(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            """dw on AMX tiles: int32 sums per chunk of images, folded in int64 (``amx.dw_kernel``)."""
+            tiles = dw_tiles_geometry
+
+            def x_pack(xt, qp_xt):
+                return amx.pack_dw_input(quant(xt, qp_xt, container), tiles)
+
+            def g_pack(gt, qp_gt, seed_t):
+                return amx.pack_dw_grad(quant(gt, qp_gt, container, seed_t, SALT_GRAD), tiles)
+
+            xp = bb.call_te(x_pack, x, qp_x, primfunc_name_hint="marvin_amx_pack_dw_x")
+            gp = bb.call_te(g_pack, g2, qp_g2, seed2, primfunc_name_hint="marvin_amx_pack_dw_g")
+            kernel = bb.add_func(amx.dw_kernel(tiles), "marvin_amx_dw")
+            out_type = relax.TensorType(amx.dw_partial_shape(tiles, x_ty.shape[0]), "int32")
+            part = bind(relax.call_tir(kernel, [bind(xp), bind(gp)], out_type))
+
+            def fold(pt, qp_xt, qp_gt):
+                return te_grad_ops.rescale(amx.fold_dw(pt, tiles), qp_xt, qp_gt)
+
+            return bb.call_te(fold, part, qp_x, qp_g2, primfunc_name_hint="marvin_amx_fold_dw")
+
+        def dw_float64(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            return dw_packed(bind, wide=True)
+
+        if dw_tiles_geometry is not None:
+            dw_fast, offset = dw_tiles, False
+            dw_length = amx.dw_images(dw_tiles_geometry) * dw_tiles_geometry.plane_for(amx.DW_STEP)[2]
+        else:
+            dw_fast = dw_packed if kind else None
+            offset = kind is not None and isa.operand_dtype(container) == "uint8"
+            dw_length = 0 if kind is None else te_dot_grad.dw_chunk(isa, container, _prod(out_spatial))
         self._product(
             bb,
             "dw",
             [x, g2, qp_x, qp_g2, seed2],
             dw_generic,
-            dw_packed if kind else None,
+            dw_fast,
             dw_length,
             (qp_x, qp_g2),
             offset,
-            wide=(lambda bind: dw_packed(bind, wide=True)) if kind else None,
+            wide=dw_float64 if kind else None,
         )
         return bb.get()
 

@@ -238,41 +238,33 @@ class LowerToIntegerKernels:
         def on_tiles(
             bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None, weight: relax.Expr | None
         ) -> relax.Expr:
-            """The AMX kernel (``amx``): quantize and pack x, (in training) quantize and pack w,
-            the tile product, then unpack + requantize, where a deployed model's ReLU or residual
-            add fuses in (``bind``: emit or normalize, as in ``generic``)."""
-            matmul = tiles.w is None
+            """The AMX kernel (``tile_product``): x (and in training w) quantized into the packing,
+            requantize after the unpacking (``bind``: emit or normalize, as in ``generic``)."""
             sd = [] if seed is None else [seed]
 
-            def pack_x(xt, qp_t, *s):
-                xq = te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
-                return (amx.pack_matmul_input if matmul else amx.pack_conv_input)(xq, tiles)
+            def x_int(xt, qp_t, *s):
+                return te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
 
-            xp = bb.call_te(pack_x, x, qp, *sd, primfunc_name_hint="marvin_amx_pack_x")
-            _set_pattern(bb, xp, OPAQUE)
-            if weight is None:
+            def w_int(wt, qp_t, *s):
+                return te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
 
-                def pack_w(wt, qp_t, *s):
-                    wq = te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
-                    return amx.pack_weight(wq, tiles)
-
-                weight = bind(bb.call_te(pack_w, w, qp, *sd, primfunc_name_hint="marvin_amx_pack_w"))
-            n = x.ty.shape[0]
-            kernel = bb.add_func(amx.tile_kernel(tiles), amx.KERNEL)
-            out_type = relax.TensorType(amx.output_shape(tiles, n), "int32")
-            y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))
             optional = {"bias": bi, "seed": seed}
             present = [k for k, v in optional.items() if v is not None]
 
-            def unpack(yt, qp_t, fl_t, *extra):
+            def requantize(out, qp_t, fl_t, *extra):
                 given = dict(zip(present, extra, strict=True))
-                out = amx.unpack_matmul(yt, n, tiles, acc) if matmul else amx.unpack_conv(yt, tiles, acc)
                 return te_ops.requantize(out, given.get("bias"), qp_t, fl_t, axis, given.get("seed"))
 
-            extra = [optional[k] for k in present]
-            call = bb.call_te(unpack, y, qp, fl, *extra, primfunc_name_hint="marvin_amx_unpack")
-            _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
-            return call
+            return tile_product(
+                bb,
+                bind,
+                tiles,
+                (x_int, [x, qp, *sd]),
+                weight if weight is not None else (w_int, [w, qp, *sd]),
+                (requantize, [qp, fl, *[optional[k] for k in present]]),
+                x.ty.shape[0],
+                acc,
+            )
 
         def packed_weight() -> list[relax.Expr]:
             """Quantize and pack the (constant) weight in calls of their own, which constant
@@ -310,6 +302,47 @@ class LowerToIntegerKernels:
                     wide = generic(bb.normalize, bi)
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
             bb.emit_func_output(out)
+
+
+def tile_product(
+    bb: relax.BlockBuilder,
+    bind: Callable[[relax.Expr], relax.Expr],
+    tiles: amx.Geometry,
+    x_int: tuple[Callable, list[relax.Expr]],
+    weight: relax.Expr | tuple[Callable, list[relax.Expr]],
+    epilogue: tuple[Callable, list[relax.Expr]],
+    rows: tvm.tirx.PrimExpr,
+    acc: str,
+) -> relax.Expr:
+    """An integer product on AMX tiles (``amx``) as Relax calls: the integer operand (a TE function
+    of its arguments, e.g. a quantizer) packed, the weight packed (already packed, or a TE function
+    giving the integer [O, C, KH, KW] / [O, K] weight), the tile kernel, then the unpacked ``acc``
+    product through ``epilogue`` (a TE function of it and its arguments). ``rows``: the batch (the
+    matmul's M). The packing is opaque to fusion; the epilogue takes element-wise consumers."""
+    fx, x_args = x_int
+    pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
+    xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
+    _set_pattern(bb, xp, OPAQUE)
+    if not isinstance(weight, relax.Expr):
+        fw, w_args = weight
+        packed = bb.call_te(
+            lambda *a: amx.pack_weight(fw(*a), tiles), *w_args, primfunc_name_hint="marvin_amx_pack_w"
+        )
+        weight = bind(packed)
+    kernel = bb.add_func(amx.tile_kernel(tiles), amx.KERNEL)
+    out_type = relax.TensorType(amx.output_shape(tiles, rows), "int32")
+    y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))
+    fe, e_args = epilogue
+
+    def unpack(yt, *a):
+        product = (
+            amx.unpack_matmul(yt, rows, tiles, acc) if tiles.w is None else amx.unpack_conv(yt, tiles, acc)
+        )
+        return fe(product, *a)
+
+    call = bb.call_te(unpack, y, *e_args, primfunc_name_hint="marvin_amx_unpack")
+    _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
+    return call
 
 
 def _set_pattern(bb: relax.BlockBuilder, call: relax.Call, pattern: int) -> None:

@@ -16,7 +16,7 @@ from marvin_compile.passes.schedule_dot import find_block
 from marvin_compile.passes.utils import schedule_injective, static_extent
 
 MAX_VECTOR = 64
-AMX_BLOCKS = ("amx_pack_x", "amx_pack_w", "amx_unpack")
+AMX_BLOCKS = ("amx_pack_x", "amx_pack_w", "amx_unpack", "amx_pack_dw_x", "amx_pack_dw_g", "amx_fold_dw")
 
 
 def has_amx_block(func: tirx.PrimFunc) -> bool:
@@ -32,6 +32,12 @@ def schedule_amx(func: tirx.PrimFunc) -> tirx.PrimFunc:
         _pack_w(sch)
     if find_block(sch, "amx_unpack") is not None:
         _unpack(sch, sch.get_sblock("amx_unpack"))
+    if find_block(sch, "amx_pack_dw_x") is not None:
+        _pack_dw_x(sch, sch.get_sblock("amx_pack_dw_x"))
+    if find_block(sch, "amx_pack_dw_g") is not None:
+        _pack_dw_g(sch, sch.get_sblock("amx_pack_dw_g"))
+    if find_block(sch, "amx_fold_dw") is not None:
+        _fold_dw(sch, sch.get_sblock("amx_fold_dw"))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -70,3 +76,32 @@ def _unpack(sch: Schedule, block) -> None:
             sch.vectorize(j)
     else:
         sch.parallel(loops[0])
+
+
+def _pack_dw_x(sch: Schedule, block) -> None:
+    """Channel planes: parallel over (image, channel), the width (contiguous both sides) vectorized."""
+    for producer in sch.get_producers(block):
+        schedule_injective(sch, producer)
+    n, c, _ph, _i, j = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, c))
+    if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
+        sch.vectorize(j)
+
+
+def _pack_dw_g(sch: Schedule, block) -> None:
+    """NCHW -> [N, F/4, O16, 4]: parallel over (image, pixel group), 4 x 4 blocks (channels x
+    pixels) unrolled for LLVM's SLP vectorizer."""
+    for producer in sch.get_producers(block):
+        schedule_injective(sch, producer)
+    n, fg, o, q = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, fg))
+    _, oi = sch.split(o, factors=[None, GROUP])
+    sch.unroll(oi)
+    sch.unroll(q)
+
+
+def _fold_dw(sch: Schedule, block) -> None:
+    """The int64 sum over chunks, parallel over output channels; the rescale after it on its own."""
+    for consumer in sch.get_consumers(block):
+        schedule_injective(sch, consumer)
+    sch.parallel(sch.get_loops(block)[0])

@@ -120,6 +120,65 @@ def test_worst_case_int16_reduction_is_exact() -> None:
     np.testing.assert_array_equal(got, np.full((3, 16), k * 2**30, np.int64))
 
 
+DW_CONVS = [  # (n, c, h, w, o, kh, kw, stride, padding)
+    (3, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1, 1, 1)),
+    (19, 8, 7, 11, 20, 3, 3, (2, 2), (1, 1, 1, 1)),  # ragged, two chunks of images, stride 2
+    (2, 13, 10, 10, 17, 5, 3, (1, 3), (2, 0, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("shape", DW_CONVS, ids=lambda s: "x".join(map(str, s[:7])) + f"s{s[7][0]}{s[7][1]}")
+def test_weight_gradient_is_exact(shape) -> None:
+    """dw = sum over images and pixels of g x, int32 per chunk of images, int64 over chunks."""
+    n, c, h, w, o, kh, kw, stride, padding = shape
+    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding)
+    oh, ow = g.out_hw
+    rng = np.random.default_rng(1)
+    x, gr = _operands(rng, (n, c, h, w), "int8"), _operands(rng, (n, o, oh, ow), "int8")
+
+    def stages(batch):
+        xs = te.placeholder((batch, c, h, w), "int8", name="x")
+        gs = te.placeholder((batch, o, oh, ow), "int8", name="g")
+        chunks = tirx.Var("chunks", "int64") if isinstance(batch, tirx.Var) else amx.dw_chunks(batch, g)
+        parts = te.placeholder([chunks, *amx.dw_partial_shape(g, batch)[1:]], "int32")
+        return xs, gs, amx.pack_dw_input(xs, g), amx.pack_dw_grad(gs, g), parts
+
+    xs, gs, xp, gp, parts = stages(tirx.Var("n", "int64"))
+    with TARGET:
+        lib = _compile(
+            {
+                "pack_x": schedule_prim_func(te.create_prim_func([xs, xp])),
+                "pack_g": schedule_prim_func(te.create_prim_func([gs, gp])),
+                "dot": amx.dw_kernel(g),
+                "fold": schedule_prim_func(te.create_prim_func([parts, amx.fold_dw(parts, g)])),
+            }
+        )
+    _, _, xp, gp, parts = stages(n)
+    dev = tvm.cpu()
+
+    def empty(t: te.Tensor) -> tvm.runtime.Tensor:
+        return tvm.runtime.empty([int(d) for d in t.shape], t.dtype, dev)
+
+    xt, gt, xpt, gpt, pt = (
+        tvm.runtime.tensor(x, dev),
+        tvm.runtime.tensor(gr, dev),
+        empty(xp),
+        empty(gp),
+        empty(parts),
+    )
+    out = tvm.runtime.empty((o, c, kh, kw), "int64", dev)
+    lib["pack_x"](xt, xpt)
+    lib["pack_g"](gt, gpt)
+    lib["dot"](xpt, gpt, pt)
+    lib["fold"](pt, out)
+    top, left, bottom, right = padding
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    ref = torch.nn.grad.conv2d_weight(
+        xpad, (o, c, kh, kw), torch.from_numpy(gr.astype(np.float64)), stride=stride
+    )
+    np.testing.assert_array_equal(out.numpy(), ref.numpy().astype(np.int64))
+
+
 def test_layers_the_tiles_do_not_suit_keep_the_packed_kernels() -> None:
     """Below 8 input channels most of each tile row would multiply padding; int16's int32 partial
     sums bound its reduction; other containers have no tile instructions."""

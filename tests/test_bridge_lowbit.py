@@ -15,12 +15,18 @@ def _net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
         return nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 9, 9)
     if kind == "conv2d_dense":  # the packed dot-product gradient kernels on x86
         return nn.Conv2d(3, 5, 3, stride=2, padding=1), (3, 3, 9, 9)
+    if kind == "conv2d_tiles":  # >= 8 channels each way: AMX tiles forward and for dx, where present
+        return nn.Conv2d(8, 16, 3, stride=2, padding=1), (3, 8, 9, 9)
+    if kind == "linear_tiles":
+        return nn.Linear(12, 16), (3, 12)
     if kind == "conv1d":
         return nn.Conv1d(3, 4, 3, padding=2, dilation=2), (3, 3, 10)
     return nn.Linear(12, 5), (3, 12)
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "conv2d_dense", "conv1d", "linear"])
+@pytest.mark.parametrize(
+    "kind", ["conv2d", "conv2d_dense", "conv2d_tiles", "conv1d", "linear", "linear_tiles"]
+)
 @pytest.mark.parametrize("wl,fl", [(8, 4), (16, 9)])
 def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     """Gradients on a coarse grid survive the dynamic-scale quantization, so dx and dw are exact."""
@@ -42,7 +48,7 @@ def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
 
     xq = quantize(x.detach(), wl, fl).requires_grad_()
     w, b = (t.clone().requires_grad_() for t in reference)
-    if kind == "linear":
+    if kind.startswith("linear"):
         ref = nn.functional.linear(xq, w, b)
     elif kind.startswith("conv2d"):
         ref = nn.functional.conv2d(xq, w, b, stride=2, padding=1, groups=layer.groups)
