@@ -522,16 +522,20 @@ def section(
             *acceptance(results),
             "",
             "Where the TVM module's time goes (one instrumented call; ms per kernel kind and share of the "
-            "kernels' sum; packed conv/dense = a layer's whole kernel: input quantize, dot product, "
-            "requantize and the fused ReLU / residual add; VM/shapes = allocation and shape bookkeeping; "
+            "kernels' sum; packed conv/dense = a layer's whole AVX-512 kernel: input quantize, dot product, "
+            "requantize and the fused ReLU / residual add; on AMX a layer is three calls: AMX packing/"
+            "unpacking = input quantize + packing before the tiles, unpacking + requantize + fused ReLU / "
+            "residual add after them, AMX tile products = the tile loop; VM/shapes = allocation and shape "
+            "bookkeeping; "
             "at batch 1 "
             "the many small VM calls are inflated by the callbacks' timer overhead):",
             *breakdown_lines(results),
             "",
-            "Half of ResNet-20's layers (two of LeNet-5's five) are int16 (12,6), whose dot products run "
-            "at half the int8 rate "
-            "(vpdpwssd: 32 MACs per instruction against vpdpbusd's 64), while ORT int8 runs every layer "
-            "in int8; see the kernels section for per-layer throughput.",
+            "Half of ResNet-20's layers (two of LeNet-5's five) are int16 (12,6). Their trained weights "
+            "keep the sums inside int32, so they run the vpdpwssd kernel (32 MACs per instruction); "
+            "the int8 layers with at least 8 input channels run on AMX tiles (16384 MACs per "
+            "instruction), while ORT int8 runs every layer in int8; see the kernels section for "
+            "per-layer throughput.",
             END,
         ]
     )

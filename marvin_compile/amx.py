@@ -1,31 +1,38 @@
-"""Integer conv/matmul on Intel AMX tiles: an implicit GEMM with output channels as tile rows and
-output pixels as tile columns, so the result lands in NCHW.
+"""Integer conv/matmul and conv weight gradients on Intel AMX tiles: implicit GEMMs, no im2col.
 
 One AMX instruction multiplies a 16 x 64 int8 tile by a 64 x 16 int8 tile into a 16 x 16 int32
-tile: 16384 multiply-adds, 16 times an AVX-512 ``vpdpbusd``. Measured here (Xeon, Emerald Rapids)
-a plain tile loop reaches 380-600 GMAC/s on two cores, against 100-150 for float32. Layouts:
+tile: 16384 multiply-adds (an AVX-512 ``vpdpbusd`` does 64). Measured here (Xeon, Emerald
+Rapids) a plain tile loop reaches 380-600 GMAC/s on two cores, against 100-150 for float32.
 
-- A (weights, ``pack_weight``): ``[O/16, KH, KW, chunks, 16, 4 * rows]``, one tile per
+Conv/matmul (``tile_kernel``): output channels are the tile rows and output pixels the tile
+columns, so the result lands in NCHW.
+
+- A (weights, ``pack_weight``): ``[parts, O/16, KH, KW, chunks, 16, 4 * rows]``, one tile per
   (output-channel block, kernel tap, channel chunk): 16 output channels x ``4 * rows`` channels;
-- B (activations, ``pack_conv_input``): ``[N, C/4, phases, Hq, Wq, 4]``, four channels per 4-byte
-  group and the padded image split into ``stride x stride`` phase images, so for any kernel tap
-  the 16 output pixels ``f .. f + 15`` (flattened over the phase image's width ``Wq``) read 64
-  contiguous bytes per channel group, and channel groups are one plane apart (the tile's row
-  stride). No im2col: the taps are 16-pixel windows shifted by ``(kh // sh) * Wq + kw // sw``;
-- C: ``[N, O16, F]`` int32 with ``F`` the output rows flattened over ``Wq`` (columns past the
-  output width are computed and dropped), so unpacking (``unpack_conv``) is a contiguous crop.
+- B (activations, ``pack_conv_input``): ``[N, parts, C/4, phases, Hq, Wq, 4]``, four channels per
+  4-byte group and the padded image split into ``stride x stride`` phase images, so for any
+  kernel tap the 16 output pixels ``f .. f + 15`` (flattened over the phase image's width ``Wq``)
+  read 64 contiguous bytes per channel group, and channel groups are one plane apart (the tile's
+  row stride). The taps are 16-pixel windows shifted by ``(kh // sh) * Wq + kw // sw``;
+- C: ``[N, sums, O16, F]`` int32 with ``F`` the output rows flattened over ``Wq`` (columns past
+  the output width are computed and dropped), so unpacking (``unpack_conv``) is a contiguous crop.
 
 int8 operands are signed (``tdpbssd``), so no offset or correction is needed. int16 operands
-are split into a signed high byte and an unsigned low byte, ``v = 256 * hi + lo`` (``parts`` = 2
-along the second axis of both packed operands); the four byte products run on ``tdpbssd``,
-``tdpbsud``, ``tdpbusd`` and ``tdpbuud`` into three int32 sums (``y[:, 0]`` high x high, ``y[:, 1]``
-the two cross terms, ``y[:, 2]`` low x low), combined in int64 when unpacking:
+are split into a signed high byte and an unsigned low byte, ``v = 256 * hi + lo`` (``parts`` = 2);
+the four byte products run on ``tdpbssd``, ``tdpbsud``, ``tdpbusd`` and ``tdpbuud`` into three
+int32 sums (high x high, the two cross terms, low x low), combined in int64 when unpacking:
 ``65536 * hh + 256 * cross + ll``. Each sum stays below 2**31 for reductions up to
 ``MAX_REDUCTION``, so int16 is exact at every word length, with no float64 detour.
 
 A matmul ``[M, K] x [O, K]^T`` is the same kernel on a ``[1, K, 1, M]`` image with a 1 x 1
 kernel; its unpack transposes ``[O16, M]`` back. int8 is exact wherever the int8 class's int32
 bound holds.
+
+Weight gradient (``dw_kernel``, int8): ``dw[o, c, i, j] = sum_n sum_f g[n, o, f] x[n, c, f + tap]``
+with the input channels as tile rows (A: 64 consecutive pixels of a channel of the phase image,
+``pack_dw_input``) and the gradient's channels as columns (B: ``[N, F/4, O16, 4]``,
+``pack_dw_grad``), int32 sums per chunk of images (``dw_images``), added up in int64
+(``fold_dw``).
 
 Linux grants AMX tile state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), once per
 process; every kernel asks at entry (a cheap no-op once granted), so a deployed library runs in
@@ -52,6 +59,9 @@ MIN_CHANNELS = 8  # below, most of each tile multiplies padding: vpdpbusd is fas
 INT32_MAX = 2**31 - 1
 MAX_REDUCTION = 2**14  # int16: a cross sum adds two products below 2**16 per term: < 2**31
 CONTAINERS = ("int8", "int16")
+MIN_INT16_CHANNELS = 32  # int16 on tiles at every word length from this many input channels
+DW_STEP = 64  # dw: output pixels per product (one 64-byte A-tile row, 16 four-pixel B-tile rows)
+DW_IMAGES = 16  # dw: images per int32 partial sum at most (chunks of work for the threads)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,20 @@ def matmul_geometry(w_shape: list[int], container: str = "int8") -> Geometry | N
     return Geometry(k, 1, None, o, 1, 1, (1, 1), (0, 0, 0, 0), container)
 
 
+def always(g: Geometry | None) -> bool:
+    """Whether a layer runs on tiles at every word length: int8, and int16 from 32 input channels
+    (8+ rows per tile), where its four byte products measured faster than vpdpwssd even where
+    int32 sums would do (``BENCHMARKS.md``); below, int16 takes the tiles only above its int32
+    bound."""
+    return g is not None and (g.parts == 1 or g.rows * GROUP >= MIN_INT16_CHANNELS)
+
+
+def _clamp(index: tirx.PrimExpr, size) -> tirx.PrimExpr:
+    """An index kept inside [0, size): ``Select`` evaluates both sides, so the load it guards
+    must stay in bounds even where its value is not taken."""
+    return tirx.max(tirx.min(index, size - 1), 0)
+
+
 def _part(value: tirx.PrimExpr, part, g: Geometry) -> tirx.PrimExpr:
     """Byte ``part`` of an operand as int8: the value (int8), or int16's high byte (part 0, the
     arithmetic shift keeps its sign) or low byte (part 1, its unsigned bits). The cast keeps the
@@ -171,7 +195,8 @@ def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     def f(b, part, cg, ph, i, j, q):
         c, hi, wi = cg * GROUP + q, i * sh + ph // sw - top, j * sw + ph % sw - left
         inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
-        return tirx.Select(inside, _part(x[b, c, hi, wi], part, g), tirx.const(0, "int8"))
+        value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
+        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
 
     return te.compute((n, g.parts, g.groups, g.phases, hq, wq, GROUP), f, name="amx_pack_x")
 
@@ -183,7 +208,7 @@ def pack_matmul_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     def f(_b, part, cg, _p, _i, r, q):
         c = cg * GROUP + q
         inside = tirx.all(r < m, c < g.c)
-        return tirx.Select(inside, _part(x[tirx.min(r, m - 1), c], part, g), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(x[_clamp(r, m), _clamp(c, g.c)], part, g), tirx.const(0, "int8"))
 
     return te.compute((1, g.parts, g.groups, 1, 1, _pairs(m), GROUP), f, name="amx_pack_x")
 
@@ -200,6 +225,7 @@ def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
     def f(part, ob, i, j, ch, r, k):
         oc, c = ob * TILE + r, ch * g.rows * GROUP + k
         inside = tirx.all(oc < g.o, c < g.c)
+        oc, c = _clamp(oc, g.o), _clamp(c, g.c)
         value = w[oc, c, i, j] if conv else w[oc, c]
         return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
 
@@ -376,7 +402,8 @@ def _parallel_tasks(
     tasks: tirx.PrimExpr, task: Callable[[tirx.PrimExpr], tirx.Stmt], config: list[tirx.Stmt]
 ) -> tirx.Stmt:
     """Tile state granted, then ``WORKERS`` parallel chunks of consecutive tasks, each configuring
-    the tiles once. Loops start at 0: TVM 0.27 mis-lowers nested loops with symbolic minimums."""
+    the tiles once. Loops start at 0: a task loop starting at a task-dependent offset computed
+    wrong sums here (TVM 0.27)."""
     worker, k = tirx.Var("worker", "int64"), tirx.Var("k", "int64")
     start, stop = worker * tasks // WORKERS, (worker + 1) * tasks // WORKERS
     own = tirx.For(k, 0, stop - start, tirx.ForKind.SERIAL, task(start + k))
@@ -389,13 +416,6 @@ def _parallel_tasks(
 def _scheduled(buffers: list[tirx.Buffer], body: tirx.Stmt) -> tirx.PrimFunc:
     func = tirx.PrimFunc(buffers, body)
     return func.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-
-
-# Weight gradient: dw[o, c, i, j] = sum over images n and output pixels f of g[n, o, f] x[n, c, f + tap]
-DW_STEP = 64  # output pixels per product: one 64-byte A-tile row, 16 four-pixel B-tile rows
-
-
-DW_IMAGES = 16  # images per int32 partial sum of dw at most: chunks of work for the threads
 
 
 def dw_images(g: Geometry) -> int:
@@ -415,7 +435,8 @@ def pack_dw_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     def f(b, c, ph, i, j):
         hi, wi = i * sh + ph // sw - top, j * sw + ph % sw - left
         inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
-        return tirx.Select(inside, cast_to("int8", x[b, c, hi, wi]), tirx.const(0, "int8"))
+        value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
+        return tirx.Select(inside, cast_to("int8", value), tirx.const(0, "int8"))
 
     return te.compute((n, ceil_div(g.c, TILE) * TILE, g.phases, hq, wq), f, name="amx_pack_dw_x")
 
@@ -431,7 +452,8 @@ def pack_dw_grad(gr: te.Tensor, g: Geometry) -> te.Tensor:
         pixel = fg * GROUP + q
         i, j = pixel // wq, pixel % wq
         inside = tirx.all(o < g.o, i < oh, j < ow)
-        return tirx.Select(inside, cast_to("int8", gr[b, o, tirx.min(i, oh - 1), j]), tirx.const(0, "int8"))
+        value = gr[b, _clamp(o, g.o), _clamp(i, oh), _clamp(j, ow)]
+        return tirx.Select(inside, cast_to("int8", value), tirx.const(0, "int8"))
 
     return te.compute((n, flat // GROUP, g.out_blocks * TILE, GROUP), f, name="amx_pack_dw_g")
 

@@ -204,9 +204,9 @@ class AddGradientKernels:
             return dx_packed(bind, wide=True)
 
         dx_length = w_shape[0] * _prod(w_shape[2:])
-        int8_tiles = tiles is not None and container == "int8"
-        dx_fast = dx_tiles if int8_tiles else (dx_packed if kind else None)
-        if tiles is not None and not int8_tiles:  # int16 above the int32 bound: byte products on tiles
+        on_tiles_only = amx.always(tiles)
+        dx_fast = dx_tiles if on_tiles_only else (dx_packed if kind else None)
+        if tiles is not None and not on_tiles_only:  # int16 above the int32 bound: byte products on tiles
             dx_wide = dx_tiles
         else:
             dx_wide = dx_float64 if kind and dx_length < FLOAT64_EXACT_K else None

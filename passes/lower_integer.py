@@ -13,9 +13,9 @@ int32 kernel below that bound, above it the packed kernel on float64 FMAs, whose
 sums are exact below 2**53 (any K < 2**23).
 
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
-input channels run on them (``amx``): the int8 class always; the int16 class above the int32
-bound, as byte products summed in int64 (exact at every word length, twice as fast as float64
-here, while below the bound vpdpwssd matches the tiles on small channel counts).
+input channels run on them (``amx``): the int8 class always; the int16 class as byte products
+summed in int64, exact at every word length, so from 32 input channels with no branch at all
+(faster than vpdpwssd there), below that only above the int32 bound (in place of float64).
 """
 
 from __future__ import annotations
@@ -173,15 +173,10 @@ class LowerToIntegerKernels:
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
         layer = str(func.attrs[LAYER_ATTR])
         exact_int32 = layer in self.frozen and weight_bound(*self.frozen[layer]) <= INT32_MAX
-        tiles = None  # AMX tiles, where the machine has them and the layer suits them
-        if packed is not None and self.isa.amx:
-            kind, kwargs = packed
-            if kind == "matmul":
-                tiles = amx.matmul_geometry(weight_shape, container)
-            else:
-                tiles = amx.conv_geometry(list(x.ty.shape), weight_shape, **kwargs, container=container)
-        int8_tiles = tiles is not None and container == "int8"
-        branch = not int8_tiles and packed is not None and fast_wl < kernel_class.max_wl and not exact_int32
+        tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa)
+        on_tiles_only = amx.always(tiles)
+        branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
+        branch = branch and not exact_int32
         axis = _channel_axis(core.value)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
@@ -271,7 +266,7 @@ class LowerToIntegerKernels:
             folding evaluates at build time: the deployed kernel reads an integer packed weight."""
             wq = bb.emit_te(te_ops.quantize_to_int, w, qp, container, primfunc_name_hint=QNAME)
             isa = self.isa
-            if int8_tiles:
+            if on_tiles_only:
                 return [bb.emit_te(lambda t: amx.pack_weight(t, tiles), wq)]
             data = bb.emit_te(lambda t: te_dot.pack_weight(t, isa, container).data, wq)
             if isa.operand_dtype(container) != "uint8":
@@ -289,7 +284,7 @@ class LowerToIntegerKernels:
                     )
                     bi = None if bi is None else bb.emit_output(bi)
                     weight = None if weight is None else [bb.emit_output(v) for v in weight]
-                elif int8_tiles:
+                elif on_tiles_only:
                     out = bb.emit_output(on_tiles(bb.emit, bi, weight[0] if weight else None))
                 else:
                     out = bb.emit_output(fast(bi, weight) if packed is not None else generic(bb.emit, bi))
@@ -302,6 +297,18 @@ class LowerToIntegerKernels:
                     wide = generic(bb.normalize, bi)
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
             bb.emit_func_output(out)
+
+
+def _tile_geometry(
+    packed: tuple[str, dict] | None, x_shape: list, w_shape: list[int], container: str, isa: DotISA | None
+) -> amx.Geometry | None:
+    """The layer on AMX tiles, where the machine has them and the layer suits them."""
+    if packed is None or isa is None or not isa.amx:
+        return None
+    kind, kwargs = packed
+    if kind == "matmul":
+        return amx.matmul_geometry(w_shape, container)
+    return amx.conv_geometry(x_shape, w_shape, **kwargs, container=container)
 
 
 def tile_product(

@@ -215,7 +215,8 @@ def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
 
 def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_path):
     """K = 576 at wl 12 exceeds the worst-case int32 bound, but trained-size weights do not: the
-    deployed layer runs the packed int32 kernel (no run-time branch) and stays exact."""
+    deployed layer runs the packed int32 kernel (AMX tiles, where present) with no run-time branch,
+    and stays exact."""
     from marvin_compile.dot_isa import dot_isa
     from marvin_compile.fixed_point import quantize_np
     from marvin_compile.frontend import import_onnx, load_onnx
@@ -234,8 +235,9 @@ def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_pa
         pipeline.partition(imported.mod), {"0": p}, imported.params, resolve_target("cpu")
     )
     text = frozen.script()
-    if dot_isa(resolve_target("cpu")) is not None:
-        assert "marvin_dot_conv2d" in text and "R.nn.conv2d" not in text  # no int64 fallback branch
+    isa = dot_isa(resolve_target("cpu"))
+    if isa is not None:  # no int64 fallback branch; on AMX, 64 channels take the tiles at any wl
+        assert ("marvin_amx_dot" if isa.amx else "marvin_dot_conv2d") in text and "R.nn.conv2d" not in text
     x = np.random.default_rng(0).normal(size=(3, 64, 6, 6)).astype(np.float32)
     got = load(tmp_path / "d")(x)
     ref = torch.nn.functional.conv2d(
