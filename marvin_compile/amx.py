@@ -240,13 +240,20 @@ def output_shape(g: Geometry, n: tirx.PrimExpr) -> list[tirx.PrimExpr]:
     return [n, g.sums, g.out_blocks * TILE, g.plane[2]]
 
 
+def _combine_sums(sums: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The int64 value of a product from its int32 partial sums: the sum itself (int8), or
+    int16's ``65536 * hh + 256 * cross + ll``."""
+    if len(sums) == 1:
+        return tirx.Cast("int64", sums[0])
+    hh, cross, ll = (tirx.Cast("int64", v) for v in sums)
+    eight = tirx.const(8, "int64")
+    return tirx.shift_left(tirx.shift_left(hh, eight) + cross, eight) + ll
+
+
 def _combine(y: te.Tensor, b, oc, f, g: Geometry, acc: str) -> tirx.PrimExpr:
-    """The output value from its partial sums: int16's ``65536 * hh + 256 * cross + ll`` in int64."""
     if g.sums == 1:
         return cast_to(acc, y[b, 0, oc, f])
-    hh, cross, ll = (tirx.Cast("int64", y[b, s, oc, f]) for s in range(3))
-    eight = tirx.const(8, "int64")
-    return cast_to(acc, tirx.shift_left(tirx.shift_left(hh, eight) + cross, eight) + ll)
+    return cast_to(acc, _combine_sums([y[b, s, oc, f] for s in range(3)]))
 
 
 def unpack_conv(y: te.Tensor, g: Geometry, acc: str) -> te.Tensor:
@@ -324,24 +331,25 @@ def _operands(g: Geometry) -> _Operands:
 class _Plan:
     """One task's tile traffic. Tiles 0-3 accumulate, 4-5 hold A (weights), 6-7 hold B."""
 
-    a: list[tuple[int, int, int]]  # (tile, byte part, output-channel block offset)
-    b: list[tuple[int, int, int]]  # (tile, byte part, 16-pixel block offset)
+    a: list[tuple[int, int, int]]  # (tile, byte part, A block offset)
+    b: list[tuple[int, int, int]]  # (tile, byte part, B block offset)
     products: list[tuple[str, int, int, int]]  # (instruction, C tile, A tile, B tile)
-    stores: list[tuple[int, int, int, int]]  # (C tile, partial sum, channel block, pixel block)
+    stores: list[tuple[int, int, int, int]]  # (C tile, partial sum, A block, B block)
 
     @property
     def pixels(self) -> int:
         return TILE * len({m for *_, m in self.b})
 
 
-def _plan(g: Geometry, nb: int) -> _Plan:
-    """int8: ``nb`` channel blocks x 2 pixel blocks of C tiles, each loaded A and B tile feeding
-    two products. int16: one block, its high/low byte tiles' four products into three sums."""
+def _plan(g: Geometry, na: int, nb: int) -> _Plan:
+    """int8: ``na`` A-tile blocks x ``nb`` B-tile blocks of C tiles, each loaded A and B tile
+    feeding up to two products. int16: one block, its high/low byte tiles' four products into
+    three sums."""
     if g.parts == 1:
-        blocks = [(q, m) for q in range(nb) for m in range(2)]
+        blocks = [(q, m) for q in range(na) for m in range(nb)]
         return _Plan(
-            a=[(4 + q, 0, q) for q in range(nb)],
-            b=[(6 + m, 0, m) for m in range(2)],
+            a=[(4 + q, 0, q) for q in range(na)],
+            b=[(6 + m, 0, m) for m in range(nb)],
             products=[("tdpbssd", q * 2 + m, 4 + q, 6 + m) for q, m in blocks],
             stores=[(q * 2 + m, 0, q, m) for q, m in blocks],
         )
@@ -386,7 +394,7 @@ def tile_kernel(g: Geometry) -> tirx.PrimFunc:
     share their weight tiles) each configure the tiles once."""
     ops = _operands(g)
     nb = 2 if g.parts == 1 and g.out_blocks % 2 == 0 else 1
-    plan = _plan(g, nb)
+    plan = _plan(g, nb, 2)
     spans = ops.flat // plan.pixels
     per_image = (g.out_blocks // nb) * spans
     tasks = ops.images * per_image
@@ -419,51 +427,55 @@ def _scheduled(buffers: list[tirx.Buffer], body: tirx.Stmt) -> tirx.PrimFunc:
 
 
 def dw_images(g: Geometry) -> int:
-    """Images per int32 partial sum of dw: each adds ``F`` products of magnitude <= 2**14 (0: not
-    even one image fits, the tiles cannot take this layer's dw)."""
-    return min(DW_IMAGES, INT32_MAX // (g.plane_for(DW_STEP)[2] * 2**14))
+    """Images per int32 partial sum of dw: each adds ``F`` terms of magnitude below 2**14 (int8)
+    or 2**16 (int16's cross terms: two byte products) (0: not even one image fits, the tiles
+    cannot take this layer's dw)."""
+    term = 2**14 if g.parts == 1 else 2**16
+    return min(DW_IMAGES, INT32_MAX // (g.plane_for(DW_STEP)[2] * term))
 
 
 def pack_dw_input(x: te.Tensor, g: Geometry) -> te.Tensor:
-    """``x`` int8 NCHW -> ``[N, C16, phases, Hq, Wq]``: channel planes of the phase images, so a
+    """``x`` NCHW -> ``[N, parts, C16, phases, Hq, Wq]``: channel planes of the phase images, so a
     16-channel x 64-pixel window of any tap is one A tile."""
     n = x.shape[0]
     hq, wq, _ = g.plane_for(DW_STEP)
     sh, sw = g.stride
     top, left = g.padding[0], g.padding[1]
 
-    def f(b, c, ph, i, j):
+    def f(b, part, c, ph, i, j):
         hi, wi = i * sh + ph // sw - top, j * sw + ph % sw - left
         inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
         value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
-        return tirx.Select(inside, cast_to("int8", value), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
 
-    return te.compute((n, ceil_div(g.c, TILE) * TILE, g.phases, hq, wq), f, name="amx_pack_dw_x")
+    shape = (n, g.parts, ceil_div(g.c, TILE) * TILE, g.phases, hq, wq)
+    return te.compute(shape, f, name="amx_pack_dw_x")
 
 
 def pack_dw_grad(gr: te.Tensor, g: Geometry) -> te.Tensor:
-    """``g`` int8 [N, O, OH, OW] -> ``[N, F/4, O16, 4]``, output pixels flattened over ``Wq``
+    """``g`` [N, O, OH, OW] -> ``[N, parts, F/4, O16, 4]``, output pixels flattened over ``Wq``
     (zero past the output width and height, so those products vanish): the B-tile layout."""
     n = gr.shape[0]
     _, wq, flat = g.plane_for(DW_STEP)
     oh, ow = g.out_hw
 
-    def f(b, fg, o, q):
+    def f(b, part, fg, o, q):
         pixel = fg * GROUP + q
         i, j = pixel // wq, pixel % wq
         inside = tirx.all(o < g.o, i < oh, j < ow)
         value = gr[b, _clamp(o, g.o), _clamp(i, oh), _clamp(j, ow)]
-        return tirx.Select(inside, cast_to("int8", value), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
 
-    return te.compute((n, flat // GROUP, g.out_blocks * TILE, GROUP), f, name="amx_pack_dw_g")
+    return te.compute((n, g.parts, flat // GROUP, g.out_blocks * TILE, GROUP), f, name="amx_pack_dw_g")
 
 
 def fold_dw(part: te.Tensor, g: Geometry) -> te.Tensor:
-    """The per-chunk int32 sums ``[chunks, KH, KW, C16, O16]`` added up in int64 -> dw [O, C, KH, KW]."""
+    """The per-chunk int32 sums ``[chunks, sums, KH, KW, C16, O16]`` added up in int64 -> dw
+    [O, C, KH, KW] (int16: ``65536 * hh + 256 * cross + ll`` per chunk)."""
     r = te.reduce_axis((0, part.shape[0]), name="chunk")
     return te.compute(
         (g.o, g.c, g.kh, g.kw),
-        lambda o, c, i, j: te.sum(tirx.Cast("int64", part[r, i, j, c, o]), axis=r),
+        lambda o, c, i, j: te.sum(_combine_sums([part[r, s, i, j, c, o] for s in range(g.sums)]), axis=r),
         name="amx_fold_dw",
     )
 
@@ -473,70 +485,74 @@ def dw_chunks(n: tirx.PrimExpr, g: Geometry) -> tirx.PrimExpr:
 
 
 def dw_partial_shape(g: Geometry, n: tirx.PrimExpr) -> list[tirx.PrimExpr]:
-    """The kernel's output: int32 partial sums ``[chunks, KH, KW, C16, O16]``."""
-    return [dw_chunks(n, g), g.kh, g.kw, ceil_div(g.c, TILE) * TILE, g.out_blocks * TILE]
+    """The kernel's output: int32 partial sums ``[chunks, sums, KH, KW, C16, O16]``."""
+    return [dw_chunks(n, g), g.sums, g.kh, g.kw, ceil_div(g.c, TILE) * TILE, g.out_blocks * TILE]
 
 
 @functools.cache
 def dw_kernel(g: Geometry) -> tirx.PrimFunc:
-    """dw's AMX tile loop, written scheduled. A task is one kernel tap, two 16-channel blocks of x
-    (A tiles) by two 16-channel blocks of g (B tiles), over one chunk of images (``dw_images``):
-    4 C tiles of int32 partial sums, stored per chunk for ``fold_dw``."""
+    """dw's AMX tile loop, written scheduled. A task is one kernel tap and a block of C tiles
+    (``_plan``: int8 two 16-channel blocks of x, the A tiles, by two of g, the B tiles; int16 one
+    by one, its byte products in three sums) over one chunk of images (``dw_images``), stored
+    per chunk for ``fold_dw``."""
     n = tirx.Var("n", "int64")
     hq, wq, flat = g.plane_for(DW_STEP)
     cb, ob = ceil_div(g.c, TILE), g.out_blocks
-    xp = tirx.decl_buffer((n, cb * TILE, g.phases, hq, wq), "int8", name="xp")
-    gp = tirx.decl_buffer((n, flat // GROUP, ob * TILE, GROUP), "int8", name="gp")
+    xp = tirx.decl_buffer((n, g.parts, cb * TILE, g.phases, hq, wq), "int8", name="xp")
+    gp = tirx.decl_buffer((n, g.parts, flat // GROUP, ob * TILE, GROUP), "int8", name="gp")
     chunks = tirx.Var("chunks", "int64")  # dw_chunks(n, g)
-    part = tirx.decl_buffer((chunks, g.kh, g.kw, cb * TILE, ob * TILE), "int32", name="part")
-    ma, mb = (2 if cb % 2 == 0 else 1), (2 if ob % 2 == 0 else 1)
-    per_chunk = g.kh * g.kw * (cb // ma) * (ob // mb)
+    part = tirx.decl_buffer((chunks, g.sums, g.kh, g.kw, cb * TILE, ob * TILE), "int32", name="part")
+    pair = g.parts == 1
+    ma, mb = (2 if pair and cb % 2 == 0 else 1), (2 if pair and ob % 2 == 0 else 1)
+    plan = _plan(g, ma, mb)
+    blocks = (cb // ma) * (ob // mb)
+    per_chunk = g.kh * g.kw * blocks
     sh, sw = g.stride
-
+    plane_bytes = tirx.const(g.phases * hq * wq, "int64")
+    g_row, part_row = tirx.const(ob * TILE * GROUP, "int64"), tirx.const(ob * TILE * 4, "int64")
     image, step = tirx.Var("image", "int64"), tirx.Var("step", "int64")
 
     def task(t: tirx.PrimExpr) -> tirx.Stmt:
         chunk, rest = t // per_chunk, t % per_chunk
         first = chunk * dw_images(g)
         b = first + image
-        tap, block = rest // ((cb // ma) * (ob // mb)), rest % ((cb // ma) * (ob // mb))
+        tap, block = rest // blocks, rest % blocks
         c0, o0 = block // (ob // mb) * ma, block % (ob // mb) * mb
         i, j = tap // g.kw, tap % g.kw
         phase = (i % sh) * sw + j % sw
         col = step * DW_STEP + (i // sh) * wq + j // sw
         loads = [
-            _amx("tileloadd64", _tile(4 + a), _address(xp, [b, (c0 + a) * TILE, phase, 0, col]), plane_bytes)
-            for a in range(ma)
+            _amx(
+                "tileloadd64", _tile(tile), _address(xp, [b, p, (c0 + a) * TILE, phase, 0, col]), plane_bytes
+            )
+            for tile, p, a in plan.a
         ]
         loads += [
             _amx(
                 "tileloadd64",
-                _tile(6 + q),
-                _address(gp, [b, step * (DW_STEP // GROUP), (o0 + q) * TILE, 0]),
+                _tile(tile),
+                _address(gp, [b, p, step * (DW_STEP // GROUP), (o0 + q) * TILE, 0]),
                 g_row,
             )
-            for q in range(mb)
+            for tile, p, q in plan.b
         ]
-        dots = [_amx("tdpbssd", _tile(a * 2 + q), _tile(4 + a), _tile(6 + q)) for a, q in blocks]
+        dots = [_amx(op, _tile(c), _tile(at), _tile(bt)) for op, c, at, bt in plan.products]
         inner = tirx.SeqStmt([tirx.Evaluate(e) for e in loads + dots])
         inner = tirx.For(step, 0, flat // DW_STEP, tirx.ForKind.SERIAL, inner)
         images = tirx.For(image, 0, tirx.min(n, first + dw_images(g)) - first, tirx.ForKind.SERIAL, inner)
-        zero = [tirx.Evaluate(_amx("tilezero", _tile(a * 2 + q))) for a, q in blocks]
+        zero = [tirx.Evaluate(_amx("tilezero", _tile(c))) for c, *_ in plan.stores]
         store = [
             tirx.Evaluate(
                 _amx(
                     "tilestored64",
-                    _tile(a * 2 + q),
-                    _address(part, [chunk, i, j, (c0 + a) * TILE, (o0 + q) * TILE]),
+                    _tile(c),
+                    _address(part, [chunk, s, i, j, (c0 + a) * TILE, (o0 + q) * TILE]),
                     part_row,
                 )
             )
-            for a, q in blocks
+            for c, s, a, q in plan.stores
         ]
         return tirx.SeqStmt([*zero, images, *store])
 
-    plane_bytes = tirx.const(g.phases * hq * wq, "int64")
-    g_row, part_row = tirx.const(ob * TILE * GROUP, "int64"), tirx.const(ob * TILE * 4, "int64")
-    blocks = [(a, q) for a in range(ma) for q in range(mb)]
     uniform = Geometry(TILE * GROUP, 1, 1, TILE, 1, 1, (1, 1), (0, 0, 0, 0))  # every tile 16 x 64 bytes
     return _scheduled([xp, gp, part], _parallel_tasks(chunks * per_chunk, task, _config(uniform)))

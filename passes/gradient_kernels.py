@@ -11,7 +11,9 @@ run as packed kernels (``te_dot_grad``) that sum in int32: dx over ``O * KH * KW
 chunk of samples (then in int64 over the batch). Where the class's word lengths can overflow that
 int32 sum (the int16 class), the function branches at run time on the operands' word lengths: the
 packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else the packed kernel on
-float64 FMAs, whose integer-valued sums are exact there too. The
+float64 FMAs, whose integer-valued sums are exact there too. On AMX (``amx``) dx and conv dw run on
+tiles: int8 directly, int16 as byte products summed in int64, exact at every word length (dw
+always; dx from 32 channels of g always, below that above the int32 bound). The
 generic kernels (other layers, other targets) accumulate dx in the class's accumulator and dw, whose
 batch is only known at run time, in int64.
 """
@@ -211,7 +213,15 @@ class AddGradientKernels:
         else:
             dx_wide = dx_float64 if kind and dx_length < FLOAT64_EXACT_K else None
         self._product(
-            bb, "dx", [g, w, qp_g, qp_w, seed], dx_generic, dx_fast, dx_length, (qp_g, qp_w), wide=dx_wide
+            bb,
+            "dx",
+            [g, w, qp_g, qp_w, seed],
+            dx_generic,
+            dx_fast,
+            dx_length,
+            (qp_g, qp_w),
+            wide=dx_wide,
+            exact=on_tiles_only,
         )
 
         x, g2, qp_x, qp_g2, seed2 = (
@@ -263,13 +273,14 @@ class AddGradientKernels:
 
             return bb.call_te(kernel, x, g2, qp_x, qp_g2, seed2, primfunc_name_hint="marvin_dot_dw")
 
-        dw_tiles_geometry = None  # int8 conv dw on AMX tiles, where present and the layer suits them
-        if kind == "conv2d" and isa.amx and container == "int8":
+        dw_tiles_geometry = None  # conv dw on AMX tiles, where present and the layer suits them
+        if kind == "conv2d" and isa.amx:
             geometry = amx.conv_geometry(list(x_ty.shape), w_shape, strides, padding, container)
             dw_tiles_geometry = geometry if geometry is not None and amx.dw_images(geometry) > 0 else None
 
         def dw_tiles(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
-            """dw on AMX tiles: int32 sums per chunk of images, folded in int64 (``amx.dw_kernel``)."""
+            """dw on AMX tiles: int32 sums per chunk of images, folded in int64 (``amx.dw_kernel``);
+            exact at every word length of both classes."""
             tiles = dw_tiles_geometry
 
             def x_pack(xt, qp_xt):
@@ -309,6 +320,7 @@ class AddGradientKernels:
             (qp_x, qp_g2),
             offset,
             wide=dw_float64 if kind else None,
+            exact=dw_tiles_geometry is not None,
         )
         return bb.get()
 
@@ -323,6 +335,7 @@ class AddGradientKernels:
         qps: tuple[relax.Var, relax.Var],
         offset: bool = False,
         wide: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None = None,
+        exact: bool = False,
     ) -> None:
         """Define ``name``: the ``packed`` kernel (None: none) where its int32 sums of ``length`` products
         are exact for every word length of the class, the generic one where they never are, else an
@@ -330,10 +343,13 @@ class AddGradientKernels:
         when given, else the generic kernel.
 
         ``offset``: the kernel also needs the sums of (x + 128) * g in int32 (vpdpbusd's dw), a bound
-        of the int8 class only, checked here for its widest word length."""
+        of the int8 class only, checked here for its widest word length. ``exact``: the packed
+        kernel is exact at every word length (AMX byte products), so it always runs."""
         bound = product_bound(length) if packed is not None else 0
         widest = self.kernel_class.max_wl - 1
         worst = 2 ** (OFFSET_BITS + widest) if offset else 4**widest
+        if exact:
+            bound = worst
         branch = bound < worst and bound > 0 and not offset
         with bb.function(name, params):
             with bb.dataflow():

@@ -82,8 +82,8 @@ def _pack_dw_x(sch: Schedule, block) -> None:
     """Channel planes: parallel over (image, channel), the width (contiguous both sides) vectorized."""
     for producer in sch.get_producers(block):
         schedule_injective(sch, producer)
-    n, c, _ph, _i, j = sch.get_loops(block)
-    sch.parallel(sch.fuse(n, c))
+    n, part, c, _ph, _i, j = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, part, c))
     if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
         sch.vectorize(j)
 
@@ -93,8 +93,8 @@ def _pack_dw_g(sch: Schedule, block) -> None:
     pixels) unrolled for LLVM's SLP vectorizer."""
     for producer in sch.get_producers(block):
         schedule_injective(sch, producer)
-    n, fg, o, q = sch.get_loops(block)
-    sch.parallel(sch.fuse(n, fg))
+    n, part, fg, o, q = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, part, fg))
     _, oi = sch.split(o, factors=[None, GROUP])
     sch.unroll(oi)
     sch.unroll(q)

@@ -123,22 +123,39 @@ def test_worst_case_int16_reduction_is_exact() -> None:
 DW_CONVS = [  # (n, c, h, w, o, kh, kw, stride, padding)
     (3, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1, 1, 1)),
     (19, 8, 7, 11, 20, 3, 3, (2, 2), (1, 1, 1, 1)),  # ragged, two chunks of images, stride 2
+    (40, 16, 32, 32, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # ResNet-20's first stage, three chunks
     (2, 13, 10, 10, 17, 5, 3, (1, 3), (2, 0, 1, 1)),
 ]
 
 
+@CONTAINERS
 @pytest.mark.parametrize("shape", DW_CONVS, ids=lambda s: "x".join(map(str, s[:7])) + f"s{s[7][0]}{s[7][1]}")
-def test_weight_gradient_is_exact(shape) -> None:
-    """dw = sum over images and pixels of g x, int32 per chunk of images, int64 over chunks."""
+def test_weight_gradient_is_exact(shape, container: str) -> None:
+    """dw = sum over images and pixels of g x, int32 per chunk of images, int64 over chunks; int16
+    over its full range, as byte products."""
     n, c, h, w, o, kh, kw, stride, padding = shape
-    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding)
-    oh, ow = g.out_hw
+    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding, container)
     rng = np.random.default_rng(1)
-    x, gr = _operands(rng, (n, c, h, w), "int8"), _operands(rng, (n, o, oh, ow), "int8")
+    x, gr = _operands(rng, (n, c, h, w), container), _operands(rng, (n, o, *g.out_hw), container)
+    _check_weight_gradient(g, x, gr)
+
+
+def test_worst_case_int16_weight_gradient_chunk_is_exact() -> None:
+    """Every term at the largest cross sum int16 allows (-32513 = -128 * 256 + 255: both cross
+    products at -128 * 255) over whole chunks of 32 x 32 images: the int32 partial sums hold."""
+    g = amx.Geometry(16, 32, 32, 16, 3, 3, (1, 1), (1, 1, 1, 1), "int16")
+    x = np.full((2 * amx.dw_images(g), 16, 32, 32), -32513, np.int16)
+    _check_weight_gradient(g, x, np.full((x.shape[0], 16, 32, 32), -32513, np.int16))
+
+
+def _check_weight_gradient(g: amx.Geometry, x: np.ndarray, gr: np.ndarray) -> None:
+    n, c, h, w = x.shape
+    o, kh, kw, stride, padding, container = g.o, g.kh, g.kw, g.stride, g.padding, g.container
+    oh, ow = g.out_hw
 
     def stages(batch):
-        xs = te.placeholder((batch, c, h, w), "int8", name="x")
-        gs = te.placeholder((batch, o, oh, ow), "int8", name="g")
+        xs = te.placeholder((batch, c, h, w), container, name="x")
+        gs = te.placeholder((batch, o, oh, ow), container, name="g")
         chunks = tirx.Var("chunks", "int64") if isinstance(batch, tirx.Var) else amx.dw_chunks(batch, g)
         parts = te.placeholder([chunks, *amx.dw_partial_shape(g, batch)[1:]], "int32")
         return xs, gs, amx.pack_dw_input(xs, g), amx.pack_dw_grad(gs, g), parts
