@@ -162,11 +162,14 @@ def matmul_geometry(w_shape: list[int], container: str = "int8") -> Geometry | N
 
 
 def always(g: Geometry | None) -> bool:
-    """Whether a layer runs on tiles at every word length: int8, and int16 from 32 input channels
-    (8+ rows per tile), where its four byte products measured faster than vpdpwssd even where
-    int32 sums would do (``BENCHMARKS.md``); below, int16 takes the tiles only above its int32
-    bound."""
-    return g is not None and (g.parts == 1 or g.rows * GROUP >= MIN_INT16_CHANNELS)
+    """Whether a layer runs on tiles at every word length: int8, and int16 convs from 32 input
+    channels (8+ rows per tile), where the four byte products measured faster than vpdpwssd even
+    where int32 sums would do (``BENCHMARKS.md``). Other int16 layers (fewer channels, and
+    matmuls, whose input transpose costs more than the tiles save) take the tiles only above
+    their int32 bound."""
+    if g is None:
+        return False
+    return g.parts == 1 or (g.w is not None and g.rows * GROUP >= MIN_INT16_CHANNELS)
 
 
 def _clamp(index: tirx.PrimExpr, size) -> tirx.PrimExpr:

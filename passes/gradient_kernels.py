@@ -13,7 +13,7 @@ int32 sum (the int16 class), the function branches at run time on the operands' 
 packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else the packed kernel on
 float64 FMAs, whose integer-valued sums are exact there too. On AMX (``amx``) dx and conv dw run on
 tiles: int8 directly, int16 as byte products summed in int64, exact at every word length (dw
-always; dx from 32 channels of g always, below that above the int32 bound). The
+always; dx of convs from 32 channels of g always, other dx above the int32 bound). The
 generic kernels (other layers, other targets) accumulate dx in the class's accumulator and dw, whose
 batch is only known at run time, in int64.
 """

@@ -14,8 +14,8 @@ sums are exact below 2**53 (any K < 2**23).
 
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
 input channels run on them (``amx``): the int8 class always; the int16 class as byte products
-summed in int64, exact at every word length, so from 32 input channels with no branch at all
-(faster than vpdpwssd there), below that only above the int32 bound (in place of float64).
+summed in int64, exact at every word length: convs from 32 input channels with no branch at all
+(faster than vpdpwssd there), other layers only above the int32 bound (in place of float64).
 """
 
 from __future__ import annotations
