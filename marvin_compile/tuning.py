@@ -198,7 +198,7 @@ def kernel_tasks(
             cls = CLASS_BY_NAME[name]
             symbolic = _dot_kernel(pipeline.variant_module(func, cls, "nearest", target))
             if symbolic is None:
-                continue  # a layer the packed kernels do not cover (grouped conv, ...)
+                continue  # not a packed kernel (grouped conv, ...), or AMX tiles: written scheduled
             static = _dot_kernel(pipeline.variant_module(_bind_batch(func, batch), cls, "nearest", target))
             key = f"{tvm_ffi.structural_hash(_workload(symbolic)) & (2**64 - 1):016x}"
             task = tasks.setdefault(key, Task(key, symbolic, static))
