@@ -53,7 +53,7 @@ from marvin_compile.te_dot import cast_to, ceil_div
 TILE = 16  # tile rows (output channels) and int32 columns (output pixels)
 GROUP = 4  # int8 channels per 4-byte group of a B-tile row
 PAIR = 2 * TILE  # output pixels per int8 task (two B tiles); flat output is padded to it
-KERNEL = "marvin_amx_dot"
+KERNEL, DW_KERNEL = "marvin_amx_dot", "marvin_amx_dw"
 WORKERS = 64  # parallel chunks of tasks: each configures its tiles once
 MIN_CHANNELS = 8  # below, most of each tile multiplies padding: vpdpbusd is faster
 INT32_MAX = 2**31 - 1

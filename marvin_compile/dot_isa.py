@@ -38,7 +38,7 @@ class DotISA:
 
     name: str
     lanes: int  # output channels per instruction (int32 lanes)
-    amx: bool = False  # AMX-INT8 tiles usable: int8 conv/matmul forward runs on them (``amx``)
+    amx: bool = False  # AMX-INT8 tiles usable: conv/matmul products run on them where they suit (``amx``)
 
     def depth(self, container: str) -> int:
         """Reduction elements per lane per instruction for a container (``float64``: the exact
@@ -96,8 +96,8 @@ SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
 def amx_enabled() -> bool:
-    """``MARVIN_AMX=0`` keeps int8 on the vpdpbusd kernels (to compare, or to build for a machine
-    whose OS refuses AMX)."""
+    """``MARVIN_AMX=0`` keeps the integer classes on the AVX-512 kernels (to compare, or to build
+    for a machine whose OS refuses AMX)."""
     value = os.environ.get("MARVIN_AMX", "1")
     if value not in ("0", "1"):
         raise ValueError(f"MARVIN_AMX must be 0 or 1, got {value!r}")

@@ -161,10 +161,10 @@ class AddGradientKernels:
             if kind == "linear":
                 return amx.matmul_geometry([w_shape[1], w_shape[0]], container)
             out_hw = out_spatial[0], out_spatial[1]
-            t, th, b, rows = te_dot_grad.input_grad_phase(
+            t, th, b, _ = te_dot_grad.input_grad_phase(
                 w_shape[2], strides[0], padding[0], in_spatial[0], out_hw[0]
             )
-            lf, tw, rt, cols = te_dot_grad.input_grad_phase(
+            lf, tw, rt, _ = te_dot_grad.input_grad_phase(
                 w_shape[3], strides[1], padding[1], in_spatial[1], out_hw[1]
             )
             phase_w = [strides[0] * strides[1] * w_shape[1], w_shape[0], th, tw]
@@ -291,7 +291,7 @@ class AddGradientKernels:
 
             xp = bb.call_te(x_pack, x, qp_x, primfunc_name_hint="marvin_amx_pack_dw_x")
             gp = bb.call_te(g_pack, g2, qp_g2, seed2, primfunc_name_hint="marvin_amx_pack_dw_g")
-            kernel = bb.add_func(amx.dw_kernel(tiles), "marvin_amx_dw")
+            kernel = bb.add_func(amx.dw_kernel(tiles), amx.DW_KERNEL)
             out_type = relax.TensorType(amx.dw_partial_shape(tiles, x_ty.shape[0]), "int32")
             part = bind(relax.call_tir(kernel, [bind(xp), bind(gp)], out_type))
 
