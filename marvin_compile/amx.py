@@ -188,18 +188,23 @@ def _part(value: tirx.PrimExpr, part, g: Geometry) -> tirx.PrimExpr:
     return tirx.Cast("int8", tirx.shift_right(tirx.Cast("int32", value), shift))
 
 
+def _phase_pixel(x: te.Tensor, g: Geometry, b, part, c, ph, i, j) -> tirx.PrimExpr:
+    """Byte ``part`` of channel ``c`` at pixel (i, j) of phase image ``ph`` of the zero-padded
+    input ``x`` (NCHW), as int8."""
+    sh, sw = g.stride
+    hi, wi = i * sh + ph // sw - g.padding[0], j * sw + ph % sw - g.padding[1]
+    inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
+    value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
+    return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
+
+
 def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     """``x`` NCHW -> ``[N, parts, C/4, phases, Hq, Wq, 4]``, zero padding and slack included."""
     n = x.shape[0]
     hq, wq, _ = g.plane
-    sh, sw = g.stride
-    top, left = g.padding[0], g.padding[1]
 
     def f(b, part, cg, ph, i, j, q):
-        c, hi, wi = cg * GROUP + q, i * sh + ph // sw - top, j * sw + ph % sw - left
-        inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
-        value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
-        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
+        return _phase_pixel(x, g, b, part, cg * GROUP + q, ph, i, j)
 
     return te.compute((n, g.parts, g.groups, g.phases, hq, wq, GROUP), f, name="amx_pack_x")
 
@@ -286,11 +291,11 @@ def _tile(i: int) -> tirx.PrimExpr:
     return tirx.const(i, "uint8")
 
 
-def _config(g: Geometry) -> list[tirx.Stmt]:
-    """A 64-byte tile configuration (palette 1): tiles 0-3 accumulate (16 x 16 int32), 4-5 hold
-    A (16 x 4*rows bytes), 6-7 hold B (rows x 64 bytes)."""
+def _config(rows: int) -> list[tirx.Stmt]:
+    """A 64-byte tile configuration (palette 1) for products of ``4 * rows`` bytes: tiles 0-3
+    accumulate (16 x 16 int32), 4-5 hold A (16 x 4*rows bytes), 6-7 hold B (rows x 64 bytes)."""
     cfg = tirx.decl_buffer((64,), "uint8", name="tilecfg", scope="local")
-    shapes = [(TILE, 4 * TILE)] * 4 + [(TILE, GROUP * g.rows)] * 2 + [(g.rows, GROUP * TILE)] * 2
+    shapes = [(TILE, 4 * TILE)] * 4 + [(TILE, GROUP * rows)] * 2 + [(rows, GROUP * TILE)] * 2
     values = {0: 1}
     for t, (rows, colsb) in enumerate(shapes):
         values[16 + 2 * t] = colsb  # little-endian uint16, colsb < 256
@@ -406,7 +411,7 @@ def tile_kernel(g: Geometry) -> tirx.PrimFunc:
         rest = t % per_image
         return _task(g, ops, plan, t // per_image, rest // spans * nb, rest % spans * plan.pixels)
 
-    return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g)))
+    return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows)))
 
 
 def _parallel_tasks(
@@ -442,14 +447,9 @@ def pack_dw_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     16-channel x 64-pixel window of any tap is one A tile."""
     n = x.shape[0]
     hq, wq, _ = g.plane_for(DW_STEP)
-    sh, sw = g.stride
-    top, left = g.padding[0], g.padding[1]
 
     def f(b, part, c, ph, i, j):
-        hi, wi = i * sh + ph // sw - top, j * sw + ph % sw - left
-        inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
-        value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
-        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
+        return _phase_pixel(x, g, b, part, c, ph, i, j)
 
     shape = (n, g.parts, ceil_div(g.c, TILE) * TILE, g.phases, hq, wq)
     return te.compute(shape, f, name="amx_pack_dw_x")
@@ -557,5 +557,5 @@ def dw_kernel(g: Geometry) -> tirx.PrimFunc:
         ]
         return tirx.SeqStmt([*zero, images, *store])
 
-    uniform = Geometry(TILE * GROUP, 1, 1, TILE, 1, 1, (1, 1), (0, 0, 0, 0))  # every tile 16 x 64 bytes
-    return _scheduled([xp, gp, part], _parallel_tasks(chunks * per_chunk, task, _config(uniform)))
+    config = _config(DW_STEP // GROUP)  # every tile 16 x 64 bytes
+    return _scheduled([xp, gp, part], _parallel_tasks(chunks * per_chunk, task, config))

@@ -46,6 +46,28 @@ def input_grad_phase(kernel: int, stride: int, pad: int, size: int, out: int) ->
     return top, taps, rows - 1 - out - top + taps, rows
 
 
+def input_grad_geometry(
+    w_shape: list[int],
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+) -> tuple[list[int], tuple[int, int, int, int]]:
+    """The shape [SH*SW*C, O, TH, TW] of ``input_grad_weight``'s phase weight and the padding of
+    its stride-1 convolution of g."""
+    o, c, kh, kw = (int(d) for d in w_shape)
+    (sh, sw), (top, left) = strides, padding[:2]
+    t, th, b, _ = input_grad_phase(kh, sh, top, in_hw[0], out_hw[0])
+    lf, tw, rt, _ = input_grad_phase(kw, sw, left, in_hw[1], out_hw[1])
+    return [sh * sw * c, o, th, tw], (t, lf, b, rt)
+
+
+def transposed(w: te.Tensor) -> te.Tensor:
+    """A Linear weight [O, K] as [K, O]: dx = g @ w is a product by the transposed weight."""
+    o, k = (int(d) for d in w.shape)
+    return te.compute((k, o), lambda i, j: w[j, i], name="dot_transpose_w")
+
+
 def input_grad_weight(
     w: te.Tensor,
     in_hw: tuple[int, int],
@@ -62,10 +84,8 @@ def input_grad_weight(
     computed, unlike the stride-dilated gradient. At stride 1 this is the plain flipped-kernel
     correlation and the layout is NCHW."""
     o, c, kh, kw = (int(d) for d in w.shape)
-    oh, ow = out_hw
     (sh, sw), (top, left) = strides, padding[:2]
-    t, th, b, _ = input_grad_phase(kh, sh, top, in_hw[0], oh)
-    lf, tw, rt, _ = input_grad_phase(kw, sw, left, in_hw[1], ow)
+    shape, (t, lf, b, rt) = input_grad_geometry(list(w.shape), in_hw, out_hw, strides, padding)
 
     def tap(phase, u, stride, pad, shift, kernel):
         """(index into w, valid) of tap u of a phase's flipped kernel along one axis."""
@@ -79,7 +99,7 @@ def input_grad_weight(
         j, col_ok = tap(pw, v, sw, left, lf, kw)
         return tirx.Select(tirx.all(row_ok, col_ok), w[oc, ci, i, j], tirx.const(0, w.dtype))
 
-    return te.compute((sh * sw * c, o, th, tw), weight, name="dot_phase_w"), (t, lf, b, rt)
+    return te.compute(shape, weight, name="dot_phase_w"), (t, lf, b, rt)
 
 
 def conv2d_input_grad(
@@ -103,9 +123,7 @@ def linear_input_grad(
     g: te.Tensor, w: te.Tensor, isa: DotISA, container: str, acc: str = "int32"
 ) -> te.Tensor:
     """dx [M, K] = g [M, O] @ w [O, K] (in ``acc``)."""
-    o, k = (int(d) for d in w.shape)
-    transposed = te.compute((k, o), lambda i, j: w[j, i], name="dot_transpose_w")
-    return te_dot.matmul(g, transposed, isa, container, acc)
+    return te_dot.matmul(g, transposed(w), isa, container, acc)
 
 
 def dw_chunk(isa: DotISA, container: str, positions: int) -> int:

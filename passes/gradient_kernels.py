@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
-from tvm import relax, te
+from tvm import relax
 
 from marvin_compile import amx, te_dot_grad, te_grad_ops, te_ops
 from marvin_compile.dot_isa import DotISA
@@ -161,14 +161,10 @@ class AddGradientKernels:
             if kind == "linear":
                 return amx.matmul_geometry([w_shape[1], w_shape[0]], container)
             out_hw = out_spatial[0], out_spatial[1]
-            t, th, b, _ = te_dot_grad.input_grad_phase(
-                w_shape[2], strides[0], padding[0], in_spatial[0], out_hw[0]
+            phase_w, pad = te_dot_grad.input_grad_geometry(
+                w_shape, tuple(in_spatial), out_hw, strides, padding
             )
-            lf, tw, rt, _ = te_dot_grad.input_grad_phase(
-                w_shape[3], strides[1], padding[1], in_spatial[1], out_hw[1]
-            )
-            phase_w = [strides[0] * strides[1] * w_shape[1], w_shape[0], th, tw]
-            return amx.conv_geometry([None, w_shape[0], *out_hw], phase_w, [1, 1], [t, lf, b, rt], container)
+            return amx.conv_geometry([None, w_shape[0], *out_hw], phase_w, [1, 1], list(pad), container)
 
         tiles = dx_geometry()
 
@@ -182,7 +178,7 @@ class AddGradientKernels:
             def w_int(wt, qp_wt):
                 wq = quant(wt, qp_wt, container)
                 if kind == "linear":
-                    return te.compute((w_shape[1], w_shape[0]), lambda i, j: wq[j, i], name="dot_transpose_w")
+                    return te_dot_grad.transposed(wq)
                 out_hw = (out_spatial[0], out_spatial[1])
                 return te_dot_grad.input_grad_weight(
                     wq, tuple(in_spatial), out_hw, tuple(strides), tuple(padding)
