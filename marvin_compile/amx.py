@@ -22,7 +22,10 @@ are split into a signed high byte and an unsigned low byte, ``v = 256 * hi + lo`
 the four byte products run on ``tdpbssd``, ``tdpbsud``, ``tdpbusd`` and ``tdpbuud`` into three
 int32 sums (high x high, the two cross terms, low x low), combined in int64 when unpacking:
 ``65536 * hh + 256 * cross + ll``. Each sum stays below 2**31 for reductions up to
-``MAX_REDUCTION``, so int16 is exact at every word length, with no float64 detour.
+``MAX_REDUCTION``, so int16 is exact at every word length, with no float64 detour. Where a
+deployed layer's int16 weight levels all fit a byte (``Geometry.narrow``, checked on the frozen
+weights), only x is split: ``tdpbssd`` (high byte) and ``tdpbsud`` (low byte) into two sums,
+``256 * high + low``, half the tile work and a third less output.
 
 A matmul ``[M, K] x [O, K]^T`` is the same kernel on a ``[1, K, 1, M]`` image with a 1 x 1
 kernel; its unpack transposes ``[O16, M]`` back. int8 is exact wherever the int8 class's int32
@@ -78,16 +81,29 @@ class Geometry:
     stride: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
     container: str = "int8"
+    narrow: bool = False  # int16 with weight levels in [-128, 127] (a deployed layer's, checked)
+
+    def __post_init__(self) -> None:
+        if self.narrow and self.container != "int16":
+            raise ValueError(f"narrow weights are an int16 geometry's, not {self.container}'s")
 
     @property
     def parts(self) -> int:
-        """Bytes per operand value: int16 splits into a high and a low byte."""
+        """Bytes per activation value: int16 splits into a high and a low byte."""
         return CONTAINERS.index(self.container) + 1
 
     @property
+    def w_parts(self) -> int:
+        """Bytes per weight value: one for int8 and for narrow int16 weights."""
+        return 1 if self.narrow else self.parts
+
+    @property
     def sums(self) -> int:
-        """int32 partial sums per output: int16's high, cross and low products."""
-        return 1 if self.parts == 1 else 3
+        """int32 partial sums per output: int16's high, cross and low products; with narrow
+        weights, the high and the low byte of x times w."""
+        if self.parts == 1:
+            return 1
+        return 2 if self.narrow else 3
 
     @property
     def groups(self) -> int:
@@ -145,13 +161,20 @@ def _suits(c: int, reduction: int, container: str) -> bool:
 
 
 def conv_geometry(
-    x_shape: list, w_shape: list[int], strides: list[int], padding: list[int], container: str = "int8"
+    x_shape: list,
+    w_shape: list[int],
+    strides: list[int],
+    padding: list[int],
+    container: str = "int8",
+    narrow: bool = False,
 ) -> Geometry | None:
-    """The AMX geometry of a conv2d layer, or None where the tiles do not suit it."""
+    """The AMX geometry of a conv2d layer, or None where the tiles do not suit it (``narrow``: int16
+    weights known to fit a byte)."""
     o, c, kh, kw = (int(v) for v in w_shape)
     if not _suits(c, c * kh * kw, container):
         return None
-    return Geometry(c, int(x_shape[2]), int(x_shape[3]), o, kh, kw, tuple(strides), tuple(padding), container)
+    h, w = int(x_shape[2]), int(x_shape[3])
+    return Geometry(c, h, w, o, kh, kw, tuple(strides), tuple(padding), container, narrow)
 
 
 def matmul_geometry(w_shape: list[int], container: str = "int8") -> Geometry | None:
@@ -162,14 +185,15 @@ def matmul_geometry(w_shape: list[int], container: str = "int8") -> Geometry | N
 
 
 def always(g: Geometry | None) -> bool:
-    """Whether a layer runs on tiles at every word length: int8, and int16 convs from 32 input
-    channels (8+ rows per tile), where the four byte products measured faster than vpdpwssd even
-    where int32 sums would do (``BENCHMARKS.md``). Other int16 layers (fewer channels, and
-    matmuls, whose input transpose costs more than the tiles save) take the tiles only above
-    their int32 bound."""
+    """Whether a layer runs on tiles at every word length: int8; int16 convs with narrow weights
+    (two byte products: 2.3x faster than vpdpwssd on ResNet-20's 16-channel layers); and int16
+    convs from 32 input channels (8+ rows per tile), where even the four byte products measured
+    faster than vpdpwssd where int32 sums would do (``BENCHMARKS.md``). Other int16 layers (fewer
+    channels, and matmuls, whose input transpose costs more than the tiles save) take the tiles
+    only above their int32 bound."""
     if g is None:
         return False
-    return g.parts == 1 or (g.w is not None and g.rows * GROUP >= MIN_INT16_CHANNELS)
+    return g.parts == 1 or g.narrow or (g.w is not None and g.rows * GROUP >= MIN_INT16_CHANNELS)
 
 
 def _clamp(index: tirx.PrimExpr, size) -> tirx.PrimExpr:
@@ -178,11 +202,12 @@ def _clamp(index: tirx.PrimExpr, size) -> tirx.PrimExpr:
     return tirx.max(tirx.min(index, size - 1), 0)
 
 
-def _part(value: tirx.PrimExpr, part, g: Geometry) -> tirx.PrimExpr:
-    """Byte ``part`` of an operand as int8: the value (int8), or int16's high byte (part 0, the
-    arithmetic shift keeps its sign) or low byte (part 1, its unsigned bits). The cast keeps the
-    low 8 bits, so one shift by ``8 - 8 * part`` serves both."""
-    if g.parts == 1:
+def _part(value: tirx.PrimExpr, part, parts: int) -> tirx.PrimExpr:
+    """Byte ``part`` of an operand of ``parts`` bytes as int8: the value (one byte: int8, or a
+    narrow int16 weight), or int16's high byte (part 0, the arithmetic shift keeps its sign) or low
+    byte (part 1, its unsigned bits). The cast keeps the low 8 bits, so one shift by
+    ``8 - 8 * part`` serves both."""
+    if parts == 1:
         return cast_to("int8", value)
     shift = tirx.Cast("int32", 8 - 8 * part)
     return tirx.Cast("int8", tirx.shift_right(tirx.Cast("int32", value), shift))
@@ -195,7 +220,7 @@ def _phase_pixel(x: te.Tensor, g: Geometry, b, part, c, ph, i, j) -> tirx.PrimEx
     hi, wi = i * sh + ph // sw - g.padding[0], j * sw + ph % sw - g.padding[1]
     inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
     value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
-    return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
+    return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
 
 
 def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
@@ -216,7 +241,8 @@ def pack_matmul_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     def f(_b, part, cg, _p, _i, r, q):
         c = cg * GROUP + q
         inside = tirx.all(r < m, c < g.c)
-        return tirx.Select(inside, _part(x[_clamp(r, m), _clamp(c, g.c)], part, g), tirx.const(0, "int8"))
+        value = x[_clamp(r, m), _clamp(c, g.c)]
+        return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
 
     return te.compute((1, g.parts, g.groups, 1, 1, _pairs(m), GROUP), f, name="amx_pack_x")
 
@@ -235,9 +261,9 @@ def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
         inside = tirx.all(oc < g.o, c < g.c)
         oc, c = _clamp(oc, g.o), _clamp(c, g.c)
         value = w[oc, c, i, j] if conv else w[oc, c]
-        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(value, part, g.w_parts), tirx.const(0, "int8"))
 
-    shape = (g.parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
+    shape = (g.w_parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     return te.compute(shape, f, name="amx_pack_w")
 
 
@@ -249,19 +275,19 @@ def output_shape(g: Geometry, n: tirx.PrimExpr) -> list[tirx.PrimExpr]:
 
 
 def _combine_sums(sums: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    """The int64 value of a product from its int32 partial sums: the sum itself (int8), or
-    int16's ``65536 * hh + 256 * cross + ll``."""
-    if len(sums) == 1:
-        return tirx.Cast("int64", sums[0])
-    hh, cross, ll = (tirx.Cast("int64", v) for v in sums)
-    eight = tirx.const(8, "int64")
-    return tirx.shift_left(tirx.shift_left(hh, eight) + cross, eight) + ll
+    """The int64 value of a product from its int32 partial sums, most significant first, one byte
+    apart: the sum itself (int8), ``256 * high + low`` (narrow weights) or int16's
+    ``65536 * hh + 256 * cross + ll``."""
+    value = tirx.Cast("int64", sums[0])
+    for s in sums[1:]:
+        value = tirx.shift_left(value, tirx.const(8, "int64")) + tirx.Cast("int64", s)
+    return value
 
 
 def _combine(y: te.Tensor, b, oc, f, g: Geometry, acc: str) -> tirx.PrimExpr:
     if g.sums == 1:
         return cast_to(acc, y[b, 0, oc, f])
-    return cast_to(acc, _combine_sums([y[b, s, oc, f] for s in range(3)]))
+    return cast_to(acc, _combine_sums([y[b, s, oc, f] for s in range(g.sums)]))
 
 
 def unpack_conv(y: te.Tensor, g: Geometry, acc: str) -> te.Tensor:
@@ -321,7 +347,7 @@ class _Operands:
 
 def _operands(g: Geometry) -> _Operands:
     lanes = g.out_blocks * TILE
-    w_shape = (g.parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
+    w_shape = (g.w_parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     wp = tirx.decl_buffer(w_shape, "int8", name="wp")
     if g.w is None:  # matmul: M rows along the width of one image
         flat = tirx.Var("m32", "int64")
@@ -351,8 +377,17 @@ class _Plan:
 
 def _plan(g: Geometry, na: int, nb: int) -> _Plan:
     """int8: ``na`` A-tile blocks x ``nb`` B-tile blocks of C tiles, each loaded A and B tile
-    feeding up to two products. int16: one block, its high/low byte tiles' four products into
-    three sums."""
+    feeding up to two products. Narrow int16 weights: ``na`` A-tile blocks x one B block, whose
+    high and low byte tiles make two sums (``tdpbssd``, ``tdpbsud``: the low byte is unsigned).
+    int16: one block, its high/low byte tiles' four products into three sums."""
+    if g.narrow:
+        blocks = [(q, p) for q in range(na) for p in range(2)]
+        return _Plan(
+            a=[(4 + q, 0, q) for q in range(na)],
+            b=[(6 + p, p, 0) for p in range(2)],
+            products=[(("tdpbssd", "tdpbsud")[p], q * 2 + p, 4 + q, 6 + p) for q, p in blocks],
+            stores=[(q * 2 + p, p, q, 0) for q, p in blocks],
+        )
     if g.parts == 1:
         blocks = [(q, m) for q in range(na) for m in range(nb)]
         return _Plan(
@@ -401,15 +436,15 @@ def tile_kernel(g: Geometry) -> tirx.PrimFunc:
     output channels x pixels (``_plan``); ``WORKERS`` parallel chunks of consecutive tasks (which
     share their weight tiles) each configure the tiles once."""
     ops = _operands(g)
-    nb = 2 if g.parts == 1 and g.out_blocks % 2 == 0 else 1
-    plan = _plan(g, nb, 2)
+    na = 2 if g.w_parts == 1 and g.out_blocks % 2 == 0 else 1
+    plan = _plan(g, na, 2)
     spans = ops.flat // plan.pixels
-    per_image = (g.out_blocks // nb) * spans
+    per_image = (g.out_blocks // na) * spans
     tasks = ops.images * per_image
 
     def task(t: tirx.PrimExpr) -> tirx.Stmt:
         rest = t % per_image
-        return _task(g, ops, plan, t // per_image, rest // spans * nb, rest % spans * plan.pixels)
+        return _task(g, ops, plan, t // per_image, rest // spans * na, rest % spans * plan.pixels)
 
     return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows)))
 
@@ -467,7 +502,7 @@ def pack_dw_grad(gr: te.Tensor, g: Geometry) -> te.Tensor:
         i, j = pixel // wq, pixel % wq
         inside = tirx.all(o < g.o, i < oh, j < ow)
         value = gr[b, _clamp(o, g.o), _clamp(i, oh), _clamp(j, ow)]
-        return tirx.Select(inside, _part(value, part, g), tirx.const(0, "int8"))
+        return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
 
     return te.compute((n, g.parts, flat // GROUP, g.out_blocks * TILE, GROUP), f, name="amx_pack_dw_g")
 

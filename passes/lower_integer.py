@@ -15,7 +15,8 @@ sums are exact below 2**53 (any K < 2**23).
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
 input channels run on them (``amx``): the int8 class always; the int16 class as byte products
 summed in int64, exact at every word length: convs from 32 input channels with no branch at all
-(faster than vpdpwssd there), other layers only above the int32 bound (in place of float64).
+(faster than vpdpwssd there), other layers only above the int32 bound (in place of float64). A
+deployed int16 conv whose weight levels fit a byte always runs on tiles, as two byte products.
 """
 
 from __future__ import annotations
@@ -82,11 +83,23 @@ def _integer_core(core: relax.Call, x: relax.Expr, w: relax.Expr, acc: str) -> r
     )
 
 
+def weight_levels(weight: np.ndarray, precision: Precision) -> np.ndarray:
+    """The integer levels deployment quantizes a weight to (nearest rounding, clamped to wl)."""
+    levels = np.floor(weight.astype(np.float64) * 2.0**precision.fl + 0.5)
+    return np.clip(levels, precision.int_min, precision.int_max)
+
+
 def weight_bound(weight: np.ndarray, precision: Precision) -> int:
     """The largest |sum_k x[k] * w[o, k]| any input can reach with these weights (nearest rounding)."""
-    levels = np.floor(weight.astype(np.float64) * 2.0**precision.fl + 0.5)
-    levels = np.clip(levels, precision.int_min, precision.int_max).reshape(weight.shape[0], -1)
+    levels = weight_levels(weight, precision).reshape(weight.shape[0], -1)
     return int(np.abs(levels).sum(axis=1).max()) * 2 ** (precision.wl - 1)
+
+
+def fits_byte(weight: np.ndarray, precision: Precision) -> bool:
+    """Whether every weight level fits int8: an int16 layer then runs two byte products on AMX
+    tiles, not four (``amx.Geometry.narrow``)."""
+    levels = weight_levels(weight, precision)
+    return bool(levels.min() >= -128 and levels.max() <= 127)
 
 
 def int32_max_wl(reduction: int) -> int:
@@ -173,7 +186,8 @@ class LowerToIntegerKernels:
         attrs = {**dict(func.attrs), ACC_ATTR: acc, "marvin.kernel_class": kernel_class.name}
         layer = str(func.attrs[LAYER_ATTR])
         exact_int32 = layer in self.frozen and weight_bound(*self.frozen[layer]) <= INT32_MAX
-        tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa)
+        narrow = container == "int16" and layer in self.frozen and fits_byte(*self.frozen[layer])
+        tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa, narrow)
         on_tiles_only = amx.always(tiles)
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
         branch = branch and not exact_int32
@@ -300,15 +314,21 @@ class LowerToIntegerKernels:
 
 
 def _tile_geometry(
-    packed: tuple[str, dict] | None, x_shape: list, w_shape: list[int], container: str, isa: DotISA | None
+    packed: tuple[str, dict] | None,
+    x_shape: list,
+    w_shape: list[int],
+    container: str,
+    isa: DotISA | None,
+    narrow: bool = False,
 ) -> amx.Geometry | None:
-    """The layer on AMX tiles, where the machine has them and the layer suits them."""
+    """The layer on AMX tiles, where the machine has them and the layer suits them (``narrow``:
+    a conv's int16 weight levels fit a byte)."""
     if packed is None or isa is None or not isa.amx:
         return None
     kind, kwargs = packed
     if kind == "matmul":
         return amx.matmul_geometry(w_shape, container)
-    return amx.conv_geometry(x_shape, w_shape, **kwargs, container=container)
+    return amx.conv_geometry(x_shape, w_shape, **kwargs, container=container, narrow=narrow)
 
 
 def tile_product(

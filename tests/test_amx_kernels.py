@@ -101,6 +101,21 @@ def test_conv_is_exact(shape, container: str) -> None:
     np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
 
 
+@pytest.mark.parametrize("shape", CONVS, ids=lambda s: "x".join(map(str, s[:7])) + f"s{s[7][0]}{s[7][1]}")
+def test_narrow_weight_conv_is_exact(shape) -> None:
+    """int16 activations over their full range times weights whose levels fit a byte (a deployed
+    layer's, checked at build time): two byte products into two sums, odd and even numbers of
+    16-channel output blocks."""
+    n, c, h, w, o, kh, kw, stride, padding = shape
+    rng = np.random.default_rng(2)
+    x, wt = _operands(rng, (n, c, h, w), "int16"), _operands(rng, (o, c, kh, kw), "int8").astype(np.int16)
+    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding, "int16", narrow=True)
+    top, left, bottom, right = padding
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride)
+    np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
+
+
 @CONTAINERS
 @pytest.mark.parametrize("rows", [1, 5, 33, 130])
 @pytest.mark.parametrize("k,o", [(400, 120), (64, 10), (9, 33)])

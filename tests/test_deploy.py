@@ -213,22 +213,26 @@ def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
     assert r.returncode == 2 and "not a training run" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_path):
+@pytest.mark.parametrize("scale", [1.0, 8.0], ids=["byte-weights", "int16-weights"])
+def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_path, scale: float):
     """K = 576 at wl 12 exceeds the worst-case int32 bound, but trained-size weights do not: the
     deployed layer runs the packed int32 kernel (AMX tiles, where present) with no run-time branch,
-    and stays exact."""
+    and stays exact, whether its weight levels fit a byte (on AMX: two byte products) or not."""
     from marvin_compile.dot_isa import dot_isa
     from marvin_compile.fixed_point import quantize_np
     from marvin_compile.frontend import import_onnx, load_onnx
     from marvin_compile.passes import pipeline
-    from marvin_compile.passes.lower_integer import INT32_MAX, int32_max_wl, weight_bound
+    from marvin_compile.passes.lower_integer import INT32_MAX, fits_byte, int32_max_wl, weight_bound
     from marvin_compile.target import resolve_target
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(64, 8, 3, padding=1, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
     p = Precision(12, 9)
     weight = model[0].weight.detach().numpy()
     assert int32_max_wl(64 * 9) < p.wl and weight_bound(weight, p) <= INT32_MAX
+    assert fits_byte(weight, p) == (scale == 1.0)
     deploy(model, torch.randn(2, 64, 6, 6), {"0": p}, tmp_path / "d")
     imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
     frozen = pipeline.freeze(
@@ -284,3 +288,14 @@ def test_deployed_weights_are_stored_in_integer_containers():
     weights = [c for c in found if c.size > 4]
     assert len(weights) >= 2 * len(PRECISION)  # a weight and a bias per layer, at least
     assert all(np.issubdtype(c.dtype, np.integer) for c in weights), sorted({str(c.dtype) for c in weights})
+
+
+def test_byte_weights_are_checked_on_the_rounded_levels():
+    """The narrow-weight test sees the levels deployment stores: 127.5 steps round up to 128 (no
+    longer a byte), -128.5 rounds to -128 (still one)."""
+    from marvin_compile.passes.lower_integer import fits_byte
+
+    p = Precision(12, 4)  # one step is 1/16
+    assert fits_byte(np.array([[127.49 / 16, -128.5 / 16]], np.float32), p)
+    assert not fits_byte(np.array([[127.5 / 16]], np.float32), p)
+    assert not fits_byte(np.array([[-128.51 / 16]], np.float32), p)
