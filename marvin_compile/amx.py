@@ -267,11 +267,24 @@ def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
     return te.compute(shape, f, name="amx_pack_w")
 
 
-def output_shape(g: Geometry, n: tirx.PrimExpr) -> list[tirx.PrimExpr]:
-    """The tile output ``[N, sums, O16, F]``; for a matmul ``n`` is M and F is M32."""
-    if g.w is None:
-        return [1, g.sums, g.out_blocks * TILE, _pairs(n)]
-    return [n, g.sums, g.out_blocks * TILE, g.plane[2]]
+@dataclass(frozen=True)
+class Levels:
+    """Requantize's integer half, run in the tile kernel (deployment: nearest rounding): the bias
+    added on the 2**-2fl grid, rounded and shifted to the layer's 2**-fl grid, clamped to its word
+    length, and stored as the level in the layer's container. The product then leaves the kernel
+    as 1-2 bytes an element, not as 4-12 bytes of int32 sums: the layers are memory bound."""
+
+    bias: bool
+    acc: str  # the product's accumulator: int32 / int64
+    dtype: str  # the level's container: int8 / int16
+
+
+def output_shape(g: Geometry, n: tirx.PrimExpr, levels: Levels | None = None) -> list[tirx.PrimExpr]:
+    """The tile output ``[N, sums, O16, F]`` (with ``levels``: ``[N, O16, F]``); for a matmul ``n``
+    is M and F is M32."""
+    images, flat = (1, _pairs(n)) if g.w is None else (n, g.plane[2])
+    sums = [] if levels is not None else [g.sums]
+    return [images, *sums, g.out_blocks * TILE, flat]
 
 
 def _combine_sums(sums: list[tirx.PrimExpr]) -> tirx.PrimExpr:
@@ -303,6 +316,22 @@ def unpack_conv(y: te.Tensor, g: Geometry, acc: str) -> te.Tensor:
 
 def unpack_matmul(y: te.Tensor, m: tirx.PrimExpr, g: Geometry, acc: str) -> te.Tensor:
     return te.compute((m, g.o), lambda r, oc: _combine(y, 0, oc, r, g, acc), name="amx_unpack")
+
+
+def unpack_levels(y: te.Tensor, g: Geometry, rows: tirx.PrimExpr, step: tirx.PrimExpr) -> te.Tensor:
+    """Levels (``Levels``) -> the layer's float32 values, ``level * step``, NCHW (a matmul's
+    [M, O]): the padded channels and the columns past OW dropped."""
+    if g.w is None:
+        return te.compute(
+            (rows, g.o), lambda r, oc: tirx.Cast("float32", y[0, oc, r]) * step, name="amx_unpack"
+        )
+    oh, ow = g.out_hw
+    wq = g.plane[1]
+    return te.compute(
+        (y.shape[0], g.o, oh, ow),
+        lambda b, oc, i, j: tirx.Cast("float32", y[b, oc, i * wq + j]) * step,
+        name="amx_unpack",
+    )
 
 
 def _amx(name: str, *args) -> tirx.PrimExpr:
@@ -345,20 +374,66 @@ class _Operands:
     plane_bytes: tirx.PrimExpr  # B-tile row stride: one channel group
 
 
-def _operands(g: Geometry) -> _Operands:
-    lanes = g.out_blocks * TILE
+def _operands(g: Geometry, levels: Levels | None) -> _Operands:
     w_shape = (g.w_parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     wp = tirx.decl_buffer(w_shape, "int8", name="wp")
     if g.w is None:  # matmul: M rows along the width of one image
-        flat = tirx.Var("m32", "int64")
+        images, flat = 1, tirx.Var("m32", "int64")
         xp = tirx.decl_buffer((1, g.parts, g.groups, 1, 1, flat, GROUP), "int8", name="xp")
-        y = tirx.decl_buffer((1, g.sums, lanes, flat), "int32", name="y")
-        return _Operands(xp, wp, y, 1, flat, flat, flat * GROUP)
-    n = tirx.Var("n", "int64")
-    hq, wq, flat = g.plane
-    xp = tirx.decl_buffer((n, g.parts, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
-    y = tirx.decl_buffer((n, g.sums, lanes, flat), "int32", name="y")
-    return _Operands(xp, wp, y, n, wq, flat, g.phases * hq * wq * GROUP)
+        wq, plane_bytes = flat, flat * GROUP
+    else:
+        images = tirx.Var("n", "int64")
+        hq, wq, flat = g.plane
+        xp = tirx.decl_buffer((images, g.parts, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
+        plane_bytes = g.phases * hq * wq * GROUP
+    out_type = "int32" if levels is None else levels.dtype
+    y = tirx.decl_buffer([images, *output_shape(g, images, levels)[1:-1], flat], out_type, name="y")
+    return _Operands(xp, wp, y, images, wq, flat, plane_bytes)
+
+
+@dataclass(frozen=True)
+class _Requantize:
+    """The buffers of the in-kernel requantize (``Levels``): bias [O] (acc), fl (int32 scalar),
+    qp (float32: [2**fl, 2**-fl, level min, level max]) and a per-worker scratch for the C tiles."""
+
+    levels: Levels
+    bias: tirx.Buffer | None
+    fl: tirx.Buffer
+    qp: tirx.Buffer
+    scratch: tirx.Buffer
+
+    @staticmethod
+    def of(g: Geometry, levels: Levels) -> _Requantize:
+        bias = tirx.decl_buffer((g.o,), levels.acc, name="bias") if levels.bias else None
+        fl = tirx.decl_buffer((), "int32", name="fl")
+        qp = tirx.decl_buffer((4,), "float32", name="qp")
+        scratch = tirx.decl_buffer((4, TILE, TILE), "int32", name="ctiles", scope="local")
+        return _Requantize(levels, bias, fl, qp, scratch)
+
+    @property
+    def params(self) -> list[tirx.Buffer]:
+        return [*([self.bias] if self.bias is not None else []), self.fl, self.qp]
+
+    def block(self, g: Geometry, ops: _Operands, slots: list[int], b, oc0, f0) -> tirx.Stmt:
+        """One 16 x 16 block of levels from its C tiles (``slots``: their scratch slots, most
+        significant sum first), as ``te_ops.requantize`` computes them:
+        ``clamp((acc + (bias << fl) + r) >> fl)``, r = 2**(fl-1). The 16 columns are one vector."""
+        acc = self.levels.acc
+        r, s = tirx.Var("r", "int64"), tirx.Var("s", "int64")
+        parts = [tirx.BufferLoad(self.scratch, [slot, r, s]) for slot in slots]
+        value = cast_to(acc, parts[0] if len(parts) == 1 else _combine_sums(parts))
+        shift = tirx.Cast(acc, tirx.BufferLoad(self.fl, []))
+        oc = oc0 + r
+        if self.bias is not None:
+            value = value + tirx.shift_left(
+                tirx.Cast(acc, tirx.BufferLoad(self.bias, [_clamp(oc, g.o)])), shift
+            )
+        one = tirx.const(1, acc)
+        level = tirx.shift_right(value + tirx.shift_right(tirx.shift_left(one, shift), one), shift)
+        lo, hi = (tirx.Cast(acc, tirx.BufferLoad(self.qp, [k])) for k in (2, 3))
+        level = tirx.max(tirx.min(level, hi), lo)
+        store = tirx.BufferStore(ops.y, tirx.Cast(self.levels.dtype, level), [b, oc, f0 + s])
+        return tirx.For(r, 0, TILE, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
 
 
 @dataclass(frozen=True)
@@ -404,8 +479,9 @@ def _plan(g: Geometry, na: int, nb: int) -> _Plan:
     )
 
 
-def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0) -> tirx.Stmt:
-    """One task's C tiles: zeroed, accumulated over kernel taps x channel chunks, stored."""
+def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0, requant: _Requantize | None) -> tirx.Stmt:
+    """One task's C tiles: zeroed, accumulated over kernel taps x channel chunks, stored (with
+    ``requant``: requantized through a scratch into levels)."""
     sh, sw = g.stride
     i, j, ch = (tirx.Var(v, "int64") for v in ("i", "j", "ch"))
     loads = []
@@ -422,6 +498,8 @@ def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0) -> tirx.Stmt:
     for var, extent in ((ch, g.chunks), (j, g.kw), (i, g.kh)):
         reduce = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, reduce)
     zero = [tirx.Evaluate(_amx("tilezero", _tile(c))) for c, *_ in plan.stores]
+    if requant is not None:
+        return tirx.SeqStmt([*zero, reduce, *_requantized(g, ops, plan, requant, b, ob0, f0)])
     row_bytes = tirx.Cast("int64", ops.flat * 4)
     store = []
     for c, part, q, m in plan.stores:
@@ -430,12 +508,30 @@ def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0) -> tirx.Stmt:
     return tirx.SeqStmt([*zero, reduce, *store])
 
 
+def _requantized(
+    g: Geometry, ops: _Operands, plan: _Plan, requant: _Requantize, b, ob0, f0
+) -> list[tirx.Stmt]:
+    """The C tiles stored to the scratch (slot = tile), then each block's levels to ``y``."""
+    stmts = [
+        tirx.Evaluate(
+            _amx("tilestored64", _tile(c), _address(requant.scratch, [c, 0, 0]), tirx.const(64, "int64"))
+        )
+        for c, *_ in plan.stores
+    ]
+    for q, m in sorted({(q, m) for *_, q, m in plan.stores}):
+        slots = [c for c, _, bq, bm in sorted(plan.stores, key=lambda st: st[1]) if (bq, bm) == (q, m)]
+        stmts.append(requant.block(g, ops, slots, b, (ob0 + q) * TILE, f0 + m * TILE))
+    return stmts
+
+
 @functools.cache
-def tile_kernel(g: Geometry) -> tirx.PrimFunc:
+def tile_kernel(g: Geometry, levels: Levels | None = None) -> tirx.PrimFunc:
     """The AMX tile loop for one geometry, written scheduled. A task is one image's block of
     output channels x pixels (``_plan``); ``WORKERS`` parallel chunks of consecutive tasks (which
-    share their weight tiles) each configure the tiles once."""
-    ops = _operands(g)
+    share their weight tiles) each configure the tiles once. Its parameters: xp, wp, then with
+    ``levels`` bias (if any), fl and qp, and last the output."""
+    ops = _operands(g, levels)
+    requant = None if levels is None else _Requantize.of(g, levels)
     na = 2 if g.w_parts == 1 and g.out_blocks % 2 == 0 else 1
     plan = _plan(g, na, 2)
     spans = ops.flat // plan.pixels
@@ -444,9 +540,12 @@ def tile_kernel(g: Geometry) -> tirx.PrimFunc:
 
     def task(t: tirx.PrimExpr) -> tirx.Stmt:
         rest = t % per_image
-        return _task(g, ops, plan, t // per_image, rest // spans * na, rest % spans * plan.pixels)
+        return _task(g, ops, plan, t // per_image, rest // spans * na, rest % spans * plan.pixels, requant)
 
-    return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows)))
+    if requant is None:
+        return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows)))
+    prologue = [*_config(g.rows), tirx.AllocBuffer(requant.scratch)]
+    return _scheduled([ops.xp, ops.wp, *requant.params, ops.y], _parallel_tasks(tasks, task, prologue))
 
 
 def _parallel_tasks(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -264,13 +265,17 @@ class LowerToIntegerKernels:
                 given = dict(zip(present, extra, strict=True))
                 return te_ops.requantize(out, given.get("bias"), qp_t, fl_t, axis, given.get("seed"))
 
+            if weight is not None and seed is None:  # deployment: requantize inside the kernel
+                epilogue = InKernelRequantize(amx.Levels(bi is not None, acc, container), bi, fl, qp)
+            else:
+                epilogue = (requantize, [qp, fl, *[optional[k] for k in present]])
             return tile_product(
                 bb,
                 bind,
                 tiles,
                 (x_int, [x, qp, *sd]),
                 weight if weight is not None else (w_int, [w, qp, *sd]),
-                (requantize, [qp, fl, *[optional[k] for k in present]]),
+                epilogue,
                 x.ty.shape[0],
                 acc,
             )
@@ -331,21 +336,33 @@ def _tile_geometry(
     return amx.conv_geometry(x_shape, w_shape, **kwargs, container=container, narrow=narrow)
 
 
+@dataclass(frozen=True)
+class InKernelRequantize:
+    """A tile product's epilogue run inside the tile kernel (``amx.Levels``), with its Relax
+    arguments: the quantized bias (or None), fl and qp."""
+
+    levels: amx.Levels
+    bias: relax.Expr | None
+    fl: relax.Expr
+    qp: relax.Expr
+
+
 def tile_product(
     bb: relax.BlockBuilder,
     bind: Callable[[relax.Expr], relax.Expr],
     tiles: amx.Geometry,
     x_int: tuple[Callable, list[relax.Expr]],
     weight: relax.Expr | tuple[Callable, list[relax.Expr]],
-    epilogue: tuple[Callable, list[relax.Expr]],
+    epilogue: tuple[Callable, list[relax.Expr]] | InKernelRequantize,
     rows: tvm.tirx.PrimExpr,
     acc: str,
 ) -> relax.Expr:
     """An integer product on AMX tiles (``amx``) as Relax calls: the integer operand (a TE function
     of its arguments, e.g. a quantizer) packed, the weight packed (already packed, or a TE function
     giving the integer [O, C, KH, KW] / [O, K] weight), the tile kernel, then the unpacked ``acc``
-    product through ``epilogue`` (a TE function of it and its arguments). ``rows``: the batch (the
-    matmul's M). The packing is opaque to fusion; the epilogue takes element-wise consumers."""
+    product through ``epilogue`` (a TE function of it and its arguments), or the kernel's own
+    requantized levels scaled back to float32 (``InKernelRequantize``). ``rows``: the batch (the
+    matmul's M). The packing is opaque to fusion; the unpacking takes element-wise consumers."""
     fx, x_args = x_int
     pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
     xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
@@ -356,6 +373,20 @@ def tile_product(
             lambda *a: amx.pack_weight(fw(*a), tiles), *w_args, primfunc_name_hint="marvin_amx_pack_w"
         )
         weight = bind(packed)
+    if isinstance(epilogue, InKernelRequantize):
+        levels, qp = epilogue.levels, epilogue.qp
+        kernel = bb.add_func(amx.tile_kernel(tiles, levels), amx.KERNEL)
+        out_type = relax.TensorType(amx.output_shape(tiles, rows, levels), levels.dtype)
+        args = [bind(xp), weight, *([epilogue.bias] if levels.bias else []), epilogue.fl, qp]
+        y = bind(relax.call_tir(kernel, args, out_type))
+        call = bb.call_te(
+            lambda yt, qt: amx.unpack_levels(yt, tiles, rows, qt[1]),
+            y,
+            qp,
+            primfunc_name_hint="marvin_amx_unpack",
+        )
+        _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
+        return call
     kernel = bb.add_func(amx.tile_kernel(tiles), amx.KERNEL)
     out_type = relax.TensorType(amx.output_shape(tiles, rows), "int32")
     y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))

@@ -116,6 +116,92 @@ def test_narrow_weight_conv_is_exact(shape) -> None:
     np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
 
 
+def _run_levels(g: amx.Geometry, x: np.ndarray, w: np.ndarray, bias, fl: int, matmul: bool) -> np.ndarray:
+    """pack, tile kernel with the in-kernel requantize (``amx.Levels``), unpack_levels."""
+    acc = "int32" if g.container == "int8" else "int64"
+    levels = amx.Levels(bias is not None, acc, g.container)
+    info = np.iinfo(g.container)
+    qp_value = np.array([2.0**fl, 2.0**-fl, info.min, info.max], np.float32)
+
+    def stages(n):
+        xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
+        ys = te.placeholder(amx.output_shape(g, n, levels), g.container, name="y")
+        qp = te.placeholder((4,), "float32", name="qp")
+        pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
+        return xs, pack, ys, qp, amx.unpack_levels(ys, g, n, qp[1])
+
+    xs, pack, ys, qp, out = stages(tirx.Var("n", "int64"))
+    ws = te.placeholder(w.shape, g.container, name="w")
+    wp = amx.pack_weight(ws, g)
+    with TARGET:
+        lib = _compile(
+            {
+                "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
+                "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
+                "dot": amx.tile_kernel(g, levels),
+                "unpack": schedule_prim_func(te.create_prim_func([ys, qp, out])),
+            }
+        )
+    _, pack, ys, _, out = stages(x.shape[0])
+    dev = tvm.cpu()
+
+    def empty(t: te.Tensor) -> tvm.runtime.Tensor:
+        return tvm.runtime.empty([int(d) for d in t.shape], t.dtype, dev)
+
+    xt, xp, wt, wpt = tvm.runtime.tensor(x, dev), empty(pack), tvm.runtime.tensor(w, dev), empty(wp)
+    lib["pack_x"](xt, xp)
+    lib["pack_w"](wt, wpt)
+    y, result, qpt = empty(ys), empty(out), tvm.runtime.tensor(qp_value, dev)
+    extra = [] if bias is None else [tvm.runtime.tensor(bias.astype(acc), dev)]
+    lib["dot"](xp, wpt, *extra, tvm.runtime.tensor(np.array(fl, np.int32), dev), qpt, y)
+    lib["unpack"](y, qpt, result)
+    return result.numpy()
+
+
+def _requantized_reference(acc: np.ndarray, bias, fl: int, container: str, axis: int) -> np.ndarray:
+    """te_ops.requantize in numpy int64: (acc + bias * 2**fl + 2**(fl-1)) >> fl, clamped, scaled."""
+    total = acc.astype(np.int64)
+    if bias is not None:
+        shape = [1] * acc.ndim
+        shape[axis] = -1
+        total = total + bias.astype(np.int64).reshape(shape) * 2**fl
+    info = np.iinfo(container)
+    level = np.clip((total + (2 ** (fl - 1) if fl else 0)) >> fl, info.min, info.max)
+    return (level * 2.0**-fl).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kind,fl,with_bias",
+    [("int8", 4, True), ("int8", 0, False), ("int16", 9, True), ("narrow", 12, True), ("narrow", 3, False)],
+)
+@pytest.mark.parametrize("shape", CONVS[:2] + CONVS[3:], ids=lambda s: "x".join(map(str, s[:7])))
+def test_conv_levels_in_kernel_match_requantize(shape, kind: str, fl: int, with_bias: bool) -> None:
+    """The tile kernel's own requantize (deployment) gives te_ops.requantize's levels: bias on the
+    2**-2fl grid, round half up, shift, clamp at the container's ends, for each kernel family."""
+    n, c, h, w, o, kh, kw, stride, padding = shape
+    container = "int8" if kind == "int8" else "int16"
+    rng = np.random.default_rng(3)
+    x = _operands(rng, (n, c, h, w), container)
+    wt = _operands(rng, (o, c, kh, kw), "int8" if kind == "narrow" else container).astype(container)
+    bias = rng.integers(-(2**20), 2**20, size=o) if with_bias else None
+    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding, container, narrow=kind == "narrow")
+    top, left, bottom, right = padding
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    acc = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride).numpy()
+    want = _requantized_reference(acc.astype(np.int64), bias, fl, container, axis=1)
+    np.testing.assert_array_equal(_run_levels(g, x, wt, bias, fl, matmul=False), want)
+
+
+@pytest.mark.parametrize("container", ["int8", "int16"])
+def test_matmul_levels_in_kernel_match_requantize(container: str) -> None:
+    rng = np.random.default_rng(4)
+    x, w = _operands(rng, (33, 64), container), _operands(rng, (10, 64), container)
+    bias = rng.integers(-1000, 1000, size=10)
+    want = _requantized_reference((x.astype(np.int64) @ w.astype(np.int64).T), bias, 6, container, axis=1)
+    got = _run_levels(amx.matmul_geometry([10, 64], container), x, w, bias, 6, matmul=True)
+    np.testing.assert_array_equal(got, want)
+
+
 @CONTAINERS
 @pytest.mark.parametrize("rows", [1, 5, 33, 130])
 @pytest.mark.parametrize("k,o", [(400, 120), (64, 10), (9, 33)])
