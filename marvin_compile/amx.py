@@ -57,7 +57,8 @@ TILE = 16  # tile rows (output channels) and int32 columns (output pixels)
 GROUP = 4  # int8 channels per 4-byte group of a B-tile row
 PAIR = 2 * TILE  # output pixels per int8 task (two B tiles); flat output is padded to it
 KERNEL, DW_KERNEL = "marvin_amx_dot", "marvin_amx_dw"
-WORKERS = 64  # parallel chunks of tasks: each configures its tiles once
+WORKERS = 64  # parallel chunks of tasks at most: each configures its tiles once
+CHUNK_TASKS = 16  # tasks per chunk at least: a tile configuration costs about as much as a task
 MIN_CHANNELS = 8  # below, most of each tile multiplies padding: vpdpbusd is faster
 INT32_MAX = 2**31 - 1
 MAX_REDUCTION = 2**14  # int16: a cross sum adds two products below 2**16 per term: < 2**31
@@ -551,15 +552,17 @@ def tile_kernel(g: Geometry, levels: Levels | None = None) -> tirx.PrimFunc:
 def _parallel_tasks(
     tasks: tirx.PrimExpr, task: Callable[[tirx.PrimExpr], tirx.Stmt], config: list[tirx.Stmt]
 ) -> tirx.Stmt:
-    """Tile state granted, then ``WORKERS`` parallel chunks of consecutive tasks, each configuring
-    the tiles once. Loops start at 0: a task loop starting at a task-dependent offset computed
-    wrong sums here (TVM 0.27)."""
+    """Tile state granted, then parallel chunks of consecutive tasks, each configuring the tiles
+    once: up to ``WORKERS`` of them, of at least ``CHUNK_TASKS`` tasks (a small batch has few tasks,
+    and a configuration per task cost ResNet-20 at batch 1 a tenth of its time). Loops start at 0:
+    a task loop starting at a task-dependent offset computed wrong sums here (TVM 0.27)."""
     worker, k = tirx.Var("worker", "int64"), tirx.Var("k", "int64")
-    start, stop = worker * tasks // WORKERS, (worker + 1) * tasks // WORKERS
+    chunks = tirx.min(WORKERS, (tasks + CHUNK_TASKS - 1) // CHUNK_TASKS)
+    start, stop = worker * tasks // chunks, (worker + 1) * tasks // chunks
     own = tirx.For(k, 0, stop - start, tirx.ForKind.SERIAL, task(start + k))
     chunk = tirx.SeqStmt([*config, own, tirx.Evaluate(_amx("tilerelease"))])
     grant = tirx.call_extern("int64", "syscall", SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-    parallel = tirx.For(worker, 0, WORKERS, tirx.ForKind.PARALLEL, tirx.IfThenElse(stop > start, chunk, None))
+    parallel = tirx.For(worker, 0, chunks, tirx.ForKind.PARALLEL, tirx.IfThenElse(stop > start, chunk, None))
     return tirx.SeqStmt([tirx.Evaluate(grant), parallel])
 
 
