@@ -42,6 +42,7 @@ INT32_MAX = 2**31 - 1
 QNAME = "fxp_quantize_int"
 FLOAT64_EXACT_K = 2**23  # int16 products (<= 2**30) sum exactly in float64 below this many terms
 OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable: element-wise consumers fuse in
+INJECTIVE = 2  # TVM's OpPatternKind kInjective: fuses with injective producers and consumers
 OPAQUE = 8  # TVM's OpPatternKind kOpaque: nothing fuses with it
 
 
@@ -366,7 +367,8 @@ def tile_product(
     fx, x_args = x_int
     pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
     xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
-    _set_pattern(bb, xp, OPAQUE)
+    chained = isinstance(epilogue, InKernelRequantize)  # see the unpacking below
+    _set_pattern(bb, xp, INJECTIVE if chained else OPAQUE)
     if not isinstance(weight, relax.Expr):
         fw, w_args = weight
         packed = bb.call_te(
@@ -385,7 +387,10 @@ def tile_product(
             qp,
             primfunc_name_hint="marvin_amx_unpack",
         )
-        _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
+        # Injective, like the packing: where a layer's output (after its ReLU, say) feeds only the
+        # next layer, the unpacking, the element-wise ops and the next packing fuse into one
+        # kernel, and the float32 activation between them never reaches memory.
+        _set_pattern(bb, call, INJECTIVE)
         return call
     kernel = bb.add_func(amx.tile_kernel(tiles), amx.KERNEL)
     out_type = relax.TensorType(amx.output_shape(tiles, rows), "int32")

@@ -29,12 +29,12 @@ def has_amx_block(func: tirx.PrimFunc) -> bool:
 
 def schedule_amx(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
+    if find_block(sch, "amx_unpack") is not None:  # first: it may feed the next layer's packing
+        _unpack(sch)
     if find_block(sch, "amx_pack_x") is not None:
         _pack_x(sch, sch.get_sblock("amx_pack_x"))
     if find_block(sch, "amx_pack_w") is not None:
         _pack_w(sch)
-    if find_block(sch, "amx_unpack") is not None:
-        _unpack(sch, sch.get_sblock("amx_unpack"))
     if find_block(sch, "amx_pack_dw_x") is not None:
         _pack_dw_x(sch, sch.get_sblock("amx_pack_dw_x"))
     if find_block(sch, "amx_pack_dw_g") is not None:
@@ -48,12 +48,21 @@ def _pack_x(sch: Schedule, block) -> None:
     """Parallel over (image, byte part, channel group), then 4 x 4 blocks (pixels x channels)
     unrolled."""
     for producer in sch.get_producers(block):  # the quantizer: at root, contiguous, vectorized
-        schedule_injective(sch, producer)
+        if not sch.get(producer).name_hint.startswith("amx_unpack"):  # scheduled, quantizer inlined
+            _inline_producers(sch, producer)
+            schedule_injective(sch, producer)
     *outer, _ph, _i, j, q = sch.get_loops(block)
     sch.parallel(sch.fuse(*outer))
     _, ji = sch.split(j, factors=[None, GROUP])
     sch.unroll(ji)  # 4 pixels x 4 channels: LLVM's SLP vectorizer turns them into one shuffle
     sch.unroll(q)
+
+
+def _inline_producers(sch: Schedule, block) -> None:
+    """Injective ops fused in ahead of a block (a reshape, say) inlined into it."""
+    for producer in sch.get_producers(block):
+        _inline_producers(sch, producer)
+        sch.compute_inline(producer)
 
 
 def _pack_w(sch: Schedule) -> None:
@@ -64,14 +73,21 @@ def _pack_w(sch: Schedule) -> None:
     schedule_injective(sch, block)
 
 
-def _unpack(sch: Schedule, block) -> None:
-    """Consumers (requantize, fused ReLU / add) inlined, in order; then parallel over (image,
-    channel), vectorized along the output width (conv), or parallel over rows (matmul)."""
-    for consumer in sch.get_child_blocks(sch.get_sblock("root")):
-        if any(sch.get(p).name_hint == "amx_unpack" for p in sch.get_producers(consumer)):
+def _unpack(sch: Schedule) -> None:
+    """Consumers (requantize, fused ReLU / add, the next layer's quantizer) inlined, in order; then
+    parallel over (image, channel), vectorized along the output width (conv), or parallel over
+    rows (matmul). The next layer's packing, where fused in, reads it. A second unpacking fused in
+    (a residual add of two layers' outputs) is inlined into its consumer."""
+    root = sch.get_sblock("root")
+    first, *others = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint.startswith("amx_unpack")]
+    for other in others:
+        sch.compute_inline(other)
+    for consumer in sch.get_child_blocks(root):
+        if sch.get(consumer).name_hint == "amx_pack_x":
+            break
+        if any(sch.get(p).name_hint == sch.get(first).name_hint for p in sch.get_producers(consumer)):
             sch.reverse_compute_inline(consumer)
-    block = sch.get_child_blocks(sch.get_sblock("root"))[-1]
-    loops = sch.get_loops(block)
+    loops = sch.get_loops(first)
     if len(loops) == 4:
         n, oc, _i, j = loops
         sch.parallel(sch.fuse(n, oc))
