@@ -284,7 +284,7 @@ def _kernel_kind(symbol: str) -> str:
 
 def bench_model(spec: ModelSpec, data: tuple, repeat: int, workdir: Path, ort_act: str) -> ModelResult:
     """Deploy one model and time the engines (five plus the 1-thread reference) at batch 1 and 64."""
-    from marvin_compile.runtime.deploy import FLOAT_ONNX, LIBRARY, QDQ, deploy, load
+    from marvin_compile.runtime.deploy import BATCH1_LIBRARY, FLOAT_ONNX, LIBRARY, QDQ, deploy, load
 
     train_x, test_x = data
     result = ModelResult(spec)
@@ -350,7 +350,7 @@ def bench_model(spec: ModelSpec, data: tuple, repeat: int, workdir: Path, ort_ac
             result.rows.append(Row(spec.name, batch, name, timed[name], err))
         for row in result.rows[-len(ENGINES) :]:
             row.fp32_s, row.int8_s = timed[ORT_FP32].median_s, timed[ORT_INT8].median_s
-        result.breakdown[batch] = tvm_breakdown(out / LIBRARY, x)
+        result.breakdown[batch] = tvm_breakdown(out / (BATCH1_LIBRARY if batch == 1 else LIBRARY), x)
         result.pinned |= restore_affinity()
     return result
 
@@ -485,7 +485,8 @@ def section(
             "them, requantizing inside the kernel, int16 convs whose weight levels fit a byte as two byte "
             "products; else packed dot-product kernels with the default register tiles; no tuning "
             "database; each layer's ReLU / residual add fused into its unpacking, and the next layer's "
-            "packing too where the output feeds only that layer; "
+            "packing too where the output feeds only that layer; batch 1 runs `model_b1.so`, the "
+            "library with the batch bound to 1; "
             f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}); "
             "ORT fp32 = `model.float.onnx` (BN folded); ORT our QDQ = "
             "`model.qdq.onnx`; ORT int8 = `quantize_static` of the float model after `quant_pre_process` "

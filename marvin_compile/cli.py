@@ -135,10 +135,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from marvin_compile.runtime.deploy import deploy_run
 
-    manifest = deploy_run(args.run, args.out, args.target, args.db)
+    manifest = deploy_run(args.run, args.out, args.target, args.db, batch1=not args.no_batch1)
     size = manifest["size"]
+    libraries = "model.so" if args.no_batch1 else "model.so, model_b1.so"
     print(
-        f"deployed {len(manifest['layers'])} layers to {args.out}: model.so, model.qdq.onnx "
+        f"deployed {len(manifest['layers'])} layers to {args.out}: {libraries}, model.qdq.onnx "
         f"({size['qdq_onnx_bytes']} bytes, {size['qdq_vs_float32']:.2f}x the float32 ONNX)"
     )
     return 0
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--target", default="cpu", help="cpu, cuda, or a TVM JSON-dict target")
     d.add_argument("--db", default=None, help=DB_HELP)
+    d.add_argument(
+        "--no-batch1",
+        action="store_true",
+        help="skip model_b1.so, the library specialized to single samples (halves compile time)",
+    )
     d.set_defaults(func=_cmd_deploy)
 
     t = sub.add_parser("train", help="MARViN training: precision decided per layer during training")

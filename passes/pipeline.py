@@ -53,6 +53,13 @@ def _isa(target: tvm.target.Target | None) -> DotISA | None:
     return None if target is None else dot_isa(target)
 
 
+def bind_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
+    """``main`` for one static batch size: its symbolic batch dimension bound, so no shape is
+    computed at run time (the imported model's first input is batch first)."""
+    n = mod["main"].params[0].ty.shape[0]
+    return relax.transform.BindSymbolicVars({n: batch})(mod)
+
+
 def partition(mod: tvm.IRModule) -> tvm.IRModule:
     """Phase partition: main plus one float Relax function per quantizable layer."""
     return tvm.transform.Sequential([ExtractLayers()], name="partition")(mod)
@@ -155,6 +162,7 @@ def build(
 
 __all__ = [
     "LAYER_ATTR",
+    "bind_batch",
     "build",
     "glue_module",
     "layer_functions",

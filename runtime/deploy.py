@@ -20,7 +20,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from marvin_compile.target import resolve_target
 from marvin_compile.tuning import TuningDatabase, open_database
 
 LIBRARY, QDQ, FLOAT_ONNX = "model.so", "model.qdq.onnx", "model.float.onnx"
+BATCH1_LIBRARY = "model_b1.so"  # the same model with the batch bound to 1: latency calls
 QDQ_OPSET = 21  # int16 QuantizeLinear needs opset 21
 PUSH_DOWN_BINS = 50
 
@@ -82,10 +83,13 @@ def compile_library(
     precision: Mapping[str, Precision],
     target: tvm.target.Target,
     tuning: TuningDatabase | None = None,
+    batch: int | None = None,
 ) -> relax.VMExecutable:
-    """The deploy pipeline: partition, quantize (nearest), lower per layer class, freeze, build."""
+    """The deploy pipeline: partition, quantize (nearest), lower per layer class, freeze, build
+    (``batch``: for that batch size only, which spares the VM its shape bookkeeping)."""
     imported = import_onnx(load_onnx(onnx_path))
-    mod = pipeline.partition(imported.mod)
+    mod = imported.mod if batch is None else pipeline.bind_batch(imported.mod, batch)
+    mod = pipeline.partition(mod)
     mod = pipeline.freeze(mod, precision, imported.params, target)
     return pipeline.build(mod, target, tuning)
 
@@ -202,9 +206,11 @@ def deploy(
     out_dir: str | os.PathLike,
     target: str | dict = "cpu",
     db: str | os.PathLike | None = None,
+    batch1: bool = True,
 ) -> dict:
     """Fold, refit, compile and export ``model`` at its per-layer ``precision`` into ``out_dir``
-    (tuned schedules from ``db``, default: the target's tuning database, if any)."""
+    (tuned schedules from ``db``, default: the target's tuning database, if any; ``batch1``: also
+    the library specialized to single samples, which ``load`` runs for them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tgt = resolve_target(target)
@@ -224,8 +230,10 @@ def deploy(
     missing = sorted(layer_names & set(modules) - set(final))
     if missing:
         raise ModelError(f"no precision for layers {missing}; give one for every Conv/Linear layer")
-    executable = compile_library(out / FLOAT_ONNX, final, tgt, tuning)
-    _atomic_save(executable.export_library, out / LIBRARY)
+    libraries = [(LIBRARY, None), *([(BATCH1_LIBRARY, 1)] if batch1 else [])]
+    for library, batch in libraries:
+        executable = compile_library(out / FLOAT_ONNX, final, tgt, tuning, batch)
+        _atomic_save(executable.export_library, out / library)
     qdq = qdq_model(float_model, final)
     _atomic_save(lambda tmp: onnx.save(qdq, tmp), out / QDQ)
 
@@ -247,7 +255,10 @@ def deploy(
                 "float32_parameter_bytes": n_params * 4,
             }
         )
-    files = {f: out / f for f in (LIBRARY, QDQ, FLOAT_ONNX)}
+    stale = out / BATCH1_LIBRARY  # a redeploy into the same directory must not leave it behind
+    if not batch1 and stale.exists():
+        stale.unlink()
+    files = {f: out / f for f in (LIBRARY, QDQ, FLOAT_ONNX, *([BATCH1_LIBRARY] if batch1 else []))}
     manifest = {
         "kind": "deployed",
         "toolkit": __version__,
@@ -256,6 +267,7 @@ def deploy(
         "target": json.loads(str(tgt)),
         "tuning": None if tuning is None else {"db": str(tuning.path), "digest": tuning.digest},
         "input_shape": ["N", *example.shape[1:]],
+        "batch1_library": BATCH1_LIBRARY if batch1 else None,
         "layers": layers,
         "size": {
             "parameter_bytes": sum(lay["parameter_bytes"] for lay in layers),
@@ -263,6 +275,7 @@ def deploy(
             "qdq_onnx_bytes": files[QDQ].stat().st_size,
             "float32_onnx_bytes": files[FLOAT_ONNX].stat().st_size,
             "library_bytes": files[LIBRARY].stat().st_size,
+            "batch1_library_bytes": files[BATCH1_LIBRARY].stat().st_size if batch1 else 0,
         },
         "checksums": {f: _sha256(p) for f, p in files.items()},
     }
@@ -274,14 +287,19 @@ def deploy(
 
 
 class DeployedModel:
-    """A loaded ``model.so``: call it on a numpy array or a torch tensor (batch first)."""
+    """A loaded ``model.so``: call it on a numpy array or a torch tensor (batch first). A single
+    sample runs the batch-1 library where the directory has one."""
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: dict, batch1_path: Path | None = None) -> None:
         self.manifest = manifest
         tgt = resolve_target(manifest["target"])
         self.device = tvm.device("cpu" if tgt.kind.name == "llvm" else tgt.kind.name, 0)
-        self._main = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)["main"]
+        self._main = self._entry(path)
+        self._batch1 = None if batch1_path is None else self._entry(batch1_path)
         self.input_shape = tuple(manifest["input_shape"][1:])
+
+    def _entry(self, path: Path) -> Callable[..., tvm.runtime.Tensor]:
+        return relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)["main"]
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         is_torch = isinstance(x, torch.Tensor)
@@ -289,14 +307,16 @@ class DeployedModel:
         if arr.ndim != len(self.input_shape) + 1 or tuple(arr.shape[1:]) != self.input_shape:
             dims = ", ".join(map(str, self.input_shape))
             raise ValueError(f"input has shape {tuple(arr.shape)}; accepted: (batch, {dims})")
-        y = self._main(tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device)).numpy()
+        main = self._batch1 if arr.shape[0] == 1 and self._batch1 is not None else self._main
+        y = main(tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device)).numpy()
         return torch.from_numpy(y) if is_torch else y
 
 
 def load(model_dir: str | os.PathLike) -> DeployedModel:
     """Verify a deployed directory (ownership, permissions, checksums) and load its library."""
     d, manifest = read_manifest(model_dir, "deployed", "deploy")
-    for p in (d, d / LIBRARY, d / MANIFEST):
+    batch1 = manifest.get("batch1_library")  # absent in directories deployed before it existed
+    for p in (d, d / LIBRARY, d / MANIFEST, *([d / batch1] if batch1 else [])):
         check_not_shared(p)
     for name, digest in manifest["checksums"].items():
         if not (d / name).is_file():
@@ -305,7 +325,7 @@ def load(model_dir: str | os.PathLike) -> DeployedModel:
             raise ModelError(
                 f"checksum mismatch for {d / name}: the file changed after deployment; redeploy it"
             )
-    return DeployedModel(d / LIBRARY, manifest)
+    return DeployedModel(d / LIBRARY, manifest, d / batch1 if batch1 else None)
 
 
 def deploy_run(
@@ -313,6 +333,7 @@ def deploy_run(
     out_dir: str | os.PathLike,
     target: str | dict = "cpu",
     db: str | os.PathLike | None = None,
+    batch1: bool = True,
 ) -> dict:
     """Deploy the final state of a training run (``marvin-compile train --out RUN``)."""
     from marvin_compile.data import load_dataset
@@ -332,4 +353,4 @@ def deploy_run(
     model = build_model(config.model, num_classes, in_channels)
     model.load_state_dict(ckpt["model"])
     precision = {name: Precision(*pair) for name, pair in ckpt["precision"].items()}
-    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target, db)
+    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target, db, batch1)

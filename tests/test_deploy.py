@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import tvm
 from torch import nn
 
 from marvin_compile.api import MarvinConfig, quantize_
@@ -16,7 +17,7 @@ from marvin_compile.data import load_dataset
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import ModelError
 from marvin_compile.models import lenet5, resnet20
-from marvin_compile.runtime.deploy import LIBRARY, QDQ, deploy, load
+from marvin_compile.runtime.deploy import BATCH1_LIBRARY, LIBRARY, QDQ, deploy, load
 
 PRECISION = {"conv1": (8, 5), "conv2": (8, 4), "fc1": (8, 4), "fc2": (12, 8), "fc3": (16, 10)}
 
@@ -116,6 +117,25 @@ def test_manifest_sizes_are_measured_and_smaller(deployed):
     assert json.loads((out / "manifest.json").read_text())["checksums"][LIBRARY]
 
 
+def test_single_samples_run_the_batch1_library(deployed, digits):
+    """A batch of one goes to model_b1.so (static shapes): the same outputs as the batched library,
+    and the library is checksummed and checked like model.so."""
+    out, manifest = deployed
+    assert manifest["batch1_library"] == BATCH1_LIBRARY and BATCH1_LIBRARY in manifest["checksums"]
+    assert manifest["size"]["batch1_library_bytes"] == (out / BATCH1_LIBRARY).stat().st_size
+    model = load(out)
+    x = digits[1].tensors[0][:5].numpy()
+    singles = np.concatenate([model(x[i : i + 1]) for i in range(len(x))])
+    np.testing.assert_array_equal(singles, model(x))
+    batch1 = relax_entry(out / BATCH1_LIBRARY)
+    with pytest.raises(Exception, match="shape|Shape"):  # static: it takes one sample only
+        batch1(tvm.runtime.tensor(x[:2], tvm.cpu()))
+
+
+def relax_entry(path):
+    return tvm.relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())["main"]
+
+
 def test_loader_works_on_torch_tensors(deployed):
     out, _ = deployed
     x = torch.randn(3, 1, 32, 32)
@@ -133,6 +153,10 @@ def test_load_refuses_tampered_and_shared_directories(deployed, tmp_path):
         f.write(b"\0")
     with pytest.raises(ModelError, match="checksum mismatch"):
         load(bad)
+    shutil.copy(src / LIBRARY, bad / BATCH1_LIBRARY)  # a valid library, but not the deployed one
+    shutil.copy(src / QDQ, bad / QDQ)
+    with pytest.raises(ModelError, match=f"checksum mismatch for .*{BATCH1_LIBRARY}"):
+        load(bad)
     shared = tmp_path / "shared"
     shutil.copytree(src, shared)
     os.chmod(shared, 0o777)
@@ -149,7 +173,8 @@ def test_resnet20_folds_batchnorm_and_deploys(tmp_path):
             m.running_var.uniform_(0.5, 2.0)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     prec = {n: Precision(8, 4) if i % 2 else Precision(12, 6) for i, n in enumerate(names)}
-    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "r20")
+    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "r20", batch1=False)
+    assert manifest["batch1_library"] is None and not (tmp_path / "r20" / BATCH1_LIBRARY).exists()
     folded = [lay for lay in manifest["layers"] if lay["batchnorm_folded"]]
     assert len(folded) == len(names) - 1  # every conv has a batch norm; the classifier has none
     x = np.random.default_rng(0).normal(size=(4, 1, 32, 32)).astype(np.float32)
@@ -158,13 +183,15 @@ def test_resnet20_folds_batchnorm_and_deploys(tmp_path):
         None, {"x": x}
     )[0]
     assert np.abs(got - qdq).max() <= 2.0**-3
+    np.testing.assert_array_equal(load(tmp_path / "r20")(x[:1]), got[:1])  # model.so serves batch 1
 
 
 def test_identical_folded_biases_deploy(tmp_path):
     """Default batch-norm statistics fold to equal biases, which the exporter dedupes (Identity)."""
     model = resnet20(in_channels=1, num_classes=4)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    manifest = deploy(model, torch.randn(2, 1, 32, 32), {n: Precision(8, 4) for n in names}, tmp_path / "d")
+    prec = {n: Precision(8, 4) for n in names}
+    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "d", batch1=False)
     x = np.random.default_rng(0).normal(size=(2, 1, 32, 32)).astype(np.float32)
     qdq = ort.InferenceSession(str(tmp_path / "d" / QDQ), providers=["CPUExecutionProvider"]).run(
         None, {"x": x}
@@ -233,7 +260,7 @@ def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_pa
     weight = model[0].weight.detach().numpy()
     assert int32_max_wl(64 * 9) < p.wl and weight_bound(weight, p) <= INT32_MAX
     assert fits_byte(weight, p) == (scale == 1.0)
-    deploy(model, torch.randn(2, 64, 6, 6), {"0": p}, tmp_path / "d")
+    deploy(model, torch.randn(2, 64, 6, 6), {"0": p}, tmp_path / "d", batch1=False)
     imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
     frozen = pipeline.freeze(
         pipeline.partition(imported.mod), {"0": p}, imported.params, resolve_target("cpu")
