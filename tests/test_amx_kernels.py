@@ -38,17 +38,31 @@ def _compile(funcs: dict[str, tirx.PrimFunc]):
     return tvm.compile(mod, target=TARGET)
 
 
-def _run(g: amx.Geometry, x: np.ndarray, w: np.ndarray, matmul: bool) -> np.ndarray:
+def _run(
+    g: amx.Geometry,
+    x: np.ndarray,
+    w: np.ndarray,
+    matmul: bool,
+    levels: amx.Levels | None = None,
+    requant: tuple[np.ndarray, ...] = (),
+) -> np.ndarray:
+    """pack x and w, the tile kernel, unpack: the exact int64 product, or with ``levels`` the
+    kernel's requantized levels scaled back (``requant``: the kernel's bias, fl, qp arguments; the
+    unpacking takes the last, qp)."""
     acc = "int32" if g.container == "int8" else "int64"
 
     def stages(n):
         xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
-        ys = te.placeholder(amx.output_shape(g, n), "int32", name="y")
         pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
-        out = amx.unpack_matmul(ys, n, g, acc) if matmul else amx.unpack_conv(ys, g, acc)
-        return xs, pack, ys, out
+        if levels is None:
+            ys = te.placeholder(amx.output_shape(g, n), "int32", name="y")
+            out = amx.unpack_matmul(ys, n, g, acc) if matmul else amx.unpack_conv(ys, g, acc)
+            return xs, pack, [ys], out
+        ys = te.placeholder(amx.output_shape(g, n, levels), g.container, name="y")
+        qp = te.placeholder((4,), "float32", name="qp")
+        return xs, pack, [ys, qp], amx.unpack_levels(ys, g, n, qp[1])
 
-    xs, pack, ys, out = stages(tirx.Var("n", "int64"))
+    xs, pack, unpack_in, out = stages(tirx.Var("n", "int64"))
     ws = te.placeholder(w.shape, g.container, name="w")
     wp = amx.pack_weight(ws, g)
     with TARGET:
@@ -56,22 +70,23 @@ def _run(g: amx.Geometry, x: np.ndarray, w: np.ndarray, matmul: bool) -> np.ndar
             {
                 "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
                 "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
-                "dot": amx.tile_kernel(g),
-                "unpack": schedule_prim_func(te.create_prim_func([ys, out])),
+                "dot": amx.tile_kernel(g, levels),
+                "unpack": schedule_prim_func(te.create_prim_func([*unpack_in, out])),
             }
         )
-    _, pack, ys, out = stages(x.shape[0])  # the buffers' shapes at this batch
+    _, pack, unpack_in, out = stages(x.shape[0])  # the buffers' shapes at this batch
     dev = tvm.cpu()
 
     def empty(t: te.Tensor) -> tvm.runtime.Tensor:
         return tvm.runtime.empty([int(d) for d in t.shape], t.dtype, dev)
 
     buffers = [tvm.runtime.tensor(x, dev), empty(pack), tvm.runtime.tensor(w, dev), empty(wp)]
-    y, result = empty(ys), empty(out)
+    y, result = empty(unpack_in[0]), empty(out)
+    args = [tvm.runtime.tensor(a, dev) for a in requant]
     lib["pack_x"](buffers[0], buffers[1])
     lib["pack_w"](buffers[2], buffers[3])
-    lib["dot"](buffers[1], buffers[3], y)
-    lib["unpack"](y, result)
+    lib["dot"](buffers[1], buffers[3], *args, y)
+    lib["unpack"](y, *args[-1:], result)
     return result.numpy()
 
 
@@ -117,45 +132,13 @@ def test_narrow_weight_conv_is_exact(shape) -> None:
 
 
 def _run_levels(g: amx.Geometry, x: np.ndarray, w: np.ndarray, bias, fl: int, matmul: bool) -> np.ndarray:
-    """pack, tile kernel with the in-kernel requantize (``amx.Levels``), unpack_levels."""
+    """The tile kernel with the in-kernel requantize (``amx.Levels``), at ``fl``, clamped to the
+    container."""
     acc = "int32" if g.container == "int8" else "int64"
-    levels = amx.Levels(bias is not None, acc, g.container)
     info = np.iinfo(g.container)
-    qp_value = np.array([2.0**fl, 2.0**-fl, info.min, info.max], np.float32)
-
-    def stages(n):
-        xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
-        ys = te.placeholder(amx.output_shape(g, n, levels), g.container, name="y")
-        qp = te.placeholder((4,), "float32", name="qp")
-        pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
-        return xs, pack, ys, qp, amx.unpack_levels(ys, g, n, qp[1])
-
-    xs, pack, ys, qp, out = stages(tirx.Var("n", "int64"))
-    ws = te.placeholder(w.shape, g.container, name="w")
-    wp = amx.pack_weight(ws, g)
-    with TARGET:
-        lib = _compile(
-            {
-                "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
-                "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
-                "dot": amx.tile_kernel(g, levels),
-                "unpack": schedule_prim_func(te.create_prim_func([ys, qp, out])),
-            }
-        )
-    _, pack, ys, _, out = stages(x.shape[0])
-    dev = tvm.cpu()
-
-    def empty(t: te.Tensor) -> tvm.runtime.Tensor:
-        return tvm.runtime.empty([int(d) for d in t.shape], t.dtype, dev)
-
-    xt, xp, wt, wpt = tvm.runtime.tensor(x, dev), empty(pack), tvm.runtime.tensor(w, dev), empty(wp)
-    lib["pack_x"](xt, xp)
-    lib["pack_w"](wt, wpt)
-    y, result, qpt = empty(ys), empty(out), tvm.runtime.tensor(qp_value, dev)
-    extra = [] if bias is None else [tvm.runtime.tensor(bias.astype(acc), dev)]
-    lib["dot"](xp, wpt, *extra, tvm.runtime.tensor(np.array(fl, np.int32), dev), qpt, y)
-    lib["unpack"](y, qpt, result)
-    return result.numpy()
+    qp = np.array([2.0**fl, 2.0**-fl, info.min, info.max], np.float32)
+    requant = ([] if bias is None else [bias.astype(acc)]) + [np.array(fl, np.int32), qp]
+    return _run(g, x, w, matmul, amx.Levels(bias is not None, acc, g.container), tuple(requant))
 
 
 def _requantized_reference(acc: np.ndarray, bias, fl: int, container: str, axis: int) -> np.ndarray:
