@@ -33,6 +33,7 @@ import tvm
 from torch import nn
 from tvm import relax
 
+from marvin_compile import amx
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
@@ -419,10 +420,15 @@ def kernel_families(target_text: str) -> str:
     isa = dot_isa(tvm.target.Target(json.loads(target_text)))
     if isa is None:
         return "none (TVM's generic integer kernels)"
-    int8 = f"packed `{isa.name}` dot products"
-    if isa.amx:
-        int8 = f"AMX tiles (`tdpbssd`) where a layer has >= 8 input channels, else {int8}"
-    return f"int8 on {int8}; int16 and the backward products on packed `{isa.name}` dot products"
+    packed = f"packed `{isa.name}` dot products"
+    if not isa.amx:
+        return f"int8, int16 and the backward products on {packed}"
+    return (
+        f"AMX tiles where a layer has >= 8 input channels, else {packed}: int8 forward, dx and conv dw "
+        f"(`tdpbssd`); int16 as byte products (`tdpbssd`/`tdpbsud`/`tdpbusd`/`tdpbuud`) for conv dw, "
+        f"for convs from {amx.MIN_INT16_CHANNELS} input channels, and above the int32 bound (the wl16 "
+        f"rows), else {packed} (`vpdpwssd`); Linear dw on {packed}"
+    )
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -509,10 +515,10 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             markdown_table(rows),
             "",
             "Backward products of the lowbit training step: our integer dx / dw kernels (the incoming "
-            "gradient quantized stochastically; packed int32 dot-product kernels, dw summed over the "
-            "batch in int64; int16 wlN as above, for the dx and dw bounds together, wl16 = the int64 "
-            "kernels) against `torch.nn.grad.conv2d_input` / `conv2d_weight` (GEMM: `g @ W`, "
-            "`g.T @ x`) in float32, same MAC count as the forward.",
+            "gradient quantized stochastically; on the kernels named above, dw summed in int32 over "
+            "chunks of the batch and in int64 over the chunks; int16 wlN as above, for the dx and dw "
+            "bounds together, wl16 = above them) against `torch.nn.grad.conv2d_input` / "
+            "`conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, same MAC count as the forward.",
             "",
             markdown_table(grad_rows),
             END,
