@@ -16,6 +16,8 @@ columns, so the result lands in NCHW.
   row stride). The taps are 16-pixel windows shifted by ``(kh // sh) * Wq + kw // sw``;
 - C: ``[N, sums, O16, F]`` int32 with ``F`` the output rows flattened over ``Wq`` (columns past
   the output width are computed and dropped), so unpacking (``unpack_conv``) is a contiguous crop.
+  A deployed layer requantizes in the kernel instead (``Levels``): each task's C tiles go to a
+  scratch, and ``[N, O16, F]`` receives the layer's levels in its own container.
 
 int8 operands are signed (``tdpbssd``), so no offset or correction is needed. int16 operands
 are split into a signed high byte and an unsigned low byte, ``v = 256 * hi + lo`` (``parts`` = 2);
@@ -387,7 +389,7 @@ def _operands(g: Geometry, levels: Levels | None) -> _Operands:
         hq, wq, flat = g.plane
         xp = tirx.decl_buffer((images, g.parts, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
         plane_bytes = g.phases * hq * wq * GROUP
-    out_type = "int32" if levels is None else levels.dtype
+    out_type = "int32" if levels is None else levels.dtype  # output_shape's, with the matmul's own F
     y = tirx.decl_buffer([images, *output_shape(g, images, levels)[1:-1], flat], out_type, name="y")
     return _Operands(xp, wp, y, images, wq, flat, plane_bytes)
 
@@ -528,8 +530,8 @@ def _requantized(
 @functools.cache
 def tile_kernel(g: Geometry, levels: Levels | None = None) -> tirx.PrimFunc:
     """The AMX tile loop for one geometry, written scheduled. A task is one image's block of
-    output channels x pixels (``_plan``); ``WORKERS`` parallel chunks of consecutive tasks (which
-    share their weight tiles) each configure the tiles once. Its parameters: xp, wp, then with
+    output channels x pixels (``_plan``); parallel chunks of consecutive tasks (which share their
+    weight tiles, ``_parallel_tasks``) each configure the tiles once. Its parameters: xp, wp, then with
     ``levels`` bias (if any), fl and qp, and last the output."""
     ops = _operands(g, levels)
     requant = None if levels is None else _Requantize.of(g, levels)

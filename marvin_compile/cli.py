@@ -133,13 +133,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from marvin_compile.runtime.deploy import deploy_run
+    from marvin_compile.runtime.deploy import LIBRARY, QDQ, deploy_run
 
     manifest = deploy_run(args.run, args.out, args.target, args.db, batch1=not args.no_batch1)
     size = manifest["size"]
-    libraries = "model.so" if args.no_batch1 else "model.so, model_b1.so"
+    files = ", ".join(f for f in (LIBRARY, manifest["batch1_library"], QDQ) if f)
     print(
-        f"deployed {len(manifest['layers'])} layers to {args.out}: {libraries}, model.qdq.onnx "
+        f"deployed {len(manifest['layers'])} layers to {args.out}: {files} "
         f"({size['qdq_onnx_bytes']} bytes, {size['qdq_vs_float32']:.2f}x the float32 ONNX)"
     )
     return 0

@@ -363,19 +363,20 @@ def tile_product(
     giving the integer [O, C, KH, KW] / [O, K] weight), the tile kernel, then the unpacked ``acc``
     product through ``epilogue`` (a TE function of it and its arguments), or the kernel's own
     requantized levels scaled back to float32 (``InKernelRequantize``). ``rows``: the batch (the
-    matmul's M). The packing is opaque to fusion; the unpacking takes element-wise consumers."""
+    matmul's M). The packing is opaque to fusion and the unpacking takes element-wise consumers;
+    with ``InKernelRequantize`` (deployment) both are injective, see below."""
     fx, x_args = x_int
     pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
     xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
-    chained = isinstance(epilogue, InKernelRequantize)  # see the unpacking below
-    _set_pattern(bb, xp, INJECTIVE if chained else OPAQUE)
+    in_kernel = isinstance(epilogue, InKernelRequantize)
+    _set_pattern(bb, xp, INJECTIVE if in_kernel else OPAQUE)
     if not isinstance(weight, relax.Expr):
         fw, w_args = weight
         packed = bb.call_te(
             lambda *a: amx.pack_weight(fw(*a), tiles), *w_args, primfunc_name_hint="marvin_amx_pack_w"
         )
         weight = bind(packed)
-    if isinstance(epilogue, InKernelRequantize):
+    if in_kernel:
         levels, qp = epilogue.levels, epilogue.qp
         kernel = bb.add_func(amx.tile_kernel(tiles, levels), amx.KERNEL)
         out_type = relax.TensorType(amx.output_shape(tiles, rows, levels), levels.dtype)

@@ -209,10 +209,14 @@ def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
     train(TrainConfig(out=str(run), epochs=1, cache_dir=str(cache_dir), progress=False))
     cli = [sys.executable, "-m", "marvin_compile.cli"]
     r = subprocess.run(
-        [*cli, "deploy", str(run), "--out", str(tmp_path / "dep")], capture_output=True, text=True
+        [*cli, "deploy", str(run), "--out", str(tmp_path / "dep"), "--no-batch1"],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
+    assert "model.so, model.qdq.onnx" in r.stdout and BATCH1_LIBRARY not in r.stdout
     manifest = json.loads((tmp_path / "dep" / "manifest.json").read_text())
+    assert manifest["batch1_library"] is None
     trained = torch.load(run / "checkpoint.pt", weights_only=True)["precision"]
     assert {lay["name"]: [lay["wl"], lay["fl"]] for lay in manifest["layers"]} == trained  # LeNet: no BN
     x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
