@@ -54,6 +54,7 @@ from tvm import te, tirx
 
 from marvin_compile.dot_isa import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
 from marvin_compile.te_dot import cast_to, ceil_div
+from marvin_compile.te_ops import requantized_level
 
 TILE = 16  # tile rows (output channels) and int32 columns (output pixels)
 GROUP = 4  # int8 channels per 4-byte group of a B-tile row
@@ -419,22 +420,16 @@ class _Requantize:
 
     def block(self, g: Geometry, ops: _Operands, slots: list[int], b, oc0, f0) -> tirx.Stmt:
         """One 16 x 16 block of levels from its C tiles (``slots``: their scratch slots, most
-        significant sum first), as ``te_ops.requantize`` computes them:
-        ``clamp((acc + (bias << fl) + r) >> fl)``, r = 2**(fl-1). The 16 columns are one vector."""
+        significant sum first): ``te_ops.requantized_level`` with nearest rounding, as
+        ``te_ops.requantize`` computes it. The 16 columns are one vector."""
         acc = self.levels.acc
         r, s = tirx.Var("r", "int64"), tirx.Var("s", "int64")
         parts = [tirx.BufferLoad(self.scratch, [slot, r, s]) for slot in slots]
         value = cast_to(acc, parts[0] if len(parts) == 1 else _combine_sums(parts))
-        shift = tirx.Cast(acc, tirx.BufferLoad(self.fl, []))
         oc = oc0 + r
-        if self.bias is not None:
-            value = value + tirx.shift_left(
-                tirx.Cast(acc, tirx.BufferLoad(self.bias, [_clamp(oc, g.o)])), shift
-            )
-        one = tirx.const(1, acc)
-        level = tirx.shift_right(value + tirx.shift_right(tirx.shift_left(one, shift), one), shift)
-        lo, hi = (tirx.Cast(acc, tirx.BufferLoad(self.qp, [k])) for k in (2, 3))
-        level = tirx.max(tirx.min(level, hi), lo)
+        bias = None if self.bias is None else tirx.BufferLoad(self.bias, [_clamp(oc, g.o)])
+        lo, hi = (tirx.BufferLoad(self.qp, [k]) for k in (2, 3))
+        level = requantized_level(value, acc, bias, tirx.BufferLoad(self.fl, []), lo, hi)
         store = tirx.BufferStore(ops.y, tirx.Cast(self.levels.dtype, level), [b, oc, f0 + s])
         return tirx.For(r, 0, TILE, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
 

@@ -106,24 +106,38 @@ def requantize(
     floor(acc / 2**fl + offset) = (acc + r) >> fl with r = 2**(fl-1) (nearest, ties up) or r
     uniform in [0, 2**fl) (stochastic): integer arithmetic, so no float rounding can creep in.
     """
-    dtype = acc.dtype
-    shift = tirx.Cast(dtype, fl[()])
-    one = tirx.const(1, dtype)
-    lo, hi = tirx.Cast(dtype, acc_bound(qp[2])), tirx.Cast(dtype, acc_bound(qp[3]))
 
     def f(*i):
-        total = acc(*i)
-        if bias is not None:
-            total = total + tirx.shift_left(tirx.Cast(dtype, bias[i[channel_axis]]), shift)
-        if seed is None:
-            r = tirx.shift_right(tirx.shift_left(one, shift), one)
-        else:
-            h = tirx.Cast(dtype, _hash32(seed, i, acc.shape, salt))
-            r = tirx.bitwise_and(h, tirx.shift_left(one, shift) - one)
-        q = tirx.shift_right(total + r, shift)
-        return tirx.Cast("float32", te.max(te.min(q, hi), lo)) * qp[1]
+        b = None if bias is None else bias[i[channel_axis]]
+        h = None if seed is None else _hash32(seed, i, acc.shape, salt)
+        level = requantized_level(acc(*i), acc.dtype, b, fl[()], qp[2], qp[3], h)
+        return tirx.Cast("float32", level) * qp[1]
 
     return te.compute(acc.shape, f, name="fxp_requantize")
+
+
+def requantized_level(
+    total: tirx.PrimExpr,
+    dtype: str,
+    bias: tirx.PrimExpr | None,
+    fl: tirx.PrimExpr,
+    lo: tirx.PrimExpr,
+    hi: tirx.PrimExpr,
+    hash_value: tirx.PrimExpr | None = None,
+) -> tirx.PrimExpr:
+    """``clamp((total + (bias << fl) + r) >> fl, lo, hi)`` in ``dtype`` (total's), r = 2**(fl-1) (nearest)
+    or the hash's low fl bits (stochastic): the level ``requantize`` and the AMX kernel's own
+    requantize (``amx.Levels``) both compute."""
+    shift = tirx.Cast(dtype, fl)
+    one = tirx.const(1, dtype)
+    if bias is not None:
+        total = total + tirx.shift_left(tirx.Cast(dtype, bias), shift)
+    if hash_value is None:
+        r = tirx.shift_right(tirx.shift_left(one, shift), one)
+    else:
+        r = tirx.bitwise_and(tirx.Cast(dtype, hash_value), tirx.shift_left(one, shift) - one)
+    q = tirx.shift_right(total + r, shift)
+    return te.max(te.min(q, tirx.Cast(dtype, acc_bound(hi))), tirx.Cast(dtype, acc_bound(lo)))
 
 
 def acc_bound(v: tirx.PrimExpr) -> tirx.PrimExpr:

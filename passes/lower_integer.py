@@ -31,7 +31,7 @@ from tvm import relax
 
 from marvin_compile import amx, te_dot, te_ops
 from marvin_compile.dot_isa import DotISA
-from marvin_compile.fixed_point import Precision
+from marvin_compile.fixed_point import Precision, quantize_np
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
@@ -87,8 +87,7 @@ def _integer_core(core: relax.Call, x: relax.Expr, w: relax.Expr, acc: str) -> r
 
 def weight_levels(weight: np.ndarray, precision: Precision) -> np.ndarray:
     """The integer levels deployment quantizes a weight to (nearest rounding, clamped to wl)."""
-    levels = np.floor(weight.astype(np.float64) * 2.0**precision.fl + 0.5)
-    return np.clip(levels, precision.int_min, precision.int_max)
+    return quantize_np(weight.astype(np.float64), precision.wl, precision.fl) * 2.0**precision.fl
 
 
 def weight_bound(weight: np.ndarray, precision: Precision) -> int:
