@@ -5,7 +5,10 @@ norms non-trivial statistics, deploys it at a mixed per-layer precision (alterna
 and Precision(12,6) over the Conv/Linear layers, in model order; deploy re-derives fl for
 BN-folded layers) and times, on the same inputs (the digits test set):
 
-1. ``ours``: the deployed TVM module (``marvin_compile.runtime.deploy.load``);
+1. ``ours``: the deployed TVM module (``marvin_compile.runtime.deploy.load``), deployed with
+   ``batches=(1, 64)``, so each batch runs the library specialized to its size (``model_b1.so``,
+   ``model_b64.so``); ``ours, model.so`` is the same model's library for any batch size, timed
+   beside it;
 2. ``ORT fp32``: ONNX Runtime on ``model.float.onnx`` (BN folded, float32);
 3. ``ORT our QDQ``: ONNX Runtime on ``model.qdq.onnx``;
 4. ``ORT int8``: ONNX Runtime's ``quantize_static`` of the float model (QDQ, int8 weights, uint8
@@ -67,8 +70,16 @@ BATCHES = (1, 64)
 CALIBRATION_SAMPLES = 128
 BN_STAT_SAMPLES = 512
 PRECISIONS = (Precision(8, 4), Precision(12, 6))  # alternated over the Conv/Linear layers
-ENGINES = ("ours (TVM)", "ORT fp32", "ORT our QDQ", "ORT int8", "torch fp32", "ORT fp32 1-thread")
-OURS, ORT_FP32, ORT_INT8, ORT_FP32_1T = ENGINES[0], ENGINES[1], ENGINES[3], ENGINES[5]
+ENGINES = (
+    "ours (TVM)",
+    "ours, model.so",
+    "ORT fp32",
+    "ORT our QDQ",
+    "ORT int8",
+    "torch fp32",
+    "ORT fp32 1-thread",
+)
+OURS, OURS_GENERIC, ORT_FP32, ORT_INT8, ORT_FP32_1T = (ENGINES[i] for i in (0, 1, 2, 4, 6))
 TARGET_VS_FP32 = 0.6  # issue 5: deployed TVM at most 0.6x ORT float32 latency, no slower than ORT int8
 BUSY = 0.05  # other processes' CPU share above which a run is flagged as contended
 QUIET = 0.15  # --wait-idle waits until other processes use at most this share of the CPUs
@@ -297,16 +308,17 @@ def bench_model(
     spec: ModelSpec, data: tuple, repeat: int, workdir: Path, ort_act: str, n_rounds: int = 1
 ) -> ModelResult:
     """Deploy one model and time the engines (five plus the 1-thread reference) at batch 1 and 64."""
-    from marvin_compile.runtime.deploy import BATCH1_LIBRARY, FLOAT_ONNX, LIBRARY, QDQ, deploy, load
+    from marvin_compile.runtime.deploy import BATCH_LIBRARY, FLOAT_ONNX, LIBRARY, QDQ, deploy, load
 
     train_x, test_x = data
     result = ModelResult(spec)
     model = build_model(spec, train_x)
     out = workdir / spec.name
     t0 = time.perf_counter()
-    manifest = deploy(model, test_x[:2], mixed_precision(model), out, target="cpu")
+    manifest = deploy(model, test_x[:2], mixed_precision(model), out, target="cpu", batches=BATCHES)
     result.layers = manifest["layers"]
     ours = load(out)
+    generic = relax.VirtualMachine(tvm.runtime.load_module(str(out / LIBRARY)), tvm.cpu())["main"]
     print(f"  deployed {spec.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     calib = train_x[:CALIBRATION_SAMPLES].numpy()
     ort_int8_model(out / FLOAT_ONNX, out / "ort.int8.onnx", calib, ort_act)
@@ -334,13 +346,16 @@ def bench_model(
     for batch in BATCHES:
         idx = np.arange(batch) % len(test_x)
         x = np.ascontiguousarray(test_x[idx].numpy(), dtype=np.float32)
-        calls: dict[str, Callable[[], np.ndarray]] = {OURS: lambda x=x: ours(x)}
+        calls: dict[str, Callable[[], np.ndarray]] = {
+            OURS: lambda x=x: ours(x),
+            OURS_GENERIC: lambda x=x: generic(tvm.runtime.tensor(x, tvm.cpu())).numpy(),
+        }
         calls.update({name: ort_call(s, x) for name, s in sessions.items()})
         calls["torch fp32"] = torch_call(x)
         calls = {name: calls[name] for name in ENGINES}
         outputs = {}
         for name in ENGINES:
-            if name != OURS:
+            if name not in (OURS, OURS_GENERIC):
                 restore_affinity()
             outputs[name] = calls[name]()
         result.pinned |= restore_affinity()
@@ -352,7 +367,7 @@ def bench_model(
         for _ in range(n_rounds):  # every engine once per round: drifts in machine speed hit all
             rounds.append({})
             for name in ENGINES:
-                if name != OURS:
+                if name not in (OURS, OURS_GENERIC):
                     result.pinned |= restore_affinity()
                 rounds[-1][name] = median_time(calls[name], repeat, CASE_BUDGET_S / n_rounds)
         result.rounds[batch] = [{name: t.median_s for name, t in r.items()} for r in rounds]
@@ -368,7 +383,7 @@ def bench_model(
             result.rows.append(Row(spec.name, batch, name, timed[name], err))
         for row in result.rows[-len(ENGINES) :]:
             row.fp32_s, row.int8_s = timed[ORT_FP32].median_s, timed[ORT_INT8].median_s
-        result.breakdown[batch] = tvm_breakdown(out / (BATCH1_LIBRARY if batch == 1 else LIBRARY), x)
+        result.breakdown[batch] = tvm_breakdown(out / BATCH_LIBRARY.format(batch), x)
         result.pinned |= restore_affinity()
     return result
 
@@ -514,8 +529,10 @@ def section(
             "them, requantizing inside the kernel, int16 convs whose weight levels fit a byte as two byte "
             "products; else packed dot-product kernels with the default register tiles; no tuning "
             "database; each layer's ReLU / residual add fused into its unpacking, and the next layer's "
-            "packing too where the output feeds only that layer; batch 1 runs `model_b1.so`, the "
-            "library with the batch bound to 1; "
+            "packing too where the output feeds only that layer; deployed with `batches=(1, 64)`, so "
+            "batch 1 and 64 run `model_b1.so` and `model_b64.so`, the libraries with the batch bound to "
+            "that size (static shapes: no shape bookkeeping, memory planned once); "
+            f"`{OURS_GENERIC}` is the library for any batch size, timed alongside; "
             f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}); "
             "ORT fp32 = `model.float.onnx` (BN folded); ORT our QDQ = "
             "`model.qdq.onnx`; ORT int8 = `quantize_static` of the float model after `quant_pre_process` "

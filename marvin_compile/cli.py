@@ -132,12 +132,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_list(text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        accepted = "positive integers separated by commas, or none"
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted: {accepted}")
+    return sizes
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from marvin_compile.runtime.deploy import LIBRARY, QDQ, deploy_run
 
-    manifest = deploy_run(args.run, args.out, args.target, args.db, batch1=not args.no_batch1)
+    manifest = deploy_run(args.run, args.out, args.target, args.db, batches=args.batches)
     size = manifest["size"]
-    files = ", ".join(f for f in (LIBRARY, manifest["batch1_library"], QDQ) if f)
+    files = ", ".join([LIBRARY, *manifest["batch_libraries"].values(), QDQ])
     print(
         f"deployed {len(manifest['layers'])} layers to {args.out}: {files} "
         f"({size['qdq_onnx_bytes']} bytes, {size['qdq_vs_float32']:.2f}x the float32 ONNX)"
@@ -207,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default="cpu", help="cpu, cuda, or a TVM JSON-dict target")
     d.add_argument("--db", default=None, help=DB_HELP)
     d.add_argument(
-        "--no-batch1",
-        action="store_true",
-        help="skip model_b1.so, the library specialized to single samples (halves compile time)",
+        "--batches",
+        type=_batch_list,
+        default=[1],
+        help="batch sizes to also compile a specialized library for (model_b{N}.so; static shapes, "
+        "faster at exactly that size; each adds a compile): comma-separated, or none (default: 1)",
     )
     d.set_defaults(func=_cmd_deploy)
 

@@ -3,7 +3,8 @@
 - Batch norm is folded into the preceding convolution (torch.fx), and the folded layer's fl is
   re-derived by MARViN's push-down rule on the folded weights (its wl is kept).
 - ``model.so``: the whole model at its final precisions as one TVM module; weights and biases are
-  constant-folded into their integer containers (int8/int16), the float32 class stays float.
+  constant-folded into their integer containers (int8/int16), the float32 class stays float;
+  ``model_b{N}.so``: the same with the batch bound to N, for each size asked for (default 1).
 - ``model.qdq.onnx``: QuantizeLinear/DequantizeLinear pairs with scale 2**-fl and zero point 0
   around every integer-class layer, Clip where wl is narrower than the container; ONNX Runtime
   runs it with no custom ops. ONNX rounds ties to even where MARViN rounds them up, so the two
@@ -20,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from marvin_compile.target import resolve_target
 from marvin_compile.tuning import TuningDatabase, open_database
 
 LIBRARY, QDQ, FLOAT_ONNX = "model.so", "model.qdq.onnx", "model.float.onnx"
-BATCH1_LIBRARY = "model_b1.so"  # the same model with the batch bound to 1: latency calls
+BATCH_LIBRARY = "model_b{}.so"  # the model with its batch bound to one size (static shapes)
 QDQ_OPSET = 21  # int16 QuantizeLinear needs opset 21
 PUSH_DOWN_BINS = 50
 
@@ -206,11 +207,14 @@ def deploy(
     out_dir: str | os.PathLike,
     target: str | dict = "cpu",
     db: str | os.PathLike | None = None,
-    batch1: bool = True,
+    batches: Sequence[int] = (1,),
 ) -> dict:
     """Fold, refit, compile and export ``model`` at its per-layer ``precision`` into ``out_dir``
-    (tuned schedules from ``db``, default: the target's tuning database, if any; ``batch1``: also
-    the library specialized to single samples, which ``load`` runs for them)."""
+    (tuned schedules from ``db``, default: the target's tuning database, if any). Besides
+    ``model.so``, which takes any batch, each size in ``batches`` gets a library specialized to it
+    (``model_b{N}.so``: static shapes, so the VM computes no shapes and plans its memory once),
+    which ``load`` runs for batches of exactly that size."""
+    sizes = batch_sizes(batches)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tgt = resolve_target(target)
@@ -230,7 +234,8 @@ def deploy(
     missing = sorted(layer_names & set(modules) - set(final))
     if missing:
         raise ModelError(f"no precision for layers {missing}; give one for every Conv/Linear layer")
-    libraries = [(LIBRARY, None), *([(BATCH1_LIBRARY, 1)] if batch1 else [])]
+    specialized = {str(b): BATCH_LIBRARY.format(b) for b in sizes}
+    libraries = [(LIBRARY, None), *((specialized[str(b)], b) for b in sizes)]
     for library, batch in libraries:
         executable = compile_library(out / FLOAT_ONNX, final, tgt, tuning, batch)
         _atomic_save(executable.export_library, out / library)
@@ -255,10 +260,10 @@ def deploy(
                 "float32_parameter_bytes": n_params * 4,
             }
         )
-    stale = out / BATCH1_LIBRARY  # a redeploy into the same directory must not leave it behind
-    if not batch1 and stale.exists():
-        stale.unlink()
-    files = {f: out / f for f in (LIBRARY, QDQ, FLOAT_ONNX, *([BATCH1_LIBRARY] if batch1 else []))}
+    for stale in out.glob(BATCH_LIBRARY.format("*")):  # a redeploy must not leave other sizes behind
+        if stale.name not in specialized.values():
+            stale.unlink()
+    files = {f: out / f for f in (LIBRARY, QDQ, FLOAT_ONNX, *specialized.values())}
     manifest = {
         "kind": "deployed",
         "toolkit": __version__,
@@ -267,7 +272,7 @@ def deploy(
         "target": json.loads(str(tgt)),
         "tuning": None if tuning is None else {"db": str(tuning.path), "digest": tuning.digest},
         "input_shape": ["N", *example.shape[1:]],
-        "batch1_library": BATCH1_LIBRARY if batch1 else None,
+        "batch_libraries": specialized,
         "layers": layers,
         "size": {
             "parameter_bytes": sum(lay["parameter_bytes"] for lay in layers),
@@ -275,7 +280,7 @@ def deploy(
             "qdq_onnx_bytes": files[QDQ].stat().st_size,
             "float32_onnx_bytes": files[FLOAT_ONNX].stat().st_size,
             "library_bytes": files[LIBRARY].stat().st_size,
-            "batch1_library_bytes": files[BATCH1_LIBRARY].stat().st_size if batch1 else 0,
+            "batch_library_bytes": {b: files[f].stat().st_size for b, f in specialized.items()},
         },
         "checksums": {f: _sha256(p) for f, p in files.items()},
     }
@@ -286,17 +291,30 @@ def deploy(
     return manifest
 
 
-class DeployedModel:
-    """A loaded ``model.so``: call it on a numpy array or a torch tensor (batch first). A single
-    sample runs the batch-1 library where the directory has one."""
+def batch_sizes(batches: Sequence[int]) -> list[int]:
+    """The distinct batch sizes to specialize libraries for, checked."""
+    bad = [b for b in batches if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+    if bad:
+        raise ValueError(f"batch sizes must be positive integers, got {bad}; accepted: e.g. (1, 64) or ()")
+    return sorted(set(batches))
 
-    def __init__(self, path: Path, manifest: dict, batch1_path: Path | None = None) -> None:
+
+class DeployedModel:
+    """A loaded ``model.so``: call it on a numpy array or a torch tensor (batch first). A batch of a
+    size the directory has a specialized library for (``model_b{N}.so``) runs that library."""
+
+    def __init__(self, path: Path, manifest: dict, specialized: Mapping[int, Path]) -> None:
         self.manifest = manifest
         tgt = resolve_target(manifest["target"])
         self.device = tvm.device("cpu" if tgt.kind.name == "llvm" else tgt.kind.name, 0)
         self._main = self._entry(path)
-        self._batch1 = None if batch1_path is None else self._entry(batch1_path)
+        self._specialized = {b: self._entry(p) for b, p in specialized.items()}
         self.input_shape = tuple(manifest["input_shape"][1:])
+
+    @property
+    def specialized_batches(self) -> tuple[int, ...]:
+        """Batch sizes that run a library specialized to them."""
+        return tuple(sorted(self._specialized))
 
     def _entry(self, path: Path) -> Callable[..., tvm.runtime.Tensor]:
         return relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.device)["main"]
@@ -307,7 +325,7 @@ class DeployedModel:
         if arr.ndim != len(self.input_shape) + 1 or tuple(arr.shape[1:]) != self.input_shape:
             dims = ", ".join(map(str, self.input_shape))
             raise ValueError(f"input has shape {tuple(arr.shape)}; accepted: (batch, {dims})")
-        main = self._batch1 if arr.shape[0] == 1 and self._batch1 is not None else self._main
+        main = self._specialized.get(arr.shape[0], self._main)
         y = main(tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device)).numpy()
         return torch.from_numpy(y) if is_torch else y
 
@@ -315,8 +333,8 @@ class DeployedModel:
 def load(model_dir: str | os.PathLike) -> DeployedModel:
     """Verify a deployed directory (ownership, permissions, checksums) and load its library."""
     d, manifest = read_manifest(model_dir, "deployed", "deploy")
-    batch1 = manifest.get("batch1_library")  # absent in directories deployed before it existed
-    for p in (d, d / LIBRARY, d / MANIFEST, *([d / batch1] if batch1 else [])):
+    specialized = {int(b): d / f for b, f in _batch_libraries(manifest).items()}
+    for p in (d, d / LIBRARY, d / MANIFEST, *specialized.values()):
         check_not_shared(p)
     for name, digest in manifest["checksums"].items():
         if not (d / name).is_file():
@@ -325,7 +343,16 @@ def load(model_dir: str | os.PathLike) -> DeployedModel:
             raise ModelError(
                 f"checksum mismatch for {d / name}: the file changed after deployment; redeploy it"
             )
-    return DeployedModel(d / LIBRARY, manifest, d / batch1 if batch1 else None)
+    return DeployedModel(d / LIBRARY, manifest, specialized)
+
+
+def _batch_libraries(manifest: dict) -> dict[str, str]:
+    """Batch size -> specialized library; directories deployed before sizes were a choice name at
+    most ``batch1_library``."""
+    if "batch_libraries" in manifest:
+        return manifest["batch_libraries"]
+    legacy = manifest.get("batch1_library")
+    return {"1": legacy} if legacy else {}
 
 
 def deploy_run(
@@ -333,7 +360,7 @@ def deploy_run(
     out_dir: str | os.PathLike,
     target: str | dict = "cpu",
     db: str | os.PathLike | None = None,
-    batch1: bool = True,
+    batches: Sequence[int] = (1,),
 ) -> dict:
     """Deploy the final state of a training run (``marvin-compile train --out RUN``)."""
     from marvin_compile.data import load_dataset
@@ -353,4 +380,4 @@ def deploy_run(
     model = build_model(config.model, num_classes, in_channels)
     model.load_state_dict(ckpt["model"])
     precision = {name: Precision(*pair) for name, pair in ckpt["precision"].items()}
-    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target, db, batch1)
+    return deploy(model.eval(), test.tensors[0][:2], precision, out_dir, target, db, batches)

@@ -17,7 +17,9 @@ from marvin_compile.data import load_dataset
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import ModelError
 from marvin_compile.models import lenet5, resnet20
-from marvin_compile.runtime.deploy import BATCH1_LIBRARY, LIBRARY, QDQ, deploy, load
+from marvin_compile.runtime.deploy import BATCH_LIBRARY, LIBRARY, QDQ, deploy, load
+
+B1, B3 = BATCH_LIBRARY.format(1), BATCH_LIBRARY.format(3)
 
 PRECISION = {"conv1": (8, 5), "conv2": (8, 4), "fc1": (8, 4), "fc2": (12, 8), "fc3": (16, 10)}
 
@@ -70,7 +72,7 @@ def trained_lenet(digits):
 def deployed(trained_lenet, digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("deployed")
     prec = {n: Precision(*p) for n, p in PRECISION.items()}
-    manifest = deploy(trained_lenet, digits[1].tensors[0][:2], prec, out)
+    manifest = deploy(trained_lenet, digits[1].tensors[0][:2], prec, out, batches=(3, 1))
     return out, manifest
 
 
@@ -117,19 +119,30 @@ def test_manifest_sizes_are_measured_and_smaller(deployed):
     assert json.loads((out / "manifest.json").read_text())["checksums"][LIBRARY]
 
 
-def test_single_samples_run_the_batch1_library(deployed, digits):
-    """A batch of one goes to model_b1.so (static shapes): the same outputs as the batched library,
-    and the library is checksummed and checked like model.so."""
+def test_specialized_batches_run_their_libraries(deployed, digits):
+    """Batches of 1 and 3 go to model_b1.so / model_b3.so (static shapes): the same outputs as
+    model.so, and the libraries are checksummed and checked like it; other sizes take model.so."""
     out, manifest = deployed
-    assert manifest["batch1_library"] == BATCH1_LIBRARY and BATCH1_LIBRARY in manifest["checksums"]
-    assert manifest["size"]["batch1_library_bytes"] == (out / BATCH1_LIBRARY).stat().st_size
+    assert manifest["batch_libraries"] == {"1": B1, "3": B3}
+    for name in (B1, B3):
+        assert name in manifest["checksums"]
+    sizes = {b: (out / f).stat().st_size for b, f in manifest["batch_libraries"].items()}
+    assert manifest["size"]["batch_library_bytes"] == sizes
     model = load(out)
+    assert model.specialized_batches == (1, 3)
     x = digits[1].tensors[0][:5].numpy()
-    singles = np.concatenate([model(x[i : i + 1]) for i in range(len(x))])
-    np.testing.assert_array_equal(singles, model(x))
-    batch1 = relax_entry(out / BATCH1_LIBRARY)
+    generic = relax_entry(out / LIBRARY)
+    for n in (1, 3, 5):
+        want = generic(tvm.runtime.tensor(x[:n], tvm.cpu())).numpy()
+        np.testing.assert_array_equal(model(x[:n]), want)
+    batch1 = relax_entry(out / B1)
     with pytest.raises(Exception, match="shape|Shape"):  # static: it takes one sample only
         batch1(tvm.runtime.tensor(x[:2], tvm.cpu()))
+
+
+def test_batch_sizes_are_checked(trained_lenet, tmp_path):
+    with pytest.raises(ValueError, match="positive integers, got \\[0\\]"):
+        deploy(trained_lenet, torch.randn(2, 1, 32, 32), {}, tmp_path / "d", batches=(1, 0))
 
 
 def relax_entry(path):
@@ -153,9 +166,9 @@ def test_load_refuses_tampered_and_shared_directories(deployed, tmp_path):
         f.write(b"\0")
     with pytest.raises(ModelError, match="checksum mismatch"):
         load(bad)
-    shutil.copy(src / LIBRARY, bad / BATCH1_LIBRARY)  # a valid library, but not the deployed one
+    shutil.copy(src / LIBRARY, bad / B1)  # a valid library, but not the deployed one
     shutil.copy(src / QDQ, bad / QDQ)
-    with pytest.raises(ModelError, match=f"checksum mismatch for .*{BATCH1_LIBRARY}"):
+    with pytest.raises(ModelError, match=f"checksum mismatch for .*{B1}"):
         load(bad)
     shared = tmp_path / "shared"
     shutil.copytree(src, shared)
@@ -173,8 +186,8 @@ def test_resnet20_folds_batchnorm_and_deploys(tmp_path):
             m.running_var.uniform_(0.5, 2.0)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     prec = {n: Precision(8, 4) if i % 2 else Precision(12, 6) for i, n in enumerate(names)}
-    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "r20", batch1=False)
-    assert manifest["batch1_library"] is None and not (tmp_path / "r20" / BATCH1_LIBRARY).exists()
+    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "r20", batches=())
+    assert manifest["batch_libraries"] == {} and not list((tmp_path / "r20").glob("model_b*.so"))
     folded = [lay for lay in manifest["layers"] if lay["batchnorm_folded"]]
     assert len(folded) == len(names) - 1  # every conv has a batch norm; the classifier has none
     x = np.random.default_rng(0).normal(size=(4, 1, 32, 32)).astype(np.float32)
@@ -191,7 +204,7 @@ def test_identical_folded_biases_deploy(tmp_path):
     model = resnet20(in_channels=1, num_classes=4)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     prec = {n: Precision(8, 4) for n in names}
-    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "d", batch1=False)
+    manifest = deploy(model, torch.randn(2, 1, 32, 32), prec, tmp_path / "d", batches=())
     x = np.random.default_rng(0).normal(size=(2, 1, 32, 32)).astype(np.float32)
     qdq = ort.InferenceSession(str(tmp_path / "d" / QDQ), providers=["CPUExecutionProvider"]).run(
         None, {"x": x}
@@ -209,14 +222,14 @@ def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
     train(TrainConfig(out=str(run), epochs=1, cache_dir=str(cache_dir), progress=False))
     cli = [sys.executable, "-m", "marvin_compile.cli"]
     r = subprocess.run(
-        [*cli, "deploy", str(run), "--out", str(tmp_path / "dep"), "--no-batch1"],
+        [*cli, "deploy", str(run), "--out", str(tmp_path / "dep"), "--batches", "none"],
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert "model.so, model.qdq.onnx" in r.stdout and BATCH1_LIBRARY not in r.stdout
+    assert "model.so, model.qdq.onnx" in r.stdout and "model_b" not in r.stdout
     manifest = json.loads((tmp_path / "dep" / "manifest.json").read_text())
-    assert manifest["batch1_library"] is None
+    assert manifest["batch_libraries"] == {}
     trained = torch.load(run / "checkpoint.pt", weights_only=True)["precision"]
     assert {lay["name"]: [lay["wl"], lay["fl"]] for lay in manifest["layers"]} == trained  # LeNet: no BN
     x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
@@ -242,6 +255,12 @@ def test_cli_deploys_a_training_run_and_runs_it(tmp_path, cache_dir):
         text=True,
     )
     assert r.returncode == 2 and "not a training run" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [*cli, "deploy", str(run), "--out", str(tmp_path / "d3"), "--batches", "1,0"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "positive integers" in r.stderr and not (tmp_path / "d3").exists()
 
 
 @pytest.mark.parametrize("scale", [1.0, 8.0], ids=["byte-weights", "int16-weights"])
@@ -264,7 +283,7 @@ def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_pa
     weight = model[0].weight.detach().numpy()
     assert int32_max_wl(64 * 9) < p.wl and weight_bound(weight, p) <= INT32_MAX
     assert fits_byte(weight, p) == (scale == 1.0)
-    deploy(model, torch.randn(2, 64, 6, 6), {"0": p}, tmp_path / "d", batch1=False)
+    deploy(model, torch.randn(2, 64, 6, 6), {"0": p}, tmp_path / "d", batches=())
     imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
     frozen = pipeline.freeze(
         pipeline.partition(imported.mod), {"0": p}, imported.params, resolve_target("cpu")
