@@ -10,6 +10,8 @@ widths and ragged GEMM rows.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,38 @@ def _compile(funcs: dict[str, tirx.PrimFunc]):
     return tvm.compile(mod, target=TARGET)
 
 
+def _stages(g: amx.Geometry, n, matmul: bool, levels: amx.Levels | None):
+    """The TE stages around the tile kernel at batch (matmul: rows) ``n``: x, its packing, the
+    unpacking's inputs and its output."""
+    acc = "int32" if g.container == "int8" else "int64"
+    xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
+    pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
+    if levels is None:
+        ys = te.placeholder(amx.output_shape(g, n), "int32", name="y")
+        out = amx.unpack_matmul(ys, n, g, acc) if matmul else amx.unpack_conv(ys, g, acc)
+        return xs, pack, [ys], out
+    ys = te.placeholder(amx.output_shape(g, n, levels), g.container, name="y")
+    qp = te.placeholder((4,), "float32", name="qp")
+    return xs, pack, [ys, qp], amx.unpack_levels(ys, g, n, qp[1])
+
+
+@functools.cache
+def _library(g: amx.Geometry, w_shape: tuple[int, ...], matmul: bool, levels: amx.Levels | None):
+    """pack x, pack w, the tile kernel and the unpacking, compiled once per geometry for any batch."""
+    xs, pack, unpack_in, out = _stages(g, tirx.Var("n", "int64"), matmul, levels)
+    ws = te.placeholder(w_shape, g.container, name="w")
+    wp = amx.pack_weight(ws, g)
+    with TARGET:
+        return _compile(
+            {
+                "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
+                "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
+                "dot": amx.tile_kernel(g, levels),
+                "unpack": schedule_prim_func(te.create_prim_func([*unpack_in, out])),
+            }
+        ), wp
+
+
 def _run(
     g: amx.Geometry,
     x: np.ndarray,
@@ -49,32 +83,8 @@ def _run(
     """pack x and w, the tile kernel, unpack: the exact int64 product, or with ``levels`` the
     kernel's requantized levels scaled back (``requant``: the kernel's bias, fl, qp arguments; the
     unpacking takes the last, qp)."""
-    acc = "int32" if g.container == "int8" else "int64"
-
-    def stages(n):
-        xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
-        pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
-        if levels is None:
-            ys = te.placeholder(amx.output_shape(g, n), "int32", name="y")
-            out = amx.unpack_matmul(ys, n, g, acc) if matmul else amx.unpack_conv(ys, g, acc)
-            return xs, pack, [ys], out
-        ys = te.placeholder(amx.output_shape(g, n, levels), g.container, name="y")
-        qp = te.placeholder((4,), "float32", name="qp")
-        return xs, pack, [ys, qp], amx.unpack_levels(ys, g, n, qp[1])
-
-    xs, pack, unpack_in, out = stages(tirx.Var("n", "int64"))
-    ws = te.placeholder(w.shape, g.container, name="w")
-    wp = amx.pack_weight(ws, g)
-    with TARGET:
-        lib = _compile(
-            {
-                "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
-                "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
-                "dot": amx.tile_kernel(g, levels),
-                "unpack": schedule_prim_func(te.create_prim_func([*unpack_in, out])),
-            }
-        )
-    _, pack, unpack_in, out = stages(x.shape[0])  # the buffers' shapes at this batch
+    lib, wp = _library(g, w.shape, matmul, levels)
+    _, pack, unpack_in, out = _stages(g, x.shape[0], matmul, levels)  # the buffers at this batch
     dev = tvm.cpu()
 
     def empty(t: te.Tensor) -> tvm.runtime.Tensor:
