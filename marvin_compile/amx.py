@@ -69,6 +69,7 @@ CONTAINERS = ("int8", "int16")
 MIN_INT16_CHANNELS = 32  # int16 on tiles at every word length from this many input channels
 DW_STEP = 64  # dw: output pixels per product (one 64-byte A-tile row, 16 four-pixel B-tile rows)
 DW_IMAGES = 16  # dw: images per int32 partial sum at most (chunks of work for the threads)
+SERIAL_TILE_STEPS = 2048  # fewer tile steps (loads and products of one tap and chunk) in all: one thread
 
 
 @dataclass(frozen=True)
@@ -378,15 +379,15 @@ class _Operands:
     plane_bytes: tirx.PrimExpr  # B-tile row stride: one channel group
 
 
-def _operands(g: Geometry, levels: Levels | None) -> _Operands:
+def _operands(g: Geometry, levels: Levels | None, batch: int | None) -> _Operands:
     w_shape = (g.w_parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     wp = tirx.decl_buffer(w_shape, "int8", name="wp")
     if g.w is None:  # matmul: M rows along the width of one image
-        images, flat = 1, tirx.Var("m32", "int64")
+        images, flat = 1, tirx.Var("m32", "int64") if batch is None else _pairs(batch)
         xp = tirx.decl_buffer((1, g.parts, g.groups, 1, 1, flat, GROUP), "int8", name="xp")
         wq, plane_bytes = flat, flat * GROUP
     else:
-        images = tirx.Var("n", "int64")
+        images = tirx.Var("n", "int64") if batch is None else batch
         hq, wq, flat = g.plane
         xp = tirx.decl_buffer((images, g.parts, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
         plane_bytes = g.phases * hq * wq * GROUP
@@ -523,12 +524,13 @@ def _requantized(
 
 
 @functools.cache
-def tile_kernel(g: Geometry, levels: Levels | None = None) -> tirx.PrimFunc:
+def tile_kernel(g: Geometry, levels: Levels | None = None, batch: int | None = None) -> tirx.PrimFunc:
     """The AMX tile loop for one geometry, written scheduled. A task is one image's block of
     output channels x pixels (``_plan``); parallel chunks of consecutive tasks (which share their
     weight tiles, ``_parallel_tasks``) each configure the tiles once. Its parameters: xp, wp, then with
-    ``levels`` bias (if any), fl and qp, and last the output."""
-    ops = _operands(g, levels)
+    ``levels`` bias (if any), fl and qp, and last the output. ``batch``: the batch (a matmul's rows)
+    where it is static, so a small one runs on one thread (``_parallel_tasks``)."""
+    ops = _operands(g, levels, batch)
     requant = None if levels is None else _Requantize.of(g, levels)
     na = 2 if g.w_parts == 1 and g.out_blocks % 2 == 0 else 1
     plan = _plan(g, na, 2)
@@ -540,25 +542,36 @@ def tile_kernel(g: Geometry, levels: Levels | None = None) -> tirx.PrimFunc:
         rest = t % per_image
         return _task(g, ops, plan, t // per_image, rest // spans * na, rest % spans * plan.pixels, requant)
 
+    steps = g.kh * g.kw * g.chunks
     if requant is None:
-        return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows)))
+        return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows), steps))
     prologue = [*_config(g.rows), tirx.AllocBuffer(requant.scratch)]
-    return _scheduled([ops.xp, ops.wp, *requant.params, ops.y], _parallel_tasks(tasks, task, prologue))
+    body = _parallel_tasks(tasks, task, prologue, steps)
+    return _scheduled([ops.xp, ops.wp, *requant.params, ops.y], body)
 
 
 def _parallel_tasks(
-    tasks: tirx.PrimExpr, task: Callable[[tirx.PrimExpr], tirx.Stmt], config: list[tirx.Stmt]
+    tasks: tirx.PrimExpr,
+    task: Callable[[tirx.PrimExpr], tirx.Stmt],
+    config: list[tirx.Stmt],
+    steps: int,
 ) -> tirx.Stmt:
     """Tile state granted, then parallel chunks of consecutive tasks, each configuring the tiles
     once: up to ``WORKERS`` of them, of at least ``CHUNK_TASKS`` tasks (a small batch has few tasks,
-    and a configuration per task cost ResNet-20 at batch 1 a tenth of its time). Loops start at 0:
-    a task loop starting at a task-dependent offset computed wrong sums here (TVM 0.27)."""
+    and a configuration per task cost ResNet-20 at batch 1 a tenth of its time). A static task count
+    of fewer than ``SERIAL_TILE_STEPS`` steps (``steps`` per task) in all runs as one chunk on the
+    calling thread. Loops start at 0: a task loop starting at a task-dependent offset computed wrong
+    sums here (TVM 0.27)."""
     worker, k = tirx.Var("worker", "int64"), tirx.Var("k", "int64")
+    tasks = tirx.const(tasks, "int64") if isinstance(tasks, int) else tasks
+    grant = tirx.call_extern("int64", "syscall", SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    if isinstance(tasks, tirx.IntImm) and tasks.value * steps < SERIAL_TILE_STEPS:
+        own = tirx.For(k, 0, tasks, tirx.ForKind.SERIAL, task(k))
+        return tirx.SeqStmt([tirx.Evaluate(grant), *config, own, tirx.Evaluate(_amx("tilerelease"))])
     chunks = tirx.min(WORKERS, (tasks + CHUNK_TASKS - 1) // CHUNK_TASKS)
     start, stop = worker * tasks // chunks, (worker + 1) * tasks // chunks
     own = tirx.For(k, 0, stop - start, tirx.ForKind.SERIAL, task(start + k))
     chunk = tirx.SeqStmt([*config, own, tirx.Evaluate(_amx("tilerelease"))])
-    grant = tirx.call_extern("int64", "syscall", SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
     parallel = tirx.For(worker, 0, chunks, tirx.ForKind.PARALLEL, tirx.IfThenElse(stop > start, chunk, None))
     return tirx.SeqStmt([tirx.Evaluate(grant), parallel])
 
@@ -692,4 +705,5 @@ def dw_kernel(g: Geometry) -> tirx.PrimFunc:
         return tirx.SeqStmt([*zero, images, *store])
 
     config = _config(DW_STEP // GROUP)  # every tile 16 x 64 bytes
-    return _scheduled([xp, gp, part], _parallel_tasks(chunks * per_chunk, task, config))
+    steps = (flat // DW_STEP) * dw_images(g)  # at most, per task
+    return _scheduled([xp, gp, part], _parallel_tasks(chunks * per_chunk, task, config, steps))

@@ -18,7 +18,7 @@ from tvm.s_tir import Schedule
 
 from marvin_compile.amx import GROUP
 from marvin_compile.passes.schedule_dot import find_block
-from marvin_compile.passes.utils import schedule_injective, static_extent
+from marvin_compile.passes.utils import parallel, schedule_injective, static_extent
 
 MAX_VECTOR = 64
 AMX_BLOCKS = ("amx_pack_x", "amx_pack_w", "amx_unpack", "amx_pack_dw_x", "amx_pack_dw_g", "amx_fold_dw")
@@ -54,7 +54,7 @@ def _pack_x(sch: Schedule, block) -> None:
             _inline_producers(sch, producer)
             schedule_injective(sch, producer)
     *outer, _ph, _i, j, q = sch.get_loops(block)
-    sch.parallel(sch.fuse(*outer))
+    parallel(sch, sch.fuse(*outer), block)
     _, ji = sch.split(j, factors=[None, GROUP])
     sch.unroll(ji)  # 4 pixels x 4 channels: LLVM's SLP vectorizer turns them into one shuffle
     sch.unroll(q)
@@ -92,11 +92,11 @@ def _unpack(sch: Schedule) -> None:
     loops = sch.get_loops(first)
     if len(loops) == 4:
         n, oc, _i, j = loops
-        sch.parallel(sch.fuse(n, oc))
+        parallel(sch, sch.fuse(n, oc), first)
         if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
             sch.vectorize(j)
     else:
-        sch.parallel(loops[0])
+        parallel(sch, loops[0], first)
 
 
 def _pack_dw_x(sch: Schedule, block) -> None:
@@ -104,7 +104,7 @@ def _pack_dw_x(sch: Schedule, block) -> None:
     for producer in sch.get_producers(block):
         schedule_injective(sch, producer)
     n, part, c, _ph, _i, j = sch.get_loops(block)
-    sch.parallel(sch.fuse(n, part, c))
+    parallel(sch, sch.fuse(n, part, c), block)
     if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
         sch.vectorize(j)
 
@@ -115,7 +115,7 @@ def _pack_dw_g(sch: Schedule, block) -> None:
     for producer in sch.get_producers(block):
         schedule_injective(sch, producer)
     n, part, fg, o, q = sch.get_loops(block)
-    sch.parallel(sch.fuse(n, part, fg))
+    parallel(sch, sch.fuse(n, part, fg), block)
     _, oi = sch.split(o, factors=[None, GROUP])
     sch.unroll(oi)
     sch.unroll(q)
@@ -125,4 +125,4 @@ def _fold_dw(sch: Schedule, block) -> None:
     """The int64 sum over chunks, parallel over output channels; the rescale after it on its own."""
     for consumer in sch.get_consumers(block):
         schedule_injective(sch, consumer)
-    sch.parallel(sch.get_loops(block)[0])
+    parallel(sch, sch.get_loops(block)[0], block)

@@ -20,7 +20,7 @@ from tvm.s_tir import Schedule
 from marvin_compile.passes.schedule_amx import has_amx_block, schedule_amx
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func, scheduled
 from marvin_compile.passes.schedule_dot_grad import has_dot_dw_block, schedule_dot_dw
-from marvin_compile.passes.utils import lanes_for, schedule_injective, static_extent
+from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent
 
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
@@ -42,7 +42,7 @@ def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
         sch.reorder(*spatial[:-1], outer, *reduce, inner)
     else:
         sch.reorder(*spatial, *reduce)
-    sch.parallel(spatial[0])
+    parallel(sch, spatial[0], block)
     for producer in blocks[: blocks.index(block)]:
         sch.compute_at(producer, spatial[0])
     if lanes is not None:

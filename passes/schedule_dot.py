@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
-from marvin_compile.passes.utils import schedule_injective
+from marvin_compile.passes.utils import parallel, schedule_injective
 from marvin_compile.te_dot import DOT_BLOCK
 
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
@@ -108,7 +108,7 @@ def schedule_dot(
     cache = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(cache, wo, preserve_unit_loops=True)  # loop count independent of tiles
     sch.vectorize(sch.get_loops(cache)[-1])
-    sch.parallel(sch.fuse(n, obo, h))
+    parallel(sch, sch.fuse(n, obo, h), block, unit=int(sch.get(oi).extent) * int(sch.get(p).extent))
     init = sch.decompose_reduction(block, cb)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(oi, intrin)
@@ -127,8 +127,7 @@ def schedule_pack_x(sch: Schedule, block) -> None:
     own: inlined into the packing it would run scalar."""
     quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
     n, cb, *_ = sch.get_loops(block)
-    outer = sch.fuse(n, cb)
-    sch.parallel(outer)
+    parallel(sch, sch.fuse(n, cb), block)
     for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
         schedule_injective(sch, producer)
 
@@ -138,7 +137,7 @@ def schedule_unpack(sch: Schedule, block) -> None:
     with requantize fused in, this is where the per-element epilogue math runs."""
     loops = sch.get_loops(block)
     outer = sch.fuse(*loops[:2]) if len(loops) == 4 else loops[0]
-    sch.parallel(outer)
+    parallel(sch, outer, block)
     last = sch.get(loops[-1]).extent
     if isinstance(last, tirx.IntImm) and int(last) <= MAX_VECTOR:
         sch.vectorize(loops[-1])

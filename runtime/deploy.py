@@ -48,6 +48,7 @@ LIBRARY, QDQ, FLOAT_ONNX = "model.so", "model.qdq.onnx", "model.float.onnx"
 BATCH_LIBRARY = "model_b{}.so"  # the model with its batch bound to one size (static shapes)
 QDQ_OPSET = 21  # int16 QuantizeLinear needs opset 21
 PUSH_DOWN_BINS = 50
+ALIGNMENT = 64  # bytes: TVM's default data alignment, which its kernels may assume
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, set[str]]:
@@ -326,8 +327,20 @@ class DeployedModel:
             dims = ", ".join(map(str, self.input_shape))
             raise ValueError(f"input has shape {tuple(arr.shape)}; accepted: (batch, {dims})")
         main = self._specialized.get(arr.shape[0], self._main)
-        y = main(tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device)).numpy()
+        y = main(self._input(arr)).numpy()
         return torch.from_numpy(y) if is_torch else y
+
+    def _input(self, arr: np.ndarray) -> tvm.runtime.Tensor:
+        """The input as a float32 TVM tensor. On the CPU a copy on a 64-byte boundary (the kernels
+        assume TVM's alignment) handed over by DLPack: 8 us at batch 1, where ``tvm.runtime.tensor``
+        took 39 us, a tenth of ResNet-20's latency."""
+        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            return tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device)
+        raw = np.empty(arr.size * 4 + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        aligned = raw[start : start + arr.size * 4].view(np.float32).reshape(arr.shape)
+        aligned[...] = arr
+        return tvm.runtime.from_dlpack(aligned)
 
 
 def load(model_dir: str | os.PathLike) -> DeployedModel:

@@ -56,9 +56,16 @@ def _stages(g: amx.Geometry, n, matmul: bool, levels: amx.Levels | None):
 
 
 @functools.cache
-def _library(g: amx.Geometry, w_shape: tuple[int, ...], matmul: bool, levels: amx.Levels | None):
-    """pack x, pack w, the tile kernel and the unpacking, compiled once per geometry for any batch."""
-    xs, pack, unpack_in, out = _stages(g, tirx.Var("n", "int64"), matmul, levels)
+def _library(
+    g: amx.Geometry,
+    w_shape: tuple[int, ...],
+    matmul: bool,
+    levels: amx.Levels | None,
+    batch: int | None = None,
+):
+    """pack x, pack w, the tile kernel and the unpacking, compiled once per geometry for any batch
+    (``batch``: for that one only, as a library specialized to it)."""
+    xs, pack, unpack_in, out = _stages(g, tirx.Var("n", "int64") if batch is None else batch, matmul, levels)
     ws = te.placeholder(w_shape, g.container, name="w")
     wp = amx.pack_weight(ws, g)
     with TARGET:
@@ -66,7 +73,7 @@ def _library(g: amx.Geometry, w_shape: tuple[int, ...], matmul: bool, levels: am
             {
                 "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
                 "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
-                "dot": amx.tile_kernel(g, levels),
+                "dot": amx.tile_kernel(g, levels, batch),
                 "unpack": schedule_prim_func(te.create_prim_func([*unpack_in, out])),
             }
         ), wp
@@ -79,11 +86,12 @@ def _run(
     matmul: bool,
     levels: amx.Levels | None = None,
     requant: tuple[np.ndarray, ...] = (),
+    static: bool = False,
 ) -> np.ndarray:
     """pack x and w, the tile kernel, unpack: the exact int64 product, or with ``levels`` the
     kernel's requantized levels scaled back (``requant``: the kernel's bias, fl, qp arguments; the
-    unpacking takes the last, qp)."""
-    lib, wp = _library(g, w.shape, matmul, levels)
+    unpacking takes the last, qp; ``static``: compiled for this batch only)."""
+    lib, wp = _library(g, w.shape, matmul, levels, x.shape[0] if static else None)
     _, pack, unpack_in, out = _stages(g, x.shape[0], matmul, levels)  # the buffers at this batch
     dev = tvm.cpu()
 
@@ -124,6 +132,22 @@ def test_conv_is_exact(shape, container: str) -> None:
     xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
     ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride)
     np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_static_batch_runs_small_work_on_one_thread(n: int) -> None:
+    """A kernel specialized to a batch whose tile work is below SERIAL_TILE_STEPS has no parallel
+    loop (waking the thread pool costs more than it shares), a larger one keeps it; both exact."""
+    c, h, o = 16, 12, 32
+    g = amx.Geometry(c, h, h, o, 3, 3, (1, 1), (1, 1, 1, 1), "int8")
+    steps = 9 * n * (g.out_blocks // 2) * (g.plane[2] // amx.PAIR)
+    assert (steps < amx.SERIAL_TILE_STEPS) == (n == 1)
+    assert ("T.parallel" in amx.tile_kernel(g, None, n).script()) == (n > 1)
+    rng = np.random.default_rng(n)
+    x, wt = _operands(rng, (n, c, h, h), "int8"), _operands(rng, (o, c, 3, 3), "int8")
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1))))
+    ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)))
+    np.testing.assert_array_equal(_run(g, x, wt, matmul=False, static=True), ref.numpy().astype(np.int64))
 
 
 @pytest.mark.parametrize(

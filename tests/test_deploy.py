@@ -135,6 +135,7 @@ def test_specialized_batches_run_their_libraries(deployed, digits):
     for n in (1, 3, 5):
         want = generic(tvm.runtime.tensor(x[:n], tvm.cpu())).numpy()
         np.testing.assert_array_equal(model(x[:n]), want)
+    np.testing.assert_array_equal(model(np.asfortranarray(x[:3], np.float64)), model(x[:3]))
     batch1 = relax_entry(out / B1)
     with pytest.raises(Exception, match="shape|Shape"):  # static: it takes one sample only
         batch1(tvm.runtime.tensor(x[:2], tvm.cpu()))
