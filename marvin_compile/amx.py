@@ -10,7 +10,8 @@ columns, so the result lands in NCHW.
 - A (weights, ``pack_weight``): ``[parts, O/16, KH, KW, chunks, 16, 4 * rows]``, one tile per
   (output-channel block, kernel tap, channel chunk): 16 output channels x ``4 * rows`` channels;
 - B (activations, ``pack_conv_input``): ``[N, parts, C/4, phases, Hq, Wq, 4]``, four channels per
-  4-byte group and the padded image split into ``stride x stride`` phase images, so for any
+  4-byte group and the padded image split into ``stride x stride`` phase images (those the taps
+  read: ``Geometry.phase_grid``), so for any
   kernel tap the 16 output pixels ``f .. f + 15`` (flattened over the phase image's width ``Wq``)
   read 64 contiguous bytes per channel group, and channel groups are one plane apart (the tile's
   row stride). The taps are 16-pixel windows shifted by ``(kh // sh) * Wq + kw // sw``;
@@ -129,8 +130,19 @@ class Geometry:
         return ceil_div(self.o, TILE)
 
     @property
+    def phase_grid(self) -> tuple[int, int]:
+        """Phase images per row and column that the taps read: the stride, capped by the kernel
+        (a 1 x 1 stride-2 conv reads one of the four)."""
+        return min(self.kh, self.stride[0]), min(self.kw, self.stride[1])
+
+    @property
     def phases(self) -> int:
-        return self.stride[0] * self.stride[1]
+        rows, cols = self.phase_grid
+        return rows * cols
+
+    def phase(self, i, j):
+        """The phase image kernel tap (i, j) reads."""
+        return (i % self.stride[0]) * self.phase_grid[1] + j % self.stride[1]
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -222,7 +234,8 @@ def _phase_pixel(x: te.Tensor, g: Geometry, b, part, c, ph, i, j) -> tirx.PrimEx
     """Byte ``part`` of channel ``c`` at pixel (i, j) of phase image ``ph`` of the zero-padded
     input ``x`` (NCHW), as int8."""
     sh, sw = g.stride
-    hi, wi = i * sh + ph // sw - g.padding[0], j * sw + ph % sw - g.padding[1]
+    cols = g.phase_grid[1]
+    hi, wi = i * sh + ph // cols - g.padding[0], j * sw + ph % cols - g.padding[1]
     inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
     value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
     return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
@@ -487,7 +500,7 @@ def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0, requant: _Requan
     for tile, part, q in plan.a:
         src = tirx.address_of(tirx.BufferLoad(ops.wp, [part, ob0 + q, i, j, ch, 0, 0]))
         loads.append(_amx("tileloadd64", _tile(tile), src, tirx.const(g.rows * GROUP, "int64")))
-    phase = (i % sh) * sw + j % sw
+    phase = g.phase(i, j)
     for tile, part, m in plan.b:
         col = f0 + m * TILE + (i // sh) * ops.wq + j // sw
         src = tirx.address_of(tirx.BufferLoad(ops.xp, [b, part, ch * g.rows, phase, 0, col, 0]))
@@ -669,7 +682,7 @@ def dw_kernel(g: Geometry) -> tirx.PrimFunc:
         tap, block = rest // blocks, rest % blocks
         c0, o0 = block // (ob // mb) * ma, block % (ob // mb) * mb
         i, j = tap // g.kw, tap % g.kw
-        phase = (i % sh) * sw + j % sw
+        phase = g.phase(i, j)
         col = step * DW_STEP + (i // sh) * wq + j // sw
         loads = [
             _amx(

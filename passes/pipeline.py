@@ -40,7 +40,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 14  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 15  # part of every cache key: bump when the same inputs compile to other code
 
 
 def codegen_key(target: tvm.target.Target) -> str:

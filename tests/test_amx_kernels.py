@@ -114,6 +114,8 @@ CONVS = [  # (n, c, h, w, o, kh, kw, stride, padding)
     (1, 70, 6, 6, 16, 1, 1, (1, 1), (0, 0, 0, 0)),  # channels past one 64-channel chunk
     (2, 13, 10, 10, 17, 5, 3, (1, 3), (2, 0, 1, 1)),  # odd channels, stride 3, asymmetric pad
     (1, 64, 8, 8, 64, 3, 3, (1, 1), (1, 1, 1, 1)),  # ResNet-20's last stage at batch 1
+    (2, 16, 9, 9, 24, 1, 1, (2, 2), (0, 0, 0, 0)),  # a 1 x 1 stride-2 shortcut: one phase image of four
+    (2, 8, 7, 9, 16, 1, 3, (2, 2), (0, 1, 0, 1)),  # one phase row, two phase columns
 ]
 
 
@@ -252,6 +254,7 @@ DW_CONVS = [  # (n, c, h, w, o, kh, kw, stride, padding)
     (19, 8, 7, 11, 20, 3, 3, (2, 2), (1, 1, 1, 1)),  # ragged, two chunks of images, stride 2
     (40, 16, 32, 32, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # ResNet-20's first stage, three chunks
     (2, 13, 10, 10, 17, 5, 3, (1, 3), (2, 0, 1, 1)),
+    (4, 16, 9, 9, 32, 1, 1, (2, 2), (0, 0, 0, 0)),  # one phase image of four
 ]
 
 
