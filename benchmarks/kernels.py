@@ -2,12 +2,13 @@
 
 For representative conv and GEMM shapes (LeNet-5, ResNet-20, a VGG-style conv, a square GEMM) this
 builds a one-layer torch model, compiles it through the marvin-compile pipeline into the variant of
-each kernel class, and times one call of the variant next to ``torch.nn.functional.conv2d`` /
-``linear`` (float32, oneDNN / MKL) on the same data. Throughput is ``2 * MACs / median time``.
+each kernel class, and times one call of the variant right after ``torch.nn.functional.conv2d`` /
+``linear`` (float32, oneDNN / MKL) on the same data, in rounds. Throughput is
+``2 * MACs / median time``; a ratio is the median over rounds of the back-to-back ratios.
 
 Usage::
 
-    .venv/bin/python benchmarks/kernels.py [--batch 128] [--repeat 10] [--quick] [--write-md] [--wait-idle S]
+    .venv/bin/python benchmarks/kernels.py [--batch 128] [--repeat 10] [--rounds 3] [--quick] [--write-md]
 """
 
 from __future__ import annotations
@@ -146,19 +147,31 @@ class Timing:
 
 @dataclass
 class Row:
-    """One table row: a shape, a kernel class and both throughputs."""
+    """One table row: a shape, a kernel class, and ours and torch's timing in each round."""
 
     shape: str
     kernel_class: str
-    ours_gops: float
-    torch_gops: float
-    ours: Timing
-    torch: Timing
+    macs: int
     rel_err: float
+    ours: list[Timing] = field(default_factory=list)
+    torch: list[Timing] = field(default_factory=list)
+
+    @property
+    def ours_gops(self) -> float:
+        return 2 * self.macs / statistics.median(t.median_s for t in self.ours) / 1e9
+
+    @property
+    def torch_gops(self) -> float:
+        return 2 * self.macs / statistics.median(t.median_s for t in self.torch) / 1e9
+
+    @property
+    def ratios(self) -> list[float]:
+        """ours / torch throughput in each round (both timed back to back)."""
+        return [t.median_s / o.median_s for o, t in zip(self.ours, self.torch, strict=True)]
 
     @property
     def ratio(self) -> float:
-        return self.ours_gops / self.torch_gops
+        return statistics.median(self.ratios)
 
 
 def median_time(call: Callable[[], object], repeat: int, budget_s: float = CASE_BUDGET_S) -> Timing:
@@ -190,7 +203,7 @@ def median_time(call: Callable[[], object], repeat: int, budget_s: float = CASE_
 
 @dataclass
 class Case:
-    """One shape's data, its imported float layer, and (after phase 1) torch's timing and output."""
+    """One shape's data, its imported float layer, and torch's output (the forward's reference)."""
 
     shape: Shape
     macs: int
@@ -199,9 +212,7 @@ class Case:
     b: np.ndarray
     layer: relax.Function
     onnx_path: str
-    torch: Timing | None = None
     ref: np.ndarray | None = None
-    torch_grad: dict[str, Timing] = field(default_factory=dict)  # "dx", "dw"
 
 
 def prepare(shape: Shape, batch: int, workdir: str) -> Case:
@@ -220,28 +231,24 @@ def prepare(shape: Shape, batch: int, workdir: str) -> Case:
         raise RuntimeError(f"{shape.name}: expected one layer, found {[lay.name for lay in layers]}")
     w = model[0].weight.detach().numpy().copy()
     b = model[0].bias.detach().numpy().copy()
-    return Case(shape, shape.macs(batch), x, w, b, layers[0].func, onnx_path)
-
-
-def time_torch(case: Case, repeat: int) -> None:
-    """Phase 1: torch float32 (``F.conv2d`` / ``F.linear``, default threads) on the case's data."""
-    x, w, b = torch.from_numpy(case.x), torch.from_numpy(case.w), torch.from_numpy(case.b)
-    restore_affinity()
+    case = Case(shape, shape.macs(batch), x, w, b, layers[0].func, onnx_path)
     with torch.inference_mode():
-        if case.shape.kind == "conv":
-            call = functools.partial(F.conv2d, x, w, b, padding=case.shape.pad)
-        else:
-            call = functools.partial(F.linear, x, w, b)
-        case.ref = call().numpy()
-        case.torch = median_time(call, repeat)
-        for product, grad_call in torch_gradients(case, x, w).items():
-            case.torch_grad[product] = median_time(grad_call, repeat)
-    print(
-        f"  {case.shape.name:32s} torch    {case.torch.median_s * 1e3:9.2f} ms "
-        f"({case.torch.count}, {case.torch.threads:.1f} thr)",
-        file=sys.stderr,
-        flush=True,
-    )
+        case.ref = torch_forward(case)().numpy()
+    return case
+
+
+def torch_forward(case: Case) -> Callable[[], torch.Tensor]:
+    """torch float32 ``F.conv2d`` / ``F.linear`` on the case's data."""
+    x, w, b = torch.from_numpy(case.x), torch.from_numpy(case.w), torch.from_numpy(case.b)
+    if case.shape.kind == "conv":
+        return functools.partial(F.conv2d, x, w, b, padding=case.shape.pad)
+    return functools.partial(F.linear, x, w, b)
+
+
+def torch_calls(case: Case) -> dict[str, Callable]:
+    """torch float32 on the case's data: the forward and the two backward products."""
+    x, w = torch.from_numpy(case.x), torch.from_numpy(case.w)
+    return {"forward": torch_forward(case), **torch_gradients(case, x, w)}
 
 
 def gradient_precisions(shape: Shape, target: tvm.target.Target) -> list[tuple[str, str, Precision]]:
@@ -277,7 +284,16 @@ def torch_gradients(case: Case, x: torch.Tensor, w: torch.Tensor) -> dict[str, C
     return {"dx": functools.partial(torch.matmul, g, w), "dw": functools.partial(torch.matmul, g.t(), x)}
 
 
-def time_gradients(case: Case, repeat: int, store: VariantStore) -> list[Row]:
+@dataclass
+class Timed:
+    """One of our calls and the row it is timed for, against torch's ``product``."""
+
+    row: Row
+    product: str  # forward / dx / dw
+    call: Callable[[], object]
+
+
+def gradient_calls(case: Case, store: VariantStore) -> list[Timed]:
     """The lowbit backward's integer dx / dw kernels of each integer class (stochastic rounding)."""
     from marvin_compile.runtime.compiled_model import precision_args
 
@@ -285,7 +301,7 @@ def time_gradients(case: Case, repeat: int, store: VariantStore) -> list[Row]:
     x, w = tvm.runtime.tensor(case.x, dev), tvm.runtime.tensor(case.w, dev)
     g_np = np.random.default_rng(1).standard_normal(case.ref.shape, dtype=np.float32)
     g, seed = tvm.runtime.tensor(g_np, dev), tvm.runtime.tensor(np.array(7, np.uint32), dev)
-    rows = []
+    out = []
     for name, class_name, precision in gradient_precisions(case.shape, store.target):
         vm = store.get_gradients(case.layer, CLASS_BY_NAME[class_name]).fn
         qp, _ = precision_args(precision, dev)
@@ -294,34 +310,21 @@ def time_gradients(case: Case, repeat: int, store: VariantStore) -> list[Row]:
             "dw": functools.partial(vm["dw"], x, g, qp, qp, seed),
         }
         for product, call in calls.items():
-            call()
-            ours = median_time(call, repeat)
-            torch_t = case.torch_grad[product]
-            gops, torch_gops = 2 * case.macs / ours.median_s / 1e9, 2 * case.macs / torch_t.median_s / 1e9
-            rows.append(
-                Row(case.shape.name, f"{name} {product}", gops, torch_gops, ours, torch_t, float("nan"))
-            )
-            print(
-                f"  {case.shape.name:32s} {name} {product} {ours.median_s * 1e3:9.2f} ms  "
-                f"{gops / torch_gops:.3f}x torch",
-                file=sys.stderr,
-                flush=True,
-            )
-    return rows
+            row = Row(case.shape.name, f"{name} {product}", case.macs, float("nan"))
+            out.append(Timed(row, product, call))
+    return out
 
 
-def time_ours(
-    case: Case, repeat: int, store: VariantStore, suffix: str = "", classes: tuple[str, ...] = ()
-) -> list[Row]:
-    """Phase 2: the compiled variant of each kernel class on the same data, checked against torch
+def forward_calls(
+    case: Case, store: VariantStore, suffix: str = "", classes: tuple[str, ...] = ()
+) -> list[Timed]:
+    """The compiled variant of each kernel class on the case's data, checked against torch
     (``classes``: only these; ``suffix`` marks the rows, e.g. " tuned")."""
     from marvin_compile.runtime.compiled_model import precision_args
 
-    assert case.torch is not None and case.ref is not None, "time_torch first"
     dev = store.device
     x, w, b = (tvm.runtime.tensor(a, dev) for a in (case.x, case.w, case.b))
-    torch_gops = 2 * case.macs / case.torch.median_s / 1e9
-    rows = []
+    out = []
     for label, class_name, precision in precisions(case.shape):
         if classes and class_name not in classes:
             continue
@@ -334,24 +337,39 @@ def time_ours(
                 f"{case.shape.name} {name}: output {y.shape} (torch {case.ref.shape}) or not finite"
             )
         rel_err = float(np.linalg.norm(y - case.ref) / np.linalg.norm(case.ref))
-        ours = median_time(lambda v=variant, q=qp, f=fl: v.fn(x, w, b, q, f), repeat)
-        gops = 2 * case.macs / ours.median_s / 1e9
-        rows.append(Row(case.shape.name, name, gops, torch_gops, ours, case.torch, rel_err))
-        print(
-            f"  {case.shape.name:32s} {name:10s} {ours.median_s * 1e3:9.2f} ms ({ours.count}, "
-            f"{ours.threads:.1f} thr)  {gops / torch_gops:.3f}x torch  rel.err vs torch {rel_err:.1e}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return rows
+        call = functools.partial(variant.fn, x, w, b, qp, fl)
+        out.append(Timed(Row(case.shape.name, name, case.macs, rel_err), "forward", call))
+    return out
 
 
-def tuned_rows(
-    cases: list[Case], repeat: int, target, args: argparse.Namespace, workdir: str
-) -> tuple[list[Row], float | None]:
-    """Tune every case's packed kernels with meta_schedule (``marvin-compile tune``), then time the
-    variants built from the database next to the default-schedule rows; also returns other
-    processes' CPU share while those were timed."""
+def time_rounds(cases: list[Case], ours: list[list[Timed]], repeat: int, rounds: int) -> None:
+    """Each round times, per case, every torch product and right after it our calls against it, so
+    a drift in machine speed (up to 2x within minutes here) hits both sides of a ratio alike."""
+    budget = CASE_BUDGET_S / rounds
+    for r in range(rounds):
+        for case, timed in zip(cases, ours, strict=True):
+            for product, torch_call in torch_calls(case).items():
+                mine = [t for t in timed if t.product == product]
+                if not mine:
+                    continue
+                restore_affinity()
+                with torch.inference_mode():
+                    reference = median_time(torch_call, repeat, budget)
+                for t in mine:
+                    t.row.torch.append(reference)
+                    t.row.ours.append(median_time(t.call, repeat, budget))
+                    print(
+                        f"  round {r + 1}: {case.shape.name:32s} {t.row.kernel_class:16s} "
+                        f"{t.row.ours[-1].median_s * 1e3:9.3f} ms, torch {reference.median_s * 1e3:9.3f} ms: "
+                        f"{reference.median_s / t.row.ours[-1].median_s:.3f}x",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+
+def tuned_calls(cases: list[Case], target, args: argparse.Namespace, workdir: str) -> list[list[Timed]]:
+    """Tune every case's packed kernels with meta_schedule (``marvin-compile tune``); the variants
+    built from the database, timed like the default-schedule rows."""
     from marvin_compile.runtime.variant_store import VariantStore
     from marvin_compile.tuning import TuningDatabase, tune
 
@@ -359,9 +377,7 @@ def tuned_rows(
     for case in cases:
         tune(case.onnx_path, target, args.tune_trials, db, args.batch, ("int8", "int16"))
     store = VariantStore(target, os.path.join(workdir, "tuned-cache"), TuningDatabase(db, target))
-    meter = LoadMeter()
-    rows = [r for case in cases for r in time_ours(case, repeat, store, " tuned", ("int8", "int16"))]
-    return rows, meter.other_share()
+    return [forward_calls(case, store, " tuned", ("int8", "int16")) for case in cases]
 
 
 def _own_cpu_s() -> float:
@@ -432,10 +448,14 @@ def kernel_families(target_text: str) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| shape | class | ours GOP/s | torch fp32 GOP/s | ratio ours/torch |", "|---|---|--:|--:|--:|"]
+    lines = [
+        "| shape | class | ours GOP/s | torch fp32 GOP/s | ratio ours/torch | ratio per round |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r.shape} | {r.kernel_class} | {r.ours_gops:.2f} | {r.torch_gops:.1f} | {r.ratio:.3f} |"
+            f"| {r.shape} | {r.kernel_class} | {r.ours_gops:.2f} | {r.torch_gops:.1f} | {r.ratio:.3f} "
+            f"| {min(r.ratios):.2f}-{max(r.ratios):.2f} |"
         )
     return "\n".join(lines)
 
@@ -449,8 +469,8 @@ class RunInfo:
     elapsed_s: float  # excluding waited_s
     waited_s: float  # waiting for an idle machine (--wait-idle)
     target: str
-    torch_load: float | None  # other processes' CPU share while torch was timed
-    ours_load: float | None  # ... while our variants were compiled and timed
+    load: float | None  # other processes' CPU share while the rounds were timed
+    rounds: int
 
 
 def _pct(share: float | None) -> str:
@@ -459,15 +479,12 @@ def _pct(share: float | None) -> str:
 
 def load_warnings(info: RunInfo) -> list[str]:
     """Warnings for phases during which other processes used the CPUs."""
-    out = []
-    if info.torch_load is not None and info.torch_load > BUSY:
-        out.append(
-            f"other processes used {_pct(info.torch_load)} of the CPUs while torch was timed: its "
+    if info.load is not None and info.load > BUSY:
+        return [
+            f"other processes used {_pct(info.load)} of the CPUs while the kernels were timed: "
             "multi-threaded times are unreliable (a stolen core stalls every parallel region)"
-        )
-    if info.ours_load is not None and info.ours_load > BUSY:
-        out.append(f"other processes used {_pct(info.ours_load)} of the CPUs while our variants were timed")
-    return out
+        ]
+    return []
 
 
 def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
@@ -493,13 +510,15 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             f"samples (fewer, >= 3, for slow cases: ~{CASE_BUDGET_S} s per case); a fast call is looped "
             f"so one sample lasts ~{MIN_SAMPLE_S * 1e3:.0f} ms. Ours = one call of the compiled variant "
             "(quantize inputs/weights/bias, conv/GEMM, requantize) as the pipeline compiles it now; "
-            "torch = `F.conv2d` / `F.linear` float32. Torch is timed first for all shapes (phase 1), "
-            "then our variants (phase 2).",
-            f"- Busy threads while timing (CPU s / wall s): ours {_span([r.ours.threads for r in rows])}, "
-            f"torch {_span([r.torch.threads for r in rows])}. TVM's pool pins the calling thread to CPU 0 "
+            "torch = `F.conv2d` / `F.linear` float32. Timed in "
+            f"{info.rounds} rounds: in each, per shape and product, torch and right after it each of "
+            "our variants (the machine's speed drifts up to 2x within minutes); GOP/s are the median "
+            "of the round medians, the ratio is the median of the rounds' ratios, and the last column "
+            "gives the rounds' range.",
+            f"- Busy threads while timing (CPU s / wall s): ours {_span(_threads(rows, 'ours'))}, "
+            f"torch {_span(_threads(rows, 'torch'))}. TVM's pool pins the calling thread to CPU 0 "
             "on first use; the script restores the affinity before timing torch.",
-            f"- Other processes' CPU share: {_pct(info.torch_load)} while torch was timed, "
-            f"{_pct(info.ours_load)} while ours was.",
+            f"- Other processes' CPU share while timing: {_pct(info.load)}.",
             *[f"- **Warning: {w}.**" for w in load_warnings(info)],
             *(
                 [
@@ -526,6 +545,10 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
     )
 
 
+def _threads(rows: list[Row], side: str) -> list[float]:
+    return [t.threads for r in rows for t in getattr(r, side)]
+
+
 def _span(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if values else "n/a"
 
@@ -534,7 +557,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128, help="batch size (GEMM rows for the fc layer)")
     p.add_argument("--repeat", type=int, default=10, help="max timed samples per case (fewer for slow cases)")
-    p.add_argument("--quick", action="store_true", help="only 2 shapes and 1 repeat (smoke test)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each timing torch and ours per case")
+    p.add_argument("--quick", action="store_true", help="only 2 shapes, 1 repeat, 1 round (smoke test)")
     p.add_argument("--write-md", action="store_true", help="rewrite the kernels section of BENCHMARKS.md")
     p.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file for --write-md")
     p.add_argument("--cache-dir", default=None, help="variant cache (default: a fresh temp dir)")
@@ -560,8 +584,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="first wait up to S seconds for an idle machine",
     )
     args = p.parse_args(argv)
-    if args.batch < 1 or args.repeat < 1:
-        p.error("--batch and --repeat must be >= 1")
+    if args.batch < 1 or args.repeat < 1 or args.rounds < 1:
+        p.error("--batch, --repeat and --rounds must be >= 1")
+    if args.quick:
+        args.rounds = 1
     return args
 
 
@@ -587,20 +613,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.wait_idle > 0:
             wait_idle(args.wait_idle)
         waited = time.perf_counter() - wait_start
-        meter = LoadMeter()
-        for case in cases:
-            time_torch(case, repeat)
-        torch_load, meter = meter.other_share(), LoadMeter()
         store = VariantStore(target, args.cache_dir or os.path.join(workdir, "cache"))
-        rows = [row for case in cases for row in time_ours(case, repeat, store)]
-        grad_rows = [row for case in cases for row in time_gradients(case, repeat, store)]
-        ours_load = meter.other_share()
-        if args.tune_trials:  # tuning's builder/runner processes would count as load: meter apart
-            tuned, tuned_load = tuned_rows(cases, repeat, target, args, workdir)
-            rows += tuned
-            ours_load = max(ours_load or 0.0, tuned_load or 0.0)
+        forward = [forward_calls(case, store) for case in cases]  # compiled before any timing
+        backward = [gradient_calls(case, store) for case in cases]
+        tuned = tuned_calls(cases, target, args, workdir) if args.tune_trials else [[] for _ in cases]
+        meter = LoadMeter()  # after tuning, whose builder/runner processes would count as load
+        ours = [f + t + g for f, t, g in zip(forward, tuned, backward, strict=True)]
+        time_rounds(cases, ours, repeat, args.rounds)
+        load = meter.other_share()
+        rows = [t.row for f, tu in zip(forward, tuned, strict=True) for t in f + tu]
+        grad_rows = [t.row for g in backward for t in g]
     elapsed = time.perf_counter() - start - waited
-    info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), torch_load, ours_load)
+    info = RunInfo(args.batch, command_line(), elapsed, waited, str(target), load, args.rounds)
 
     print(f"torch threads: {torch.get_num_threads()}; TVM threads: {tvm_threads()}; batch: {args.batch}\n")
     print(markdown_table(rows))
@@ -608,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(grad_rows))
     wait_note = f" (plus {waited:.0f} s waiting for an idle machine)" if args.wait_idle > 0 else ""
     print(f"\ntotal run time: {elapsed:.1f} s{wait_note}", flush=True)
-    print(f"other processes' CPU share: torch phase {_pct(torch_load)}, ours phase {_pct(ours_load)}")
+    print(f"other processes' CPU share while timing: {_pct(load)}")
     for warning in load_warnings(info):
         print(f"WARNING: {warning}", file=sys.stderr)
     if args.write_md:

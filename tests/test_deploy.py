@@ -142,6 +142,9 @@ def test_specialized_batches_run_their_libraries(deployed, digits):
 
 
 def test_batch_sizes_are_checked(trained_lenet, tmp_path):
+    from marvin_compile.runtime.deploy import batch_sizes
+
+    assert batch_sizes((np.int64(64), 1, 1)) == [1, 64]
     with pytest.raises(ValueError, match="positive integers, got \\[0\\]"):
         deploy(trained_lenet, torch.randn(2, 1, 32, 32), {}, tmp_path / "d", batches=(1, 0))
 
