@@ -361,12 +361,18 @@ def load(model_dir: str | os.PathLike) -> DeployedModel:
 
 
 def _batch_libraries(manifest: dict) -> dict[str, str]:
-    """Batch size -> specialized library; directories deployed before sizes were a choice name at
-    most ``batch1_library``."""
-    if "batch_libraries" in manifest:
-        return manifest["batch_libraries"]
+    """Batch size -> specialized library, each named ``model_b{N}.so`` in the directory itself (a
+    manifest cannot point the loader elsewhere); directories deployed before sizes were a choice
+    name at most ``batch1_library``."""
     legacy = manifest.get("batch1_library")
-    return {"1": legacy} if legacy else {}
+    named = manifest.get("batch_libraries", {"1": legacy} if legacy else {})
+    for size, name in named.items():
+        if not str(size).isdigit() or name != BATCH_LIBRARY.format(int(size)):
+            raise ModelError(
+                f"manifest lists {name!r} as the library for batch {size!r}; accepted: model_b<N>.so "
+                "for batch N, in the deployed directory"
+            )
+    return named
 
 
 def deploy_run(

@@ -174,6 +174,13 @@ def test_load_refuses_tampered_and_shared_directories(deployed, tmp_path):
     shutil.copy(src / QDQ, bad / QDQ)
     with pytest.raises(ModelError, match=f"checksum mismatch for .*{B1}"):
         load(bad)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(src, elsewhere)
+    manifest = json.loads((elsewhere / "manifest.json").read_text())
+    manifest["batch_libraries"]["1"] = "../elsewhere/model.so"
+    (elsewhere / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="accepted: model_b<N>.so"):
+        load(elsewhere)
     shared = tmp_path / "shared"
     shutil.copytree(src, shared)
     os.chmod(shared, 0o777)
