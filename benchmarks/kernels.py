@@ -346,9 +346,10 @@ def time_rounds(cases: list[Case], ours: list[list[Timed]], repeat: int, rounds:
     """Each round times, per case, every torch product and right after it our calls against it, so
     a drift in machine speed (up to 2x within minutes here) hits both sides of a ratio alike."""
     budget = CASE_BUDGET_S / rounds
+    references = [torch_calls(case) for case in cases]
     for r in range(rounds):
-        for case, timed in zip(cases, ours, strict=True):
-            for product, torch_call in torch_calls(case).items():
+        for case, calls, timed in zip(cases, references, ours, strict=True):
+            for product, torch_call in calls.items():
                 mine = [t for t in timed if t.product == product]
                 if not mine:
                     continue

@@ -577,16 +577,20 @@ def _parallel_tasks(
     sums here (TVM 0.27)."""
     worker, k = tirx.Var("worker", "int64"), tirx.Var("k", "int64")
     tasks = tirx.const(tasks, "int64") if isinstance(tasks, int) else tasks
-    grant = tirx.call_extern("int64", "syscall", SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    grant = tirx.Evaluate(
+        tirx.call_extern("int64", "syscall", SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    )
+
+    def chunk(first: tirx.PrimExpr, count: tirx.PrimExpr) -> tirx.Stmt:
+        own = tirx.For(k, 0, count, tirx.ForKind.SERIAL, task(first + k))
+        return tirx.SeqStmt([*config, own, tirx.Evaluate(_amx("tilerelease"))])
+
     if isinstance(tasks, tirx.IntImm) and tasks.value * steps < SERIAL_TILE_STEPS:
-        own = tirx.For(k, 0, tasks, tirx.ForKind.SERIAL, task(k))
-        return tirx.SeqStmt([tirx.Evaluate(grant), *config, own, tirx.Evaluate(_amx("tilerelease"))])
+        return tirx.SeqStmt([grant, chunk(tirx.const(0, "int64"), tasks)])
     chunks = tirx.min(WORKERS, (tasks + CHUNK_TASKS - 1) // CHUNK_TASKS)
     start, stop = worker * tasks // chunks, (worker + 1) * tasks // chunks
-    own = tirx.For(k, 0, stop - start, tirx.ForKind.SERIAL, task(start + k))
-    chunk = tirx.SeqStmt([*config, own, tirx.Evaluate(_amx("tilerelease"))])
-    parallel = tirx.For(worker, 0, chunks, tirx.ForKind.PARALLEL, tirx.IfThenElse(stop > start, chunk, None))
-    return tirx.SeqStmt([tirx.Evaluate(grant), parallel])
+    body = tirx.IfThenElse(stop > start, chunk(start, stop - start), None)
+    return tirx.SeqStmt([grant, tirx.For(worker, 0, chunks, tirx.ForKind.PARALLEL, body)])
 
 
 def _scheduled(buffers: list[tirx.Buffer], body: tirx.Stmt) -> tirx.PrimFunc:

@@ -35,7 +35,7 @@ from marvin_compile.fixed_point import Precision, quantize_np
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
-from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param
+from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param, static_extent
 
 ACC_ATTR = "marvin.accumulator"
 INT32_MAX = 2**31 - 1
@@ -377,7 +377,7 @@ def tile_product(
         weight = bind(packed)
     if in_kernel:
         levels, qp = epilogue.levels, epilogue.qp
-        kernel = bb.add_func(amx.tile_kernel(tiles, levels, _static(rows)), amx.KERNEL)
+        kernel = bb.add_func(amx.tile_kernel(tiles, levels, static_extent(rows)), amx.KERNEL)
         out_type = relax.TensorType(amx.output_shape(tiles, rows, levels), levels.dtype)
         args = [bind(xp), weight, *([epilogue.bias] if levels.bias else []), epilogue.fl, qp]
         y = bind(relax.call_tir(kernel, args, out_type))
@@ -392,7 +392,7 @@ def tile_product(
         # kernel, and the float32 activation between them never reaches memory.
         _set_pattern(bb, call, INJECTIVE)
         return call
-    kernel = bb.add_func(amx.tile_kernel(tiles, None, _static(rows)), amx.KERNEL)
+    kernel = bb.add_func(amx.tile_kernel(tiles, None, static_extent(rows)), amx.KERNEL)
     out_type = relax.TensorType(amx.output_shape(tiles, rows), "int32")
     y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))
     fe, e_args = epilogue
@@ -406,10 +406,6 @@ def tile_product(
     call = bb.call_te(unpack, y, *e_args, primfunc_name_hint="marvin_amx_unpack")
     _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
     return call
-
-
-def _static(extent: tvm.tirx.PrimExpr) -> int | None:
-    return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None
 
 
 def _set_pattern(bb: relax.BlockBuilder, call: relax.Call, pattern: int) -> None:
