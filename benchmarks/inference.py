@@ -244,14 +244,23 @@ def ort_intra_threads() -> int:
     return started + 1
 
 
-def tvm_breakdown(library: Path, x: np.ndarray) -> dict[str, float]:
-    """Seconds per kernel kind in one instrumented call of the (already verified) TVM library.
+def tvm_breakdown(out: Path, manifest: dict, batch: int, x: np.ndarray) -> dict[str, float]:
+    """Seconds per kernel kind in one instrumented call of the deployed model at ``batch``.
 
-    ``total`` is the instrumented call's wall time; what the kinds do not cover is the Python
-    instrument callbacks' own overhead (two per VM call).
+    The deployed libraries run ``main`` as compiled code, which has no per-call hooks, so this
+    builds the same model for the same batch with ``main`` as VM bytecode (same kernels) and
+    instruments that. ``total`` is the instrumented call's wall time; what the kinds do not cover
+    is the Python instrument callbacks' own overhead (two per VM call).
     """
+    from marvin_compile.fixed_point import Precision
+    from marvin_compile.runtime.deploy import FLOAT_ONNX, compile_library
+    from marvin_compile.target import resolve_target
+
+    precision = {layer["name"]: Precision(layer["wl"], layer["fl"]) for layer in manifest["layers"]}
+    target = resolve_target(manifest["target"])
+    executable = compile_library(out / FLOAT_ONNX, precision, target, None, batch, exec_mode="bytecode")
     dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), dev)
+    vm = relax.VirtualMachine(executable, dev)
     arg = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev)
     vm["main"](arg)
     spent: dict[str, float] = defaultdict(float)
@@ -309,7 +318,6 @@ def bench_model(
 ) -> ModelResult:
     """Deploy one model and time the engines (five plus the 1-thread reference) at batch 1 and 64."""
     from marvin_compile.runtime.deploy import (
-        BATCH_LIBRARY,
         FLOAT_ONNX,
         LIBRARY,
         QDQ,
@@ -391,7 +399,7 @@ def bench_model(
             result.rows.append(Row(spec.name, batch, name, timed[name], err))
         for row in result.rows[-len(ENGINES) :]:
             row.fp32_s, row.int8_s = timed[ORT_FP32].median_s, timed[ORT_INT8].median_s
-        result.breakdown[batch] = tvm_breakdown(out / BATCH_LIBRARY.format(batch), x)
+        result.breakdown[batch] = tvm_breakdown(out, manifest, batch, x)
         result.pinned |= restore_affinity()
     return result
 

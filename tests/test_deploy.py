@@ -149,15 +149,32 @@ def test_batch_sizes_are_checked(trained_lenet, tmp_path):
         deploy(trained_lenet, torch.randn(2, 1, 32, 32), {}, tmp_path / "d", batches=(1, 0))
 
 
+def test_build_names_the_accepted_exec_modes():
+    from marvin_compile.passes import pipeline
+    from marvin_compile.target import resolve_target
+
+    with pytest.raises(ValueError, match="'jit' is not one of \\('compiled', 'bytecode'\\)"):
+        pipeline.build(tvm.IRModule(), resolve_target("cpu"), exec_mode="jit")
+
+
 def relax_entry(path):
     return tvm.relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())["main"]
 
 
-def test_loader_works_on_torch_tensors(deployed):
+def test_loader_works_on_torch_tensors(deployed, digits):
+    """Torch's aligned float32 tensors go in without a copy and results come out by DLPack: the
+    outputs match a copied numpy input, and a later call leaves an earlier result intact."""
     out, _ = deployed
-    x = torch.randn(3, 1, 32, 32)
-    y = load(out)(x)
-    assert isinstance(y, torch.Tensor) and y.shape == (3, 10)
+    model = load(out)
+    x = digits[1].tensors[0][:6].clone()
+    assert x.data_ptr() % 64 == 0
+    for batch in (1, 3):  # model_b1.so, model_b3.so
+        first = model(x[:batch])
+        kept = first.clone()
+        second = model(x[batch : 2 * batch])
+        assert isinstance(first, torch.Tensor) and first.shape == (batch, 10)
+        assert torch.equal(first, kept) and not torch.equal(first, second)
+        np.testing.assert_array_equal(first.numpy(), model(x[:batch].numpy().astype(np.float64)))
 
 
 def test_load_refuses_tampered_and_shared_directories(deployed, tmp_path):
