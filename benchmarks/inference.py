@@ -547,7 +547,8 @@ def section(
             "database; each layer's ReLU / residual add fused into its unpacking, and the next layer's "
             "packing too where the output feeds only that layer; deployed with `batches=(1, 64)`, so "
             "batch 1 and 64 run `model_b1.so` and `model_b64.so`, the libraries with the batch bound to "
-            "that size (static shapes: no shape bookkeeping, memory planned once); "
+            "that size (static shapes: no shape bookkeeping, memory planned once); `main` compiled to "
+            'machine code (Relax `exec_mode="compiled"`), input and output passed by DLPack; '
             f"`{OURS_GENERIC}` is the library for any batch size, timed alongside; "
             f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}); "
             "ORT fp32 = `model.float.onnx` (BN folded); ORT our QDQ = "
@@ -589,7 +590,9 @@ def section(
             "ORT int8, batch 1 and 64):",
             *acceptance(results),
             "",
-            "Where the TVM module's time goes (one instrumented call; ms per kernel kind and share of the "
+            "Where the TVM module's time goes (one instrumented call of the same model built with `main` as "
+            "VM bytecode, since the deployed libraries compile `main` to machine code, which has no per-call "
+            "hooks; ms per kernel kind and share of the "
             "kernels' sum; packed conv/dense = a layer's whole AVX-512 kernel: input quantize, dot product, "
             "requantize and the fused ReLU / residual add; on AMX a layer is three calls: AMX packing/"
             "unpacking = input quantize + packing before the tiles, unpacking + requantize + fused ReLU / "

@@ -5,9 +5,13 @@ One PrimFunc per layer call, four stages:
 - ``dot_pack_x``: the quantized input in ``[N, C/d, H+pad, W+pad, d]`` (d = the intrinsic's
   reduction depth), zero padding folded in (for vpdpbusd the operand is ``x + 128`` as uint8);
 - ``dot_pack_w``: the weight in ``[O/L, C/d, KH, KW, L, d]`` (L = the intrinsic's lanes), so one
-  instruction reads one contiguous 64-byte row. In training the weight changes every step and is
-  packed in the kernel (O(weights) per call); a deployed kernel takes it packed (``PackedWeight``,
-  from ``pack_weight`` on the constant weight, folded at build time);
+  instruction reads one contiguous 64-byte row.
+  A conv whose channels leave the depth part-empty (``folds_taps``: LeNet-5's one-channel conv1)
+  packs (kernel column, channel) pairs into it instead: ``[N, C*KW/d, H+pad, W_out, d]`` and
+  ``[O/L, C*KW/d, KH, 1, L, d]``, the input's columns unfolded over the taps of a kernel row.
+  In training the weight changes every step and is packed in the kernel (O(weights) per call);
+  a deployed kernel takes it packed (``PackedWeight``, from ``pack_weight`` on the constant
+  weight, folded at build time);
 - ``marvin_dot``: the reduction (int32; float32 for the float32 class), tensorized by
   ``passes/schedule_dot``;
 - ``dot_unpack``: back to NCHW (or rows x features) in the class's accumulator dtype, minus the
@@ -37,29 +41,50 @@ def ceil_div(a: int, b: int) -> int:
 @dataclass(frozen=True)
 class PackedWeight:
     """A weight in the kernel's layout: ``data`` [O/L, C/d, KH, KW, L, d] (KH = KW = 1 for a
-    matmul), the per-output sums vpdpbusd's offset correction needs (else None), and O."""
+    matmul; [O/L, C*KW/d, KH, 1, L, d] where ``folds_taps``), the per-output sums vpdpbusd's offset
+    correction needs (else None), and the unpacked weight's shape."""
 
     data: te.Tensor
     sums: te.Tensor | None
-    out_features: int
+    shape: tuple[int, ...]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+
+def folds_taps(channels: int, kernel_width: int, depth: int) -> bool:
+    """Whether a conv's reduction depth holds (kernel column, channel) pairs rather than channels
+    alone: where that takes fewer dot instructions (a one-channel 5x5 conv on vpdpbusd: 2 per
+    kernel row instead of 5, each 4-deep one then holding 1 live channel)."""
+    return ceil_div(channels * kernel_width, depth) < ceil_div(channels, depth) * kernel_width
 
 
 def pack_weight(w: te.Tensor, isa: DotISA, container: str) -> PackedWeight:
     """``w`` [O, C, KH, KW] (conv) or [O, K] (matmul), integer, in the kernel's layout."""
-    conv = len(w.shape) == 4
-    o, c = int(w.shape[0]), int(w.shape[1])
-    kh, kw = (int(w.shape[2]), int(w.shape[3])) if conv else (1, 1)
+    shape = tuple(int(d) for d in w.shape)
+    conv = len(shape) == 4
+    o, c = shape[0], shape[1]
+    kh, kw = shape[2:] if conv else (1, 1)
     lanes, depth = isa.lanes, isa.depth(container)
     dtype = isa.weight_dtype(container)
+    fold = conv and folds_taps(c, kw, depth)
 
     def f(ob, cb, i, j, oi, p):
         oc, cc = ob * lanes + oi, cb * depth + p
-        inside = tirx.all(oc < o, cc < c)
-        value = w[oc, cc, i, j] if conv else w[oc, cc]
+        if fold:  # cc runs over (column, channel) pairs
+            inside = tirx.all(oc < o, cc < c * kw)
+            value = w[oc, cc % c, i, cc // c]
+        else:
+            inside = tirx.all(oc < o, cc < c)
+            value = w[oc, cc, i, j] if conv else w[oc, cc]
         return tirx.Select(inside, cast_to(dtype, value), tirx.const(0, dtype))
 
-    packed = te.compute((ceil_div(o, lanes), ceil_div(c, depth), kh, kw, lanes, depth), f, name="dot_pack_w")
-    return PackedWeight(packed, weight_sums(w, isa, container), o)
+    groups = ceil_div(c * kw, depth) if fold else ceil_div(c, depth)
+    packed = te.compute(
+        (ceil_div(o, lanes), groups, kh, 1 if fold else kw, lanes, depth), f, name="dot_pack_w"
+    )
+    return PackedWeight(packed, weight_sums(w, isa, container), shape)
 
 
 def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
@@ -123,7 +148,7 @@ def conv2d(
     """NCHW x OIHW -> NCHW in ``acc`` (int32, or int64 for the int16 class), groups 1, dilation 1."""
     n, c, h, wd = x.shape
     wpk = w if isinstance(w, PackedWeight) else pack_weight(w, isa, container)
-    o, kh, kw = wpk.out_features, int(wpk.data.shape[2]), int(wpk.data.shape[3])
+    o, _, kh, kw = wpk.shape
     top, left, bottom, right = padding
     sh, sw = strides
     depth, lanes = isa.depth(container), isa.lanes
@@ -131,15 +156,26 @@ def conv2d(
     ow = (int(wd) + left + right - kw) // sw + 1
     hp, wp_ = (oh - 1) * sh + kh, (ow - 1) * sw + kw
     pad = pad_value(isa, container)
+    fold = folds_taps(int(c), kw, depth)
 
     def pack_x(b, cb, i, j, p):
         cc, hi, wi = cb * depth + p, i - top, j - left
-        inside = tirx.all(cc < c, hi >= 0, hi < h, wi >= 0, wi < wd)
-        return tirx.Select(inside, operand(x[b, cc, hi, wi], isa, container), pad)
+        if fold:  # j is the output column, cc a (kernel column, channel) pair
+            cc, wi = cc % c, j * sw + cc // c - left
+            inside = tirx.all(cb * depth + p < c * kw, hi >= 0, hi < h, wi >= 0, wi < wd)
+        else:
+            inside = tirx.all(cc < c, hi >= 0, hi < h, wi >= 0, wi < wd)
+        # Select loads even where it takes the pad: channel and row kept inside the input (the
+        # column is not, so that a row stays one vector load; it reaches ``left`` / ``right``
+        # elements past a row's ends, which are the neighbouring rows but at the very ends)
+        value = x[b, tirx.min(cc, c - 1), tirx.max(tirx.min(hi, h - 1), 0), wi]
+        return tirx.Select(inside, operand(value, isa, container), pad)
 
-    xp = te.compute((n, ceil_div(int(c), depth), hp, wp_, depth), pack_x, name="dot_pack_x")
+    groups = int(wpk.data.shape[1])
+    xp = te.compute((n, groups, hp, ow if fold else wp_, depth), pack_x, name="dot_pack_x")
     dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk.data, (n, ceil_div(o, lanes), oh, ow, lanes), (sh, sw), kh, kw, depth, dtype)
+    out_shape = (n, ceil_div(o, lanes), oh, ow, lanes)
+    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, 1 if fold else kw, depth, dtype)
     return te.compute(
         (n, o, oh, ow),
         lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wpk.sums, oc, acc),

@@ -234,7 +234,7 @@ class LowerToIntegerKernels:
                 if weight is None:
                     wq = te_ops.quantize_to_int(wts[0], qp_t, container, sd, SALTS[1])
                 else:
-                    wq = te_dot.PackedWeight(wts[0], wts[1] if len(wts) > 1 else None, weight_shape[0])
+                    wq = te_dot.PackedWeight(wts[0], wts[1] if len(wts) > 1 else None, tuple(weight_shape))
                 return te_ops.requantize(dot(xq, wq), given.get("bias"), qp_t, fl_t, axis, sd)
 
             extra = [optional[k] for k in present]

@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
-from marvin_compile.passes.utils import parallel, schedule_injective
+from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent
 from marvin_compile.te_dot import DOT_BLOCK
 
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
@@ -119,17 +119,46 @@ def schedule_dot(
     pack_w = find_block(sch, "dot_pack_w")  # absent when the kernel takes the weight packed
     if pack_w is not None:
         schedule_injective(sch, pack_w)
-    schedule_unpack(sch, sch.get_sblock("dot_unpack"))
+    unpack = sch.get_sblock("dot_unpack")
+    if not unpack_in_tile(sch, unpack, cache, wo):
+        schedule_unpack(sch, unpack)
 
 
 def schedule_pack_x(sch: Schedule, block) -> None:
-    """Parallel over images x channel groups. The input quantizer (fused in) stays a stage of its
-    own: inlined into the packing it would run scalar."""
+    """Parallel over images x channel groups; a conv's packing is vectorized along the row (each
+    of the ``d`` channels a contiguous load, the interleaving done in registers: 4.5x faster than
+    element by element for ResNet-20's 16-channel int16 layer at batch 128). The input quantizer
+    (fused in) stays a stage of its own: inlined into the packing it would run scalar."""
     quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
-    n, cb, *_ = sch.get_loops(block)
+    n, cb, i, j, p = sch.get_loops(block)
     parallel(sch, sch.fuse(n, cb), block)
+    width = static_extent(sch.get(j).extent)
+    if static_extent(sch.get(i).extent) != 1 and width is not None:  # a matmul's rows are strided
+        sch.reorder(p, j)
+        sch.unroll(p)
+        if width <= MAX_VECTOR:
+            sch.vectorize(j)
+        elif (lanes := lanes_for(width)) is not None:
+            sch.vectorize(sch.split(j, [None, lanes])[1])
     for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
         schedule_injective(sch, producer)
+
+
+def unpack_in_tile(sch: Schedule, unpack, tile, tile_loop) -> bool:
+    """A conv's unpacking (requantize, the fused ReLU / residual add) moved into the register tile's
+    loop, reading the tile where it was summed: the sums go straight to the output instead of
+    through an int32 buffer of 16 lanes per pixel (LeNet-5's 6-channel conv1: 2.7x its output).
+    Not where the unpacking also reads what the kernel computes per call besides the tile (the
+    weight sums vpdpbusd's offset needs in training), nor for a matmul (rows padded to blocks)."""
+    if len(sch.get_loops(unpack)) != 4:
+        return False
+    tile_name = sch.get(tile).name_hint
+    if any(sch.get(p).name_hint not in (tile_name, "root") for p in sch.get_producers(unpack)):
+        return False
+    sch.reverse_compute_at(unpack, tile_loop, preserve_unit_loops=True)
+    sch.compute_inline(tile)
+    sch.vectorize(sch.get_loops(unpack)[-1])
+    return True
 
 
 def schedule_unpack(sch: Schedule, block) -> None:

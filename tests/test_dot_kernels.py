@@ -50,8 +50,9 @@ def _scale(v: np.ndarray, wl: int) -> np.ndarray:
     return np.clip(v, -(2 ** (wl - 1)), 2 ** (wl - 1) - 1).astype(v.dtype)
 
 
-CONVS = [  # (n, c, h, o, k, stride, pad)
+CONVS = [  # (n, c, h, o, k, stride, pad); few channels fold kernel columns into the depth (folds_taps)
     (2, 3, 9, 10, 3, 1, 1),
+    (2, 1, 12, 6, 5, 2, 2),
     (3, 16, 16, 32, 3, 2, 1),
     (1, 6, 14, 16, 5, 1, 0),
     (2, 5, 7, 20, 1, 1, 0),
