@@ -330,6 +330,32 @@ def test_frozen_int16_layer_takes_the_int32_kernel_when_its_weights_allow(tmp_pa
     np.testing.assert_array_equal(got, quantize_np(ref, p.wl, p.fl))
 
 
+def test_requantize_stays_exact_where_only_the_bias_leaves_int32(tmp_path):
+    """The products' sum fits int32 (so the int32 kernel runs), but with the bias shifted onto its
+    grid it does not: the requantize must stay int64. At the extreme input, int32 would wrap the
+    sum negative and clamp it to the lowest level instead of the highest."""
+    from marvin_compile.fixed_point import quantize_np
+    from marvin_compile.passes.lower_integer import INT32_MAX, weight_bound
+
+    p = Precision(16, 8)
+    top = (2**15 - 1) / 2**p.fl  # the largest value at (16, 8)
+    model = nn.Sequential(nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, :2] = torch.tensor([32767.0, 32640.0]) / 2**p.fl
+        model[0].weight[1, :2] = torch.tensor([1.0, -1.0])
+        model[0].bias.fill_(top)
+    weight = model[0].weight.detach().numpy()
+    assert weight_bound(weight, p) <= INT32_MAX < weight_bound(weight, p) + 2 ** (p.wl - 1 + p.fl)
+    deploy(model, torch.randn(2, 8), {"0": p}, tmp_path / "d", batches=())
+    x = np.full((1, 8), top, np.float32)
+    got = load(tmp_path / "d")(x)
+    q = {k: quantize_np(v.detach().double().numpy(), p.wl, p.fl) for k, v in model[0].state_dict().items()}
+    ref = quantize_np(quantize_np(x.astype(np.float64), p.wl, p.fl) @ q["weight"].T + q["bias"], p.wl, p.fl)
+    assert got[0, 0] == top
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_deployed_weights_are_stored_in_integer_containers():
     """Freezing folds each weight's quantization (and, on the packed kernels, its packing) into
     an integer constant: the only float32 constants left are the 4-element precision vectors."""
