@@ -133,7 +133,11 @@ def schedule_pack_x(sch: Schedule, block) -> None:
     n, cb, i, j, p = sch.get_loops(block)
     parallel(sch, sch.fuse(n, cb), block)
     width = static_extent(sch.get(j).extent)
-    if static_extent(sch.get(i).extent) != 1 and width is not None:  # a matmul's rows are strided
+    channels = static_extent(sch.get(block).reads[0].source.shape[1])
+    # Not for one channel in 4-byte groups (LeNet-5's conv1, kernel columns folded in): the four
+    # overlapping windows of a row become a chain of byte permutes, 1.3x slower than scalar code
+    window = channels == 1 and static_extent(sch.get(p).extent) == 4
+    if static_extent(sch.get(i).extent) != 1 and width is not None and not window:  # matmul: strided
         sch.reorder(p, j)
         sch.unroll(p)
         if width <= MAX_VECTOR:
