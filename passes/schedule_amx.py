@@ -18,9 +18,8 @@ from tvm.s_tir import Schedule
 
 from marvin_compile.amx import GROUP
 from marvin_compile.passes.schedule_dot import find_block
-from marvin_compile.passes.utils import parallel, schedule_injective, static_extent
+from marvin_compile.passes.utils import parallel, schedule_injective, vectorize_row
 
-MAX_VECTOR = 64
 AMX_BLOCKS = ("amx_pack_x", "amx_pack_w", "amx_unpack", "amx_pack_dw_x", "amx_pack_dw_g", "amx_fold_dw")
 
 
@@ -93,8 +92,7 @@ def _unpack(sch: Schedule) -> None:
     if len(loops) == 4:
         n, oc, _i, j = loops
         parallel(sch, sch.fuse(n, oc), first)
-        if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
-            sch.vectorize(j)
+        vectorize_row(sch, j)
     else:
         parallel(sch, loops[0], first)
 
@@ -105,8 +103,7 @@ def _pack_dw_x(sch: Schedule, block) -> None:
         schedule_injective(sch, producer)
     n, part, c, _ph, _i, j = sch.get_loops(block)
     parallel(sch, sch.fuse(n, part, c), block)
-    if (static_extent(sch.get(j).extent) or MAX_VECTOR + 1) <= MAX_VECTOR:
-        sch.vectorize(j)
+    vectorize_row(sch, j)
 
 
 def _pack_dw_g(sch: Schedule, block) -> None:

@@ -17,13 +17,12 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
-from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent
+from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent, vectorize_row
 from marvin_compile.te_dot import DOT_BLOCK
 
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
 REGISTERS = {16: 32, 8: 16}  # vector registers by lanes: zmm0-31 (AVX-512), ymm0-15 (AVX2)
 MAX_OB_BLOCK = 4
-MAX_VECTOR = 64  # longest unpack row vectorized as one vector (LLVM splits it into registers)
 
 
 def find_block(sch: Schedule, name: str):
@@ -140,9 +139,7 @@ def schedule_pack_x(sch: Schedule, block) -> None:
     if static_extent(sch.get(i).extent) != 1 and width is not None and not window:  # matmul: strided
         sch.reorder(p, j)
         sch.unroll(p)
-        if width <= MAX_VECTOR:
-            sch.vectorize(j)
-        elif (lanes := lanes_for(width)) is not None:
+        if not vectorize_row(sch, j) and (lanes := lanes_for(width)) is not None:
             sch.vectorize(sch.split(j, [None, lanes])[1])
     for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
         schedule_injective(sch, producer)
@@ -171,9 +168,7 @@ def schedule_unpack(sch: Schedule, block) -> None:
     loops = sch.get_loops(block)
     outer = sch.fuse(*loops[:2]) if len(loops) == 4 else loops[0]
     parallel(sch, outer, block)
-    last = sch.get(loops[-1]).extent
-    if isinstance(last, tirx.IntImm) and int(last) <= MAX_VECTOR:
-        sch.vectorize(loops[-1])
+    vectorize_row(sch, loops[-1])
 
 
 def _inline_neighbours(sch: Schedule) -> None:

@@ -71,6 +71,7 @@ def map_layers(
 
 # TIR schedule helpers shared by schedule_cpu and schedule_dot.
 VECTOR_LANES = (16, 8, 4, 2)
+MAX_VECTOR = 64  # longest row vectorized as one vector
 # A loop nest of fewer iterations (all extents static: a library specialized to a small batch) runs on
 # the calling thread: waking the thread pool costs more than the work it would share. Serial layout
 # kernels (and tile loops, ``amx.SERIAL_TILE_STEPS``) took ResNet-20 at batch 1 from 0.58 to 0.31 ms.
@@ -94,6 +95,16 @@ def parallel(sch: Schedule, loop, block, unit: int = 1) -> None:
     count = iterations(sch, block)
     if count is None or count // unit >= SERIAL_ITERATIONS:
         sch.parallel(loop)
+
+
+def vectorize_row(sch: Schedule, loop) -> bool:
+    """Vectorize ``loop`` as one vector if its extent is static and at most ``MAX_VECTOR`` (LLVM
+    splits it into registers); whether it did."""
+    extent = static_extent(sch.get(loop).extent)
+    if extent is None or extent > MAX_VECTOR:
+        return False
+    sch.vectorize(loop)
+    return True
 
 
 def static_extent(extent: tirx.PrimExpr) -> int | None:
