@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -34,7 +36,13 @@ class SmallCNN(nn.Module):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("variant-cache")
+    """One variant cache for the whole run: pytest-xdist's workers share it (writes are atomic),
+    so a layer variant is compiled once, not once per worker."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp("variant-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "variant-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="session")
