@@ -83,7 +83,8 @@ class CompiledLayer:
         """(dx, dw) in integer kernels; g is scaled so its largest magnitude fills the word length.
         ``input_grad=False`` (the input needs no gradient, e.g. the first layer) skips dx: None."""
         p = self.precision
-        amax = float(g.abs().max())
+        lo, hi = torch.aminmax(g)  # one pass, no |g| temporary (abs().max() cost ~0.6 ms a call here)
+        amax = max(-float(lo), float(hi))
         if amax == 0.0:
             return (torch.zeros_like(xq) if input_grad else None), torch.zeros_like(w)
         scale = min(max(math.floor(math.log2(p.int_max / amax)), -126), 126)
