@@ -177,6 +177,24 @@ def test_loader_works_on_torch_tensors(deployed, digits):
         np.testing.assert_array_equal(first.numpy(), model(x[:batch].numpy().astype(np.float64)))
 
 
+def test_loader_stages_unaligned_numpy_inputs(deployed, digits):
+    """Numpy inputs off the 64-byte boundary go through one reused aligned buffer per thread: each
+    call sees its own input, and results of earlier calls stay intact."""
+    out, _ = deployed
+    model = load(out)
+    x = digits[1].tensors[0][:6].numpy()
+    raw = np.empty(x.size + 16, np.float32)  # room to start 16 bytes past a 64-byte boundary
+    shifted = raw[(16 - raw.ctypes.data % 64) % 64 // 4 :][: x.size].reshape(x.shape)
+    shifted[...] = x
+    assert shifted.ctypes.data % 64 != 0
+    for batch in (1, 3, 2):  # model_b1.so, model_b3.so, model.so
+        first = model(shifted[:batch])
+        kept = first.copy()
+        second = model(shifted[batch : 2 * batch])
+        assert np.array_equal(first, kept) and not np.array_equal(first, second)
+        np.testing.assert_array_equal(second, model(torch.from_numpy(x[batch : 2 * batch]).clone()))
+
+
 def test_load_refuses_tampered_and_shared_directories(deployed, tmp_path):
     import shutil
 
