@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 
 from marvin_compile.dot_isa import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
-from marvin_compile.te_dot import cast_to, ceil_div
+from marvin_compile.te_dot import cast_to, ceil_div, masked
 from marvin_compile.te_ops import requantized_level
 
 TILE = 16  # tile rows (output channels) and int32 columns (output pixels)
@@ -214,8 +214,8 @@ def always(g: Geometry | None) -> bool:
 
 
 def _clamp(index: tirx.PrimExpr, size) -> tirx.PrimExpr:
-    """An index kept inside [0, size): ``Select`` evaluates both sides, so the load it guards
-    must stay in bounds even where its value is not taken."""
+    """An index kept inside [0, size): the packing loads even where it takes the padding, and
+    ``te_dot.masked`` (not a Select, under which the simplifier drops the clamp) clears it."""
     return tirx.max(tirx.min(index, size - 1), 0)
 
 
@@ -237,8 +237,11 @@ def _phase_pixel(x: te.Tensor, g: Geometry, b, part, c, ph, i, j) -> tirx.PrimEx
     cols = g.phase_grid[1]
     hi, wi = i * sh + ph // cols - g.padding[0], j * sw + ph % cols - g.padding[1]
     inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
-    value = x[b, _clamp(c, g.c), _clamp(hi, g.h), _clamp(wi, g.w)]
-    return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
+    # the column is not clamped, so 4 pixels stay one load for the SLP vectorizer: only at the two
+    # ends of x do the loads leave it, by at most the padding plus the plane's slack (4 * stride
+    # + right elements: 28 bytes of float32 at stride 2), bytes malloc'ed buffers have mapped
+    value = x[b, _clamp(c, g.c), _clamp(hi, g.h), wi]
+    return masked(_part(value, part, g.parts), inside, tirx.const(0, "int8"))
 
 
 def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
@@ -260,7 +263,7 @@ def pack_matmul_input(x: te.Tensor, g: Geometry) -> te.Tensor:
         c = cg * GROUP + q
         inside = tirx.all(r < m, c < g.c)
         value = x[_clamp(r, m), _clamp(c, g.c)]
-        return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
+        return masked(_part(value, part, g.parts), inside, tirx.const(0, "int8"))
 
     return te.compute((1, g.parts, g.groups, 1, 1, _pairs(m), GROUP), f, name="amx_pack_x")
 
@@ -279,7 +282,7 @@ def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
         inside = tirx.all(oc < g.o, c < g.c)
         oc, c = _clamp(oc, g.o), _clamp(c, g.c)
         value = w[oc, c, i, j] if conv else w[oc, c]
-        return tirx.Select(inside, _part(value, part, g.w_parts), tirx.const(0, "int8"))
+        return masked(_part(value, part, g.w_parts), inside, tirx.const(0, "int8"))
 
     shape = (g.w_parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     return te.compute(shape, f, name="amx_pack_w")
@@ -631,7 +634,7 @@ def pack_dw_grad(gr: te.Tensor, g: Geometry) -> te.Tensor:
         i, j = pixel // wq, pixel % wq
         inside = tirx.all(o < g.o, i < oh, j < ow)
         value = gr[b, _clamp(o, g.o), _clamp(i, oh), _clamp(j, ow)]
-        return tirx.Select(inside, _part(value, part, g.parts), tirx.const(0, "int8"))
+        return masked(_part(value, part, g.parts), inside, tirx.const(0, "int8"))
 
     return te.compute((n, g.parts, flat // GROUP, g.out_blocks * TILE, GROUP), f, name="amx_pack_dw_g")
 

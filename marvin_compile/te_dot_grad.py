@@ -24,7 +24,7 @@ from tvm import te, tirx
 
 from marvin_compile import te_dot
 from marvin_compile.dot_isa import DotISA
-from marvin_compile.te_dot import OFFSET, cast_to, ceil_div, operand, pad_value
+from marvin_compile.te_dot import OFFSET, cast_to, ceil_div, masked, operand, pad_value
 
 DW_BLOCK = "marvin_dot_dw"
 DW_CHUNK = 128  # products per int32 partial sum aimed at: amortises the int64 fold of a chunk
@@ -97,7 +97,7 @@ def input_grad_weight(
         ph, pw, ci = k // (sw * c), k // c % sw, k % c
         i, row_ok = tap(ph, u, sh, top, t, kh)
         j, col_ok = tap(pw, v, sw, left, lf, kw)
-        return tirx.Select(tirx.all(row_ok, col_ok), w[oc, ci, i, j], tirx.const(0, w.dtype))
+        return masked(w[oc, ci, i, j], tirx.all(row_ok, col_ok), tirx.const(0, w.dtype))
 
     return te.compute(shape, weight, name="dot_phase_w"), (t, lf, b, rt)
 
@@ -189,8 +189,7 @@ def linear_weight_grad(x: te.Tensor, g: te.Tensor, isa: DotISA, container: str) 
 def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa: DotISA, container: str):
     """int64 [O/L, C*KH*KW, L]: ``dot_fold`` over chunks of the int32 ``marvin_dot_dw`` sums.
 
-    Index clamps keep every load inside its tensor (Select evaluates both sides); the selected
-    values are the real ones."""
+    Index clamps keep every load inside its tensor (``te_dot.masked`` clears the padding)."""
     n, c, o = sizes
     (h, w), (oh, ow), (kh, kw), (sh, sw), (top, left) = in_hw, out_hw, kernel, strides, padding
     depth, lanes = isa.depth(container), isa.lanes
@@ -206,7 +205,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
         b, hi, wi = q * depth + p, i - top, j - left
         inside = tirx.all(b < n, hi >= 0, hi < h, wi >= 0, wi < w)
         value = operand(x_at(te.min(b, n - 1), ci, clamp(hi, h), clamp(wi, w)), isa, container)
-        return tirx.Select(inside, value, pad)
+        return masked(value, inside, pad)
 
     xp = te.compute((chunks * blocks, c, hp, wp, depth), pack_x, name="dot_pack_x")
     gdtype = isa.weight_dtype(container)
@@ -214,7 +213,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     def pack_g(q, ob, i, j, oi, p):
         b, k = q * depth + p, ob * lanes + oi
         value = cast_to(gdtype, g_at(te.min(b, n - 1), te.min(k, o - 1), i, j))
-        return tirx.Select(tirx.all(b < n, k < o), value, tirx.const(0, gdtype))
+        return masked(value, tirx.all(b < n, k < o), tirx.const(0, gdtype))
 
     gp = te.compute((chunks * blocks, ceil_div(o, lanes), oh, ow, lanes, depth), pack_g, name="dot_pack_g")
     t = te.reduce_axis((0, blocks), name="t")
