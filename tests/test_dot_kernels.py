@@ -8,9 +8,6 @@ end faults the test.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-
 import numpy as np
 import pytest
 import torch
@@ -22,6 +19,7 @@ from marvin_compile.dot_isa import ISAS, dot_isa
 from marvin_compile.passes.lower_integer import int32_max_wl
 from marvin_compile.passes.schedule_dot import schedule_dot_func
 from marvin_compile.target import resolve_target
+from tests.guard_pages import at_page_end
 
 MCPU = {"avx2": "znver3", "avx512": "skylake-avx512", "avx512_vnni": "icelake-server"}
 ORDER = ["avx2", "avx512", "avx512_vnni"]
@@ -41,19 +39,6 @@ def _build(name: str, make, *placeholders):
     out = make(*placeholders, ISAS[name])
     func = schedule_dot_func(te.create_prim_func([*placeholders, out]), target)
     return tvm.compile(tvm.IRModule({"main": func}), target=target)
-
-
-def _at_page_end(arr: np.ndarray, keep: list) -> tvm.runtime.Tensor:
-    """``arr`` copied to end (64-byte aligned, so within 63 bytes) right before a PROT_NONE page."""
-    body = -(-arr.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-    region = mmap.mmap(-1, body + mmap.PAGESIZE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(base + body), mmap.PAGESIZE, 0) == 0
-    start = (body - arr.nbytes) // 64 * 64
-    view = np.frombuffer(region, np.uint8, arr.nbytes, start).view(arr.dtype).reshape(arr.shape)
-    view[...] = arr
-    keep.append(region)
-    return tvm.runtime.from_dlpack(view)
 
 
 def _operands(rng, container: str, shape):
@@ -97,11 +82,11 @@ def test_conv2d_exact(isa, container, shape):
     lib = _build(isa, make, xp, wp)
     x64, w64 = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
     ref = torch.nn.functional.conv2d(x64, w64, stride=stride, padding=pad).numpy()
-    out, keep = tvm.runtime.tensor(np.zeros(ref.shape, np.int32)), []
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
     # a padded conv's packing may read ``pad`` elements beyond the ends of x (te_dot.conv2d): that x
     # gets an ordinary buffer, which malloc always follows with mapped bytes
-    xt = _at_page_end(x, keep) if pad == 0 else tvm.runtime.tensor(x)
-    lib["main"](xt, _at_page_end(w, keep), out)
+    xt = at_page_end(x) if pad == 0 else tvm.runtime.tensor(x)
+    lib["main"](xt, at_page_end(w), out)
     np.testing.assert_array_equal(out.numpy().astype(np.float64), ref)
 
 
@@ -117,8 +102,8 @@ def test_matmul_exact(isa, container, rows):
     mv = tvm.tirx.Var("m", "int64")
     xp, wp = te.placeholder((mv, k), container, name="x"), te.placeholder((o, k), container, name="w")
     lib = _build(isa, lambda xt, wt, isa_: te_dot.matmul(xt, wt, isa_, container, "int64"), xp, wp)
-    out, keep = tvm.runtime.tensor(np.zeros((rows, o), np.int64)), []
-    lib["main"](_at_page_end(x, keep), _at_page_end(w, keep), out)
+    out = tvm.runtime.tensor(np.zeros((rows, o), np.int64))
+    lib["main"](at_page_end(x), at_page_end(w), out)
     np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ w.astype(np.int64).T)
 
 
