@@ -246,7 +246,7 @@ def _phase_pixel(x: te.Tensor, g: Geometry, b, part, c, ph, i, j) -> tirx.PrimEx
     inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
     # the column is not clamped, so 4 pixels stay one load for the SLP vectorizer: only at the two
     # ends of x do the loads leave it, by at most the padding plus the plane's slack (4 * stride
-    # + right elements: 28 bytes of float32 at stride 2), bytes malloc'ed buffers have mapped
+    # + right elements: 7 at stride 2), bytes glibc's allocator keeps mapped around every block
     # (channels fill whole groups where C % 4 == 0: no clamp, which would cost a min per lane)
     value = x[b, c if g.c % GROUP == 0 else _clamp(c, g.c), _clamp(hi, g.h), wi]
     return _zero_outside(_part(value, part, g.parts), inside)

@@ -194,7 +194,7 @@ def conv2d(
             inside = tirx.all(cc < c, hi >= 0, hi < h, wi >= 0, wi < wd)
         # Channel and row are clamped into x, the column is not, so that a row stays one vector
         # load: only at the two ends of x do the loads leave it, by at most ``left`` / ``right``
-        # elements, bytes that malloc'ed buffers always have mapped around them (the column clamp
+        # elements, bytes glibc's allocator keeps mapped around every block (the column clamp
         # made the loads gathers: LeNet-5 at batch 64 took 0.63 -> 0.78 ms)
         value = x[b, tirx.min(cc, c - 1), tirx.max(tirx.min(hi, h - 1), 0), wi]
         return masked(operand(value, isa, container), inside, pad)
