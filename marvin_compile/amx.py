@@ -154,17 +154,18 @@ class Geometry:
 
     @property
     def plane(self) -> tuple[int, int, int]:
-        """(rows, width Wq, flat outputs F) of a phase image for the forward tiles (F in whole
-        pixel pairs)."""
-        return self.plane_for(PAIR)
+        """(rows, width Wq, flat outputs F) of a phase image for the forward tiles, F in whole
+        tasks: int8's pixel pairs; int16's single tiles (``_plan``), with its rows in 2-pixel steps,
+        which leaves less padding to multiply (ResNet-20's 8 x 8 layers: 80 outputs, not 96)."""
+        return self.plane_for(PAIR) if self.parts == 1 else self.plane_for(TILE, 2)
 
-    def plane_for(self, multiple: int) -> tuple[int, int, int]:
+    def plane_for(self, multiple: int, align: int = GROUP) -> tuple[int, int, int]:
         """(rows, width Wq, flat outputs F): wide enough for every tap of every output pixel
-        (rounded to 4 pixels: the packing moves 4 x 4 blocks), F rounded up to ``multiple``, tall
-        enough that the last block's shifted windows stay inside."""
+        (rounded to ``align`` pixels: the packing moves ``align`` x 4 blocks), F rounded up to
+        ``multiple``, tall enough that the last block's shifted windows stay inside."""
         sh, sw = self.stride
         oh, ow = self.out_hw
-        wq = ceil_div(max(ow + (self.kw - 1) // sw, ceil_div(self.w + self.padding[1], sw)), GROUP) * GROUP
+        wq = ceil_div(max(ow + (self.kw - 1) // sw, ceil_div(self.w + self.padding[1], sw)), align) * align
         flat = ceil_div(oh * wq, multiple) * multiple
         reach = flat + (self.kh - 1) // sh * wq + (self.kw - 1) // sw
         return ceil_div(reach, wq), wq, flat
@@ -308,28 +309,32 @@ class Levels:
     dtype: str  # the level's container: int8 / int16
 
 
-def output_shape(g: Geometry, n: tirx.PrimExpr, levels: Levels | None = None) -> list[tirx.PrimExpr]:
-    """The tile output ``[N, sums, O16, F]`` (with ``levels``: ``[N, O16, F]``); for a matmul ``n``
-    is M and F is M32."""
+def output_shape(
+    g: Geometry, n: tirx.PrimExpr, levels: Levels | None = None, combined: bool = False
+) -> list[tirx.PrimExpr]:
+    """The tile output ``[N, sums, O16, F]`` (with ``levels``: ``[N, O16, F]``; ``combined``: one
+    sum, see ``tile_kernel``); for a matmul ``n`` is M and F is M32."""
     images, flat = (1, _pairs(n)) if g.w is None else (n, g.plane[2])
-    sums = [] if levels is not None else [g.sums]
+    sums = [] if levels is not None else [1 if combined else g.sums]
     return [images, *sums, g.out_blocks * TILE, flat]
 
 
-def _combine_sums(sums: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    """The int64 value of a product from its int32 partial sums, most significant first, one byte
+def _combine_sums(sums: list[tirx.PrimExpr], dtype: str = "int64") -> tirx.PrimExpr:
+    """The value of a product from its int32 partial sums, most significant first, one byte
     apart: the sum itself (int8), ``256 * high + low`` (narrow weights) or int16's
-    ``65536 * hh + 256 * cross + ll``."""
-    value = tirx.Cast("int64", sums[0])
+    ``65536 * hh + 256 * cross + ll``. In int64, or in uint32 (``dtype``), whose wrap-around (no
+    signed overflow for LLVM to assume away) leaves the exact int32 bits of a product that fits."""
+    value = tirx.Cast(dtype, sums[0])
     for s in sums[1:]:
-        value = tirx.shift_left(value, tirx.const(8, "int64")) + tirx.Cast("int64", s)
+        value = tirx.shift_left(value, tirx.const(8, dtype)) + tirx.Cast(dtype, s)
     return value
 
 
-def _combine(y: te.Tensor, b, oc, f, g: Geometry, acc: str) -> tirx.PrimExpr:
-    if g.sums == 1:
+def _combine(y: te.Tensor, b, oc, f, acc: str) -> tirx.PrimExpr:
+    sums = int(y.shape[1])
+    if sums == 1:  # int8, or int16's sums combined in the kernel
         return cast_to(acc, y[b, 0, oc, f])
-    return cast_to(acc, _combine_sums([y[b, s, oc, f] for s in range(g.sums)]))
+    return cast_to(acc, _combine_sums([y[b, s, oc, f] for s in range(sums)]))
 
 
 def unpack_conv(y: te.Tensor, g: Geometry, acc: str) -> te.Tensor:
@@ -338,13 +343,13 @@ def unpack_conv(y: te.Tensor, g: Geometry, acc: str) -> te.Tensor:
     wq = g.plane[1]
     return te.compute(
         (y.shape[0], g.o, oh, ow),
-        lambda b, oc, i, j: _combine(y, b, oc, i * wq + j, g, acc),
+        lambda b, oc, i, j: _combine(y, b, oc, i * wq + j, acc),
         name="amx_unpack",
     )
 
 
 def unpack_matmul(y: te.Tensor, m: tirx.PrimExpr, g: Geometry, acc: str) -> te.Tensor:
-    return te.compute((m, g.o), lambda r, oc: _combine(y, 0, oc, r, g, acc), name="amx_unpack")
+    return te.compute((m, g.o), lambda r, oc: _combine(y, 0, oc, r, acc), name="amx_unpack")
 
 
 def unpack_levels(y: te.Tensor, g: Geometry, rows: tirx.PrimExpr, step: tirx.PrimExpr) -> te.Tensor:
@@ -403,7 +408,7 @@ class _Operands:
     plane_bytes: tirx.PrimExpr  # B-tile row stride: one channel group
 
 
-def _operands(g: Geometry, levels: Levels | None, batch: int | None) -> _Operands:
+def _operands(g: Geometry, levels: Levels | None, batch: int | None, combined: bool) -> _Operands:
     w_shape = (g.w_parts, g.out_blocks, g.kh, g.kw, g.chunks, TILE, g.rows * GROUP)
     wp = tirx.decl_buffer(w_shape, "int8", name="wp")
     if g.w is None:  # matmul: M rows along the width of one image
@@ -416,8 +421,33 @@ def _operands(g: Geometry, levels: Levels | None, batch: int | None) -> _Operand
         xp = tirx.decl_buffer((images, g.parts, g.groups, g.phases, hq, wq, GROUP), "int8", name="xp")
         plane_bytes = g.phases * hq * wq * GROUP
     out_type = "int32" if levels is None else levels.dtype  # output_shape's, with the matmul's own F
-    y = tirx.decl_buffer([images, *output_shape(g, images, levels)[1:-1], flat], out_type, name="y")
+    y = tirx.decl_buffer([images, *output_shape(g, images, levels, combined)[1:-1], flat], out_type, name="y")
     return _Operands(xp, wp, y, images, wq, flat, plane_bytes)
+
+
+def _scratch() -> tirx.Buffer:
+    """A worker's C tiles, stored for an epilogue that reads them back."""
+    return tirx.decl_buffer((4, TILE, TILE), "int32", name="ctiles", scope="local")
+
+
+@dataclass(frozen=True)
+class _Combine:
+    """int16's three sums combined in the kernel into the product's int32, where the caller knows
+    the product fits (``tile_kernel``'s ``combined``): the kernel writes 4 bytes an output, not 12,
+    and the unpacking reads a third as much."""
+
+    scratch: tirx.Buffer
+
+    params: tuple = ()
+
+    def block(self, g: Geometry, ops: _Operands, slots: list[int], b, oc0, f0) -> tirx.Stmt:
+        """One 16 x 16 block (``slots``: the scratch slots of its sums, most significant first);
+        the 16 columns are one vector."""
+        r, s = tirx.Var("r", "int64"), tirx.Var("s", "int64")
+        parts = [tirx.BufferLoad(self.scratch, [slot, r, s]) for slot in slots]
+        value = tirx.Cast("int32", _combine_sums(parts, "uint32"))
+        store = tirx.BufferStore(ops.y, value, [b, 0, oc0 + r, f0 + s])
+        return tirx.For(r, 0, TILE, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
 
 
 @dataclass(frozen=True)
@@ -436,8 +466,7 @@ class _Requantize:
         bias = tirx.decl_buffer((g.o,), levels.acc, name="bias") if levels.bias else None
         fl = tirx.decl_buffer((), "int32", name="fl")
         qp = tirx.decl_buffer((4,), "float32", name="qp")
-        scratch = tirx.decl_buffer((4, TILE, TILE), "int32", name="ctiles", scope="local")
-        return _Requantize(levels, bias, fl, qp, scratch)
+        return _Requantize(levels, bias, fl, qp, _scratch())
 
     @property
     def params(self) -> list[tirx.Buffer]:
@@ -502,9 +531,11 @@ def _plan(g: Geometry, na: int, nb: int) -> _Plan:
     )
 
 
-def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0, requant: _Requantize | None) -> tirx.Stmt:
-    """One task's C tiles: zeroed, accumulated over kernel taps x channel chunks, stored (with
-    ``requant``: requantized through a scratch into levels)."""
+def _task(
+    g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0, epilogue: _Requantize | _Combine | None
+) -> tirx.Stmt:
+    """One task's C tiles: zeroed, accumulated over kernel taps x channel chunks, stored (with an
+    ``epilogue``: through a scratch, requantized into levels or combined into one sum)."""
     sh, sw = g.stride
     i, j, ch = (tirx.Var(v, "int64") for v in ("i", "j", "ch"))
     loads = []
@@ -521,8 +552,8 @@ def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0, requant: _Requan
     for var, extent in ((ch, g.chunks), (j, g.kw), (i, g.kh)):
         reduce = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, reduce)
     zero = [tirx.Evaluate(_amx("tilezero", _tile(c))) for c, *_ in plan.stores]
-    if requant is not None:
-        return tirx.SeqStmt([*zero, reduce, *_requantized(g, ops, plan, requant, b, ob0, f0)])
+    if epilogue is not None:
+        return tirx.SeqStmt([*zero, reduce, *_through_scratch(g, ops, plan, epilogue, b, ob0, f0)])
     row_bytes = tirx.Cast("int64", ops.flat * 4)
     store = []
     for c, part, q, m in plan.stores:
@@ -531,31 +562,34 @@ def _task(g: Geometry, ops: _Operands, plan: _Plan, b, ob0, f0, requant: _Requan
     return tirx.SeqStmt([*zero, reduce, *store])
 
 
-def _requantized(
-    g: Geometry, ops: _Operands, plan: _Plan, requant: _Requantize, b, ob0, f0
+def _through_scratch(
+    g: Geometry, ops: _Operands, plan: _Plan, epilogue: _Requantize | _Combine, b, ob0, f0
 ) -> list[tirx.Stmt]:
     """The C tiles stored to the scratch (slot = tile), then each block's levels to ``y``."""
     stmts = [
         tirx.Evaluate(
-            _amx("tilestored64", _tile(c), _address(requant.scratch, [c, 0, 0]), tirx.const(64, "int64"))
+            _amx("tilestored64", _tile(c), _address(epilogue.scratch, [c, 0, 0]), tirx.const(64, "int64"))
         )
         for c, *_ in plan.stores
     ]
     for q, m in sorted({(q, m) for *_, q, m in plan.stores}):
         slots = [c for c, _, bq, bm in sorted(plan.stores, key=lambda st: st[1]) if (bq, bm) == (q, m)]
-        stmts.append(requant.block(g, ops, slots, b, (ob0 + q) * TILE, f0 + m * TILE))
+        stmts.append(epilogue.block(g, ops, slots, b, (ob0 + q) * TILE, f0 + m * TILE))
     return stmts
 
 
 @functools.cache
-def tile_kernel(g: Geometry, levels: Levels | None = None, batch: int | None = None) -> tirx.PrimFunc:
+def tile_kernel(
+    g: Geometry, levels: Levels | None = None, batch: int | None = None, combined: bool = False
+) -> tirx.PrimFunc:
     """The AMX tile loop for one geometry, written scheduled. A task is one image's block of
     output channels x pixels (``_plan``); parallel chunks of consecutive tasks (which share their
     weight tiles, ``_parallel_tasks``) each configure the tiles once. Its parameters: xp, wp, then with
     ``levels`` bias (if any), fl and qp, and last the output. ``batch``: the batch (a matmul's rows)
-    where it is static, so a small one runs on one thread (``_parallel_tasks``)."""
-    ops = _operands(g, levels, batch)
-    requant = None if levels is None else _Requantize.of(g, levels)
+    where it is static, so a small one runs on one thread (``_parallel_tasks``). ``combined``: the
+    caller knows every product fits int32, and int16's sums leave the kernel as one (``_Combine``)."""
+    ops = _operands(g, levels, batch, combined)
+    epilogue = _Requantize.of(g, levels) if levels is not None else _Combine(_scratch()) if combined else None
     na = 2 if g.w_parts == 1 and g.out_blocks % 2 == 0 else 1
     plan = _plan(g, na, 2)
     spans = ops.flat // plan.pixels
@@ -564,14 +598,14 @@ def tile_kernel(g: Geometry, levels: Levels | None = None, batch: int | None = N
 
     def task(t: tirx.PrimExpr) -> tirx.Stmt:
         rest = t % per_image
-        return _task(g, ops, plan, t // per_image, rest // spans * na, rest % spans * plan.pixels, requant)
+        return _task(g, ops, plan, t // per_image, rest // spans * na, rest % spans * plan.pixels, epilogue)
 
     steps = g.kh * g.kw * g.chunks
-    if requant is None:
+    if epilogue is None:
         return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, _config(g.rows), steps))
-    prologue = [*_config(g.rows), tirx.AllocBuffer(requant.scratch)]
+    prologue = [*_config(g.rows), tirx.AllocBuffer(epilogue.scratch)]
     body = _parallel_tasks(tasks, task, prologue, steps)
-    return _scheduled([ops.xp, ops.wp, *requant.params, ops.y], body)
+    return _scheduled([ops.xp, ops.wp, *epilogue.params, ops.y], body)
 
 
 def _parallel_tasks(

@@ -20,6 +20,7 @@ batch is only known at run time, in int64.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import tvm
@@ -168,8 +169,9 @@ class AddGradientKernels:
 
         tiles = dx_geometry()
 
-        def dx_tiles(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
-            """dx on AMX tiles: exact for int8, and for int16 at every word length (int64 sums)."""
+        def dx_tiles(bind: Callable[[relax.Expr], relax.Expr], fits_int32: bool = False) -> relax.Expr:
+            """dx on AMX tiles: exact for int8, and for int16 at every word length (int64 sums;
+            ``fits_int32``: the word lengths keep dx in int32, its sums combined in the kernel)."""
             acc = "int32" if container == "int8" else "int64"
 
             def g_int(gt, qp_gt, seed_t):
@@ -193,6 +195,7 @@ class AddGradientKernels:
                 (te_grad_ops.rescale, [qp_g, qp_w]),
                 y_ty.shape[0],
                 acc,
+                fits_int32,
             )
             if kind == "conv2d" and strides != [1, 1]:
                 out = _interleave_phases(bind, bind(out), list(x_ty.shape), strides)
@@ -206,6 +209,8 @@ class AddGradientKernels:
         dx_fast = dx_tiles if on_tiles_only else (dx_packed if kind else None)
         if tiles is not None and not on_tiles_only:  # int16 above the int32 bound: byte products on tiles
             dx_wide = dx_tiles
+        elif on_tiles_only and tiles.sums > 1:  # int16: one int32 sum out of the kernel while dx fits
+            dx_fast, dx_wide = functools.partial(dx_tiles, fits_int32=True), dx_tiles
         else:
             dx_wide = dx_float64 if kind and dx_length < FLOAT64_EXACT_K else None
         self._product(
@@ -217,7 +222,7 @@ class AddGradientKernels:
             dx_length,
             (qp_g, qp_w),
             wide=dx_wide,
-            exact=on_tiles_only,
+            exact=on_tiles_only and tiles.sums == 1,
         )
 
         x, g2, qp_x, qp_g2, seed2 = (

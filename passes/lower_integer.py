@@ -205,6 +205,10 @@ class LowerToIntegerKernels:
         on_tiles_only = amx.always(tiles)
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
         branch = branch and not exact_int32
+        # int16 on tiles in training: its byte products' sums combined in the kernel (a third of the
+        # output) while the word length keeps the product in int32, three int32 sums above
+        tiles_branch = on_tiles_only and frozen is None and tiles.sums > 1 and acc != "int32"
+        tiles_branch = tiles_branch and fast_wl < kernel_class.max_wl
         axis = _channel_axis(core.value)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
@@ -259,10 +263,14 @@ class LowerToIntegerKernels:
             return call
 
         def on_tiles(
-            bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None, weight: relax.Expr | None
+            bind: Callable[[relax.Expr], relax.Expr],
+            bi: relax.Expr | None,
+            weight: relax.Expr | None,
+            fits_int32: bool = False,
         ) -> relax.Expr:
             """The AMX kernel (``tile_product``): x (and in training w) quantized into the packing,
-            requantize after the unpacking (``bind``: emit or normalize, as in ``generic``)."""
+            requantize after the unpacking (``bind``: emit or normalize, as in ``generic``;
+            ``fits_int32``: the word length keeps every product in int32)."""
             sd = [] if seed is None else [seed]
 
             def x_int(xt, qp_t, *s):
@@ -291,6 +299,7 @@ class LowerToIntegerKernels:
                 epilogue,
                 x.ty.shape[0],
                 acc,
+                fits_int32,
             )
 
         def packed_weight() -> list[relax.Expr]:
@@ -309,7 +318,7 @@ class LowerToIntegerKernels:
             with bb.dataflow():
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])
                 weight = packed_weight() if packed is not None and frozen is not None else None
-                if branch:  # int16 class: int32 products only while the word length allows
+                if branch or tiles_branch:  # int16 class: int32 products only while the word length allows
                     word = relax.op.take(qp, relax.const(3, "int64"), axis=0)  # 2**(wl-1) - 1
                     cond = bb.emit_output(
                         bb.emit(relax.op.less(word, relax.const(2.0 ** (fast_wl - 1), "float32")))
@@ -328,6 +337,9 @@ class LowerToIntegerKernels:
                 else:
                     wide = generic(bb.normalize, bi)
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
+            elif tiles_branch:
+                fits = on_tiles(bb.normalize, bi, None, fits_int32=True)
+                out = bb.emit(relax.If(cond, fits, on_tiles(bb.normalize, bi, None)))
             bb.emit_func_output(out)
 
 
@@ -369,14 +381,17 @@ def tile_product(
     epilogue: tuple[Callable, list[relax.Expr]] | InKernelRequantize,
     rows: tvm.tirx.PrimExpr,
     acc: str,
+    fits_int32: bool = False,
 ) -> relax.Expr:
     """An integer product on AMX tiles (``amx``) as Relax calls: the integer operand (a TE function
     of its arguments, e.g. a quantizer) packed, the weight packed (already packed, or a TE function
     giving the integer [O, C, KH, KW] / [O, K] weight), the tile kernel, then the unpacked ``acc``
     product through ``epilogue`` (a TE function of it and its arguments), or the kernel's own
     requantized levels scaled back to float32 (``InKernelRequantize``). ``rows``: the batch (the
-    matmul's M). The packing is opaque to fusion and the unpacking takes element-wise consumers;
-    with ``InKernelRequantize`` (deployment) both are injective, see below."""
+    matmul's M). Where every product fits int32 (``acc``, or ``fits_int32``: the caller's word
+    lengths bound it), int16's byte-product sums are combined in the kernel (``amx._Combine``).
+    The packing is opaque to fusion and the unpacking takes element-wise consumers; with
+    ``InKernelRequantize`` (deployment) both are injective, see below."""
     fx, x_args = x_int
     pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
     xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
@@ -405,8 +420,9 @@ def tile_product(
         # kernel, and the float32 activation between them never reaches memory.
         _set_pattern(bb, call, INJECTIVE)
         return call
-    kernel = bb.add_func(amx.tile_kernel(tiles, None, static_extent(rows)), amx.KERNEL)
-    out_type = relax.TensorType(amx.output_shape(tiles, rows), "int32")
+    combined = tiles.sums > 1 and (fits_int32 or acc == "int32")
+    kernel = bb.add_func(amx.tile_kernel(tiles, None, static_extent(rows), combined), amx.KERNEL)
+    out_type = relax.TensorType(amx.output_shape(tiles, rows, None, combined), "int32")
     y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))
     fe, e_args = epilogue
 

@@ -47,14 +47,16 @@ def schedule_amx(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def _pack_x(sch: Schedule, block) -> None:
     """Parallel over (image, byte part, channel group), then 4 x 4 blocks (pixels x channels)
-    unrolled."""
+    unrolled: 2 x 4 where the plane's width is not a multiple of 4 (``amx.Geometry.plane``)."""
     for producer in sch.get_producers(block):  # the quantizer: at root, contiguous, vectorized
         if not sch.get(producer).name_hint.startswith("amx_unpack"):  # scheduled, quantizer inlined
             _inline_producers(sch, producer)
             schedule_injective(sch, producer)
     *outer, _ph, _i, j, q = sch.get_loops(block)
     parallel(sch, sch.fuse(*outer), block)
-    _, ji = sch.split(j, factors=[None, GROUP])
+    width = sch.get(j).extent  # a matmul's is symbolic, in whole pixel pairs
+    pixels = 2 if isinstance(width, tirx.IntImm) and width.value % GROUP else GROUP
+    _, ji = sch.split(j, factors=[None, pixels])
     sch.unroll(ji)  # 4 pixels x 4 channels: LLVM's SLP vectorizer turns them into one shuffle
     sch.unroll(q)
 

@@ -41,14 +41,14 @@ def _compile(funcs: dict[str, tirx.PrimFunc]):
     return tvm.compile(mod, target=TARGET)
 
 
-def _stages(g: amx.Geometry, n, matmul: bool, levels: amx.Levels | None):
+def _stages(g: amx.Geometry, n, matmul: bool, levels: amx.Levels | None, combined: bool = False):
     """The TE stages around the tile kernel at batch (matmul: rows) ``n``: x, its packing, the
     unpacking's inputs and its output."""
     acc = "int32" if g.container == "int8" else "int64"
     xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
     pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
     if levels is None:
-        ys = te.placeholder(amx.output_shape(g, n), "int32", name="y")
+        ys = te.placeholder(amx.output_shape(g, n, None, combined), "int32", name="y")
         out = amx.unpack_matmul(ys, n, g, acc) if matmul else amx.unpack_conv(ys, g, acc)
         return xs, pack, [ys], out
     ys = te.placeholder(amx.output_shape(g, n, levels), g.container, name="y")
@@ -63,10 +63,13 @@ def _library(
     matmul: bool,
     levels: amx.Levels | None,
     batch: int | None = None,
+    combined: bool = False,
 ):
     """pack x, pack w, the tile kernel and the unpacking, compiled once per geometry for any batch
-    (``batch``: for that one only, as a library specialized to it)."""
-    xs, pack, unpack_in, out = _stages(g, tirx.Var("n", "int64") if batch is None else batch, matmul, levels)
+    (``batch``: for that one only, as a library specialized to it; ``combined``: int16's sums
+    combined in the kernel)."""
+    n = tirx.Var("n", "int64") if batch is None else batch
+    xs, pack, unpack_in, out = _stages(g, n, matmul, levels, combined)
     ws = te.placeholder(w_shape, g.container, name="w")
     wp = amx.pack_weight(ws, g)
     with TARGET:
@@ -74,7 +77,7 @@ def _library(
             {
                 "pack_x": schedule_prim_func(te.create_prim_func([xs, pack])),
                 "pack_w": schedule_prim_func(te.create_prim_func([ws, wp])),
-                "dot": amx.tile_kernel(g, levels, batch),
+                "dot": amx.tile_kernel(g, levels, batch, combined),
                 "unpack": schedule_prim_func(te.create_prim_func([*unpack_in, out])),
             }
         ), wp
@@ -88,12 +91,14 @@ def _run(
     levels: amx.Levels | None = None,
     requant: tuple[np.ndarray, ...] = (),
     static: bool = False,
+    combined: bool = False,
 ) -> np.ndarray:
     """pack x and w, the tile kernel, unpack: the exact int64 product, or with ``levels`` the
     kernel's requantized levels scaled back (``requant``: the kernel's bias, fl, qp arguments; the
-    unpacking takes the last, qp; ``static``: compiled for this batch only)."""
-    lib, wp = _library(g, w.shape, matmul, levels, x.shape[0] if static else None)
-    _, pack, unpack_in, out = _stages(g, x.shape[0], matmul, levels)  # the buffers at this batch
+    unpacking takes the last, qp; ``static``: compiled for this batch only; ``combined``: int16's
+    sums combined in the kernel, exact where the product fits int32)."""
+    lib, wp = _library(g, w.shape, matmul, levels, x.shape[0] if static else None, combined)
+    _, pack, unpack_in, out = _stages(g, x.shape[0], matmul, levels, combined)  # the buffers at this batch
     dev = tvm.cpu()
 
     def empty(t: te.Tensor) -> tvm.runtime.Tensor:
@@ -242,6 +247,34 @@ def test_matmul_is_exact(rows: int, k: int, o: int, container: str) -> None:
     x, w = _operands(rng, (rows, k), container), _operands(rng, (o, k), container)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     got = _run(amx.matmul_geometry([o, k], container), x, w, matmul=True)
+    np.testing.assert_array_equal(got, ref.astype(np.int64))
+
+
+@pytest.mark.parametrize("shape", [CONVS[0], CONVS[3], CONVS[4]], ids=["16x9", "13x10s13", "64x8"])
+def test_int16_sums_combined_in_kernel_are_exact_where_the_product_fits_int32(shape) -> None:
+    """Training's int16 kernel at word lengths whose products fit int32: the three byte-product
+    sums leave the kernel as one int32, exact though ``65536 * hh`` alone passes 2**31."""
+    n, c, h, w, o, kh, kw, stride, padding = shape
+    bound = int((2**31 // (c * kh * kw)) ** 0.5)  # |x|, |w| <= bound: every sum fits int32
+    rng = np.random.default_rng(1)
+    x = rng.integers(-bound, bound + 1, (n, c, h, w)).astype(np.int16)
+    wt = rng.integers(-bound, bound + 1, (o, c, kh, kw)).astype(np.int16)
+    x[0], wt[0] = -bound, -bound  # output channel 0 of image 0 near +2**31 where no padding enters
+    g = amx.Geometry(c, h, w, o, kh, kw, stride, padding, "int16")
+    top, left, bottom, right = padding
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride).numpy()
+    assert np.abs(ref).max() < 2**31 and np.abs(ref).max() > 2**30
+    got = _run(g, x, wt, matmul=False, combined=True)
+    np.testing.assert_array_equal(got, ref.astype(np.int64))
+
+
+def test_int16_matmul_sums_combined_in_kernel_are_exact() -> None:
+    k = 8
+    x, w = np.full((3, k), -16383, np.int16), np.full((16, k), 16383, np.int16)
+    x[1] = 16383
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    got = _run(amx.matmul_geometry([16, k], "int16"), x, w, matmul=True, combined=True)
     np.testing.assert_array_equal(got, ref.astype(np.int64))
 
 

@@ -17,6 +17,8 @@ def _net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
         return nn.Conv2d(3, 5, 3, stride=2, padding=1), (3, 3, 9, 9)
     if kind == "conv2d_tiles":  # >= 8 channels each way: AMX tiles forward and for dx, where present
         return nn.Conv2d(8, 16, 3, stride=2, padding=1), (3, 8, 9, 9)
+    if kind == "conv2d_tiles32":  # 32 channels: int16 on tiles too, dx's sums combined in the kernel to wl 12
+        return nn.Conv2d(32, 32, 3, stride=2, padding=1), (3, 32, 9, 9)
     if kind == "linear_tiles":
         return nn.Linear(12, 16), (3, 12)
     if kind == "conv1d":
@@ -25,9 +27,9 @@ def _net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["conv2d", "conv2d_dense", "conv2d_tiles", "conv1d", "linear", "linear_tiles"]
+    "kind", ["conv2d", "conv2d_dense", "conv2d_tiles", "conv2d_tiles32", "conv1d", "linear", "linear_tiles"]
 )
-@pytest.mark.parametrize("wl,fl", [(8, 4), (16, 9)])
+@pytest.mark.parametrize("wl,fl", [(8, 4), (12, 6), (16, 9)])
 def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     """Gradients on a coarse grid survive the dynamic-scale quantization, so dx and dw are exact."""
     torch.manual_seed(0)

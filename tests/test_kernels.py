@@ -11,6 +11,7 @@ from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.runtime.compiled_model import CompiledModel
+from tests.test_semantics import reference
 
 
 def compiled(module: nn.Module, example: torch.Tensor, tmp_path, store) -> CompiledModel:
@@ -38,6 +39,22 @@ def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
     exact = np.clip(x.astype(np.float64) @ w.T + lo, lo, 2 ** (wl - 1) - 1)
     np.testing.assert_array_equal(got, exact)
     assert got[0, 0] == 2 ** (wl - 1) - 1  # saturates high, not wrapped to a negative value
+
+
+@pytest.mark.parametrize("wl", [12, 16])
+def test_int16_conv_with_32_channels_at_and_above_its_int32_bound(wl, tmp_path, store):
+    """32 input channels take int16 on AMX tiles (where present) at every word length: up to wl 12
+    (32 * 9 products fit int32) its byte-product sums leave the kernel as one int32, above as three."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)).eval()
+    fl = wl // 2
+    with torch.no_grad():
+        net[0].weight.mul_(2.0 ** (wl - fl - 2) * 9)  # levels across the word length, some clamped
+    model = compiled(net, torch.zeros(1, 32, 6, 6), tmp_path, store)
+    model.set_precision(Precision(wl, fl))
+    x = (np.random.default_rng(wl).standard_normal((2, 32, 6, 6)) * 2.0 ** (wl - fl - 2)).astype(np.float32)
+    exact = reference(net, x, {"0": (wl, fl)})
+    np.testing.assert_array_equal(model(x), exact.astype(np.float32))
 
 
 def test_conv1d_and_matmul_layers(tmp_path, store):
