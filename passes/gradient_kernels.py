@@ -274,9 +274,11 @@ class AddGradientKernels:
 
             return bb.call_te(kernel, x, g2, qp_x, qp_g2, seed2, primfunc_name_hint="marvin_dot_dw")
 
-        dw_tiles_geometry = None  # conv dw on AMX tiles, where present and the layer suits them
+        # conv dw on AMX tiles, where present and the layer suits them (its own layout, never folded:
+        # its tile rows are input channels already)
+        dw_tiles_geometry = None
         if kind == "conv2d" and isa.amx:
-            geometry = amx.conv_geometry(list(x_ty.shape), w_shape, strides, padding, container)
+            geometry = amx.conv_geometry(list(x_ty.shape), w_shape, strides, padding, container, fold=False)
             dw_tiles_geometry = geometry if geometry is not None and amx.dw_images(geometry) > 0 else None
 
         def dw_tiles(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:

@@ -45,7 +45,7 @@ def _stages(g: amx.Geometry, n, matmul: bool, levels: amx.Levels | None, combine
     """The TE stages around the tile kernel at batch (matmul: rows) ``n``: x, its packing, the
     unpacking's inputs and its output."""
     acc = "int32" if g.container == "int8" else "int64"
-    xs = te.placeholder((n, g.c) if matmul else (n, g.c, g.h, g.w), g.container, name="x")
+    xs = te.placeholder((n, g.c) if matmul else (n, *g.source), g.container, name="x")
     pack = amx.pack_matmul_input(xs, g) if matmul else amx.pack_conv_input(xs, g)
     if levels is None:
         ys = te.placeholder(amx.output_shape(g, n, None, combined), "int32", name="y")
@@ -143,6 +143,41 @@ def test_conv_is_exact(shape, container: str) -> None:
     xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
     ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride)
     np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
+
+
+FOLDED = [  # (n, c, h, w, o, kh, kw, stride, padding): stride-1 columns, whole 4-channel groups
+    (2, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1, 1, 1)),  # ResNet-20's first stage, small
+    (8, 16, 12, 12, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # parallel chunks that start mid-image
+    (3, 8, 7, 11, 20, 3, 3, (2, 1), (1, 1, 1, 1)),  # row stride 2: two phase rows
+    (2, 4, 10, 9, 17, 3, 5, (1, 1), (2, 0, 1, 3)),  # asymmetric padding, 5 columns of 4 channels
+    (1, 12, 6, 7, 16, 1, 4, (1, 1), (0, 2, 0, 1)),  # one kernel row, an even kernel width
+]
+
+
+@CONTAINERS
+@pytest.mark.parametrize("shape", FOLDED, ids=lambda s: "x".join(map(str, s[:7])) + f"s{s[7][0]}{s[7][1]}")
+def test_folded_conv_is_exact(shape, container: str) -> None:
+    """Kernel columns folded into the channels (``amx.Fold``): the packing's source rows, the
+    kernel's per-image copy per tap, the reordered weight, against float64 torch."""
+    n, c, h, w, o, kh, kw, stride, padding = shape
+    rng = np.random.default_rng(3)
+    x, wt = _operands(rng, (n, c, h, w), container), _operands(rng, (o, c, kh, kw), container)
+    g = amx.conv_geometry([n, c, h, w], [o, c, kh, kw], list(stride), list(padding), container)
+    assert g is not None and g.fold is not None and g.kw == 1 and g.c == kw * c
+    top, left, bottom, right = padding
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride)
+    np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
+
+
+def test_folding_needs_stride_1_columns_and_whole_groups_in_one_chunk() -> None:
+    def fold(c: int, kw: int, stride: int = 1):
+        return amx.conv_geometry([1, c, 16, 16], [16, c, 3, kw], [1, stride], [1, 1, 1, 1]).fold
+
+    assert fold(16, 3) == amx.Fold(16, 16, 1)
+    assert fold(16, 3, stride=2) is None and fold(12, 1) is None
+    assert fold(32, 3) is None  # 96 channels: two chunks, 6 products instead of 9
+    assert fold(10, 3) is None  # taps would split 4-channel groups
 
 
 @pytest.mark.parametrize("n", [1, 64])

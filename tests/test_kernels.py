@@ -41,18 +41,21 @@ def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
     assert got[0, 0] == 2 ** (wl - 1) - 1  # saturates high, not wrapped to a negative value
 
 
+@pytest.mark.parametrize("channels", [16, 32])
 @pytest.mark.parametrize("wl", [12, 16])
-def test_int16_conv_with_32_channels_at_and_above_its_int32_bound(wl, tmp_path, store):
-    """32 input channels take int16 on AMX tiles (where present) at every word length: up to wl 12
-    (32 * 9 products fit int32) its byte-product sums leave the kernel as one int32, above as three."""
+def test_int16_conv_on_tiles_at_and_above_its_int32_bound(channels, wl, tmp_path, store):
+    """16 (kernel columns folded: 48) and 32 input channels take int16 on AMX tiles (where present)
+    at every word length: up to wl 12 (their products fit int32) the byte-product sums leave the
+    kernel as one int32, above as three."""
     torch.manual_seed(2)
-    net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)).eval()
+    net = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1)).eval()
     fl = wl // 2
     with torch.no_grad():
         net[0].weight.mul_(2.0 ** (wl - fl - 2) * 9)  # levels across the word length, some clamped
-    model = compiled(net, torch.zeros(1, 32, 6, 6), tmp_path, store)
+    model = compiled(net, torch.zeros(1, channels, 6, 6), tmp_path, store)
     model.set_precision(Precision(wl, fl))
-    x = (np.random.default_rng(wl).standard_normal((2, 32, 6, 6)) * 2.0 ** (wl - fl - 2)).astype(np.float32)
+    x = np.random.default_rng(wl).standard_normal((2, channels, 6, 6)) * 2.0 ** (wl - fl - 2)
+    x = x.astype(np.float32)
     exact = reference(net, x, {"0": (wl, fl)})
     np.testing.assert_array_equal(model(x), exact.astype(np.float32))
 
