@@ -421,3 +421,35 @@ def test_byte_weights_are_checked_on_the_rounded_levels():
     assert fits_byte(np.array([[127.49 / 16, -128.5 / 16]], np.float32), p)
     assert not fits_byte(np.array([[127.5 / 16]], np.float32), p)
     assert not fits_byte(np.array([[-128.51 / 16]], np.float32), p)
+
+
+def test_a_linear_layer_at_a_static_batch_of_1_keeps_the_packed_kernel(tmp_path):
+    """At batch 1 a tile product would pad the matmul's one row to 32, in three calls (pack,
+    tiles, unpack); the batch-specialized library keeps the single packed kernel, the any-batch one
+    the tiles (where present). Both against float64."""
+    from marvin_compile.dot_isa import dot_isa
+    from marvin_compile.fixed_point import quantize_np
+    from marvin_compile.frontend import import_onnx, load_onnx
+    from marvin_compile.passes import pipeline
+    from marvin_compile.target import resolve_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    p = Precision(8, 4)
+    deploy(model, torch.randn(2, 64), {"0": p}, tmp_path / "d", batches=(1,))
+    imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
+    target = resolve_target("cpu")
+    texts = {
+        batch: pipeline.freeze(pipeline.partition(mod), {"0": p}, imported.params, target).script()
+        for batch, mod in ((1, pipeline.bind_batch(imported.mod, 1)), (None, imported.mod))
+    }
+    isa = dot_isa(target)
+    if isa is not None:
+        assert "marvin_dot_matmul" in texts[1] and "marvin_amx_dot" not in texts[1]
+        assert ("marvin_amx_dot" if isa.amx else "marvin_dot_matmul") in texts[None]
+    x = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
+    w, b = (quantize_np(t.detach().double().numpy(), p.wl, p.fl) for t in (model[0].weight, model[0].bias))
+    ref = quantize_np(quantize_np(x.astype(np.float64), p.wl, p.fl) @ w.T + b, p.wl, p.fl)
+    ours = load(tmp_path / "d")
+    np.testing.assert_array_equal(ours(x[:1]), ref[:1])  # model_b1.so
+    np.testing.assert_array_equal(ours(x), ref)  # model.so
