@@ -151,6 +151,7 @@ FOLDED = [  # (n, c, h, w, o, kh, kw, stride, padding): stride-1 columns, whole 
     (3, 8, 7, 11, 20, 3, 3, (2, 1), (1, 1, 1, 1)),  # row stride 2: two phase rows
     (2, 4, 10, 9, 17, 3, 5, (1, 1), (2, 0, 1, 3)),  # asymmetric padding, 5 columns of 4 channels
     (1, 12, 6, 7, 16, 1, 4, (1, 1), (0, 2, 0, 1)),  # one kernel row, an even kernel width
+    (2, 32, 8, 8, 32, 3, 3, (1, 1), (1, 1, 1, 1)),  # 96 channels: two chunks, the second half padding
 ]
 
 
@@ -170,13 +171,14 @@ def test_folded_conv_is_exact(shape, container: str) -> None:
     np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
 
 
-def test_folding_needs_stride_1_columns_and_whole_groups_in_one_chunk() -> None:
+def test_folding_needs_stride_1_columns_whole_groups_and_fewer_products() -> None:
     def fold(c: int, kw: int, stride: int = 1):
         return amx.conv_geometry([1, c, 16, 16], [16, c, 3, kw], [1, stride], [1, 1, 1, 1]).fold
 
-    assert fold(16, 3) == amx.Fold(16, 16, 1)
+    assert fold(16, 3) == amx.Fold(16, 16, 1)  # 3 products a kernel row, not 9
+    assert fold(32, 3) == amx.Fold(32, 16, 1)  # 96 channels in two chunks: 2 products, not 3
     assert fold(16, 3, stride=2) is None and fold(12, 1) is None
-    assert fold(32, 3) is None  # 96 channels: two chunks, 6 products instead of 9
+    assert fold(64, 3) is None  # 3 chunks of 64 either way
     assert fold(10, 3) is None  # taps would split 4-channel groups
 
 
