@@ -120,14 +120,15 @@ class Geometry:
     @property
     def source(self) -> tuple[int, int, int | None]:
         """(channels, height, width) of the input the packing reads: with ``fold``, its source's."""
-        if self.fold is None:
-            return self.c, self.h, self.w
-        return self.fold.channels, self.h, self.fold.width
+        g = self.packed_input
+        return g.c, g.h, g.w
 
     @property
-    def fold_source(self) -> Geometry:
-        """A folded conv's input as its packing reads it (``Fold``): the source channels, columns
-        from the source's left padding; the rows and phases of the folded conv."""
+    def packed_input(self) -> Geometry:
+        """The geometry the input packing reads with: this one, or a folded conv's source
+        (``Fold``): the source channels, columns from its left padding, the folded rows and phases."""
+        if self.fold is None:
+            return self
         top, _, bottom, _ = self.padding
         f = self.fold
         return Geometry(
@@ -334,7 +335,7 @@ def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     the tile kernel copies them per tap into the folded plane of each image it works on, which
     stays in cache, where a folded packing would write (and the kernel read) ``kw`` times as much."""
     hq, _, _ = g.plane
-    source = g if g.fold is None else g.fold_source
+    source = g.packed_input
 
     def f(b, part, cg, ph, i, j, q):
         return _phase_pixel(x, source, b, part, cg * GROUP + q, ph, i, j)
@@ -507,10 +508,8 @@ def _operands(g: Geometry, levels: Levels | None, batch: int | None, combined: b
     else:
         images = tirx.Var("n", "int64") if batch is None else batch
         hq, wq, flat = g.plane
-        groups = g.groups if g.fold is None else g.fold.channels // GROUP
-        xp = tirx.decl_buffer(
-            (images, g.parts, groups, g.phases, hq, fold_width(g), GROUP), "int8", name="xp"
-        )
+        shape = (images, g.parts, g.packed_input.groups, g.phases, hq, fold_width(g), GROUP)
+        xp = tirx.decl_buffer(shape, "int8", name="xp")
         plane_bytes = g.phases * hq * wq * GROUP
     out_type = "int32" if levels is None else levels.dtype  # output_shape's, with the matmul's own F
     y = tirx.decl_buffer([images, *output_shape(g, images, levels, combined)[1:-1], flat], out_type, name="y")
@@ -552,7 +551,9 @@ class _Combine:
 
     scratch: tirx.Buffer
 
-    params: tuple = ()
+    @property
+    def params(self) -> list[tirx.Buffer]:
+        return []
 
     def block(self, g: Geometry, ops: _Operands, slots: list[int], b, oc0, f0) -> tirx.Stmt:
         """One 16 x 16 block (``slots``: the scratch slots of its sums, most significant first);
