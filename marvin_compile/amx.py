@@ -25,7 +25,10 @@ are split into a signed high byte and an unsigned low byte, ``v = 256 * hi + lo`
 the four byte products run on ``tdpbssd``, ``tdpbsud``, ``tdpbusd`` and ``tdpbuud`` into three
 int32 sums (high x high, the two cross terms, low x low), combined in int64 when unpacking:
 ``65536 * hh + 256 * cross + ll``. Each sum stays below 2**31 for reductions up to
-``MAX_REDUCTION``, so int16 is exact at every word length, with no float64 detour. Where a
+``MAX_REDUCTION``, so int16 is exact at every word length, with no float64 detour. Where the
+caller knows the product fits int32 (the word length's bound), the kernel combines the sums
+itself through a scratch, in wrapping uint32 (``_Combine``), and writes one: C is
+``[N, 1, O16, F]``. Where a
 deployed layer's int16 weight levels all fit a byte (``Geometry.narrow``, checked on the frozen
 weights), only x is split: ``tdpbssd`` (high byte) and ``tdpbsud`` (low byte) into two sums,
 ``256 * high + low``, half the tile work and a third less output.
