@@ -147,6 +147,11 @@ class Geometry:
         )
 
     @property
+    def taps(self) -> int:
+        """Kernel columns folded into the channels (``Fold``): 1 where there is no fold."""
+        return 1 if self.fold is None else self.c // self.fold.channels
+
+    @property
     def folded_plane_bytes(self) -> int:
         """The tile kernel's per-image folded plane (``Fold``): what each worker keeps in cache."""
         hq, wq, _ = self.plane
@@ -274,9 +279,12 @@ def conv_geometry(
     return Geometry(c, h, w, o, kh, kw, tuple(strides), tuple(padding), container, narrow)
 
 
-def matmul_geometry(w_shape: list[int], container: str = "int8") -> Geometry | None:
+def matmul_geometry(w_shape: list[int], container: str = "int8", rows: int | None = None) -> Geometry | None:
+    """The AMX geometry of a matmul by ``w`` [O, K], or None where the tiles do not suit it: also
+    where its rows are a static handful (``rows``; a library for batch 1, say), which the tiles
+    would pad to 32, in three calls (pack, tiles, unpack) where the packed kernel takes one."""
     o, k = (int(v) for v in w_shape)
-    if not _suits(k, k, container):
+    if not _suits(k, k, container) or (rows is not None and rows < TILE):
         return None
     return Geometry(k, 1, None, o, 1, 1, (1, 1), (0, 0, 0, 0), container)
 
@@ -350,7 +358,7 @@ def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
 def fold_width(g: Geometry) -> int:
     """The packed input's row width: the plane's, plus the taps a folded kernel row spans."""
     wq = g.plane[1]
-    return wq if g.fold is None else ceil_div(wq + g.c // g.fold.channels - 1, GROUP) * GROUP
+    return wq if g.fold is None else ceil_div(wq + g.taps - 1, GROUP) * GROUP
 
 
 def pack_matmul_input(x: te.Tensor, g: Geometry) -> te.Tensor:
@@ -526,13 +534,13 @@ def _operands(g: Geometry, levels: Levels | None, batch: int | None, combined: b
 def _fold_image(g: Geometry, ops: _Operands, b: tirx.PrimExpr) -> tirx.Stmt:
     """Image ``b``'s folded plane (``Fold``) from its packed rows: channel group ``gi`` is source
     group ``gi % (C/4)``'s rows shifted by tap ``gi // (C/4)``; 4-byte pixels, a row one vector."""
-    per_tap = g.fold.channels // GROUP
-    taps = g.c // g.fold.channels  # groups past them (chunk padding) meet zero weights: any tap will do
+    per_tap = g.packed_input.groups
     hq, wq, _ = g.plane
     src = tirx.decl_buffer(ops.xp.shape[:-1], "int32", name="xp_pixels", data=ops.xp.data)
     dst = tirx.decl_buffer(ops.folded.shape[:-1], "int32", name="folded_pixels", data=ops.folded.data)
     part, gi, ph, i, j = (tirx.Var(v, "int64") for v in ("part", "gi", "ph", "i", "j"))
-    value = tirx.BufferLoad(src, [b, part, gi % per_tap, ph, i, j + tirx.min(gi // per_tap, taps - 1)])
+    tap = tirx.min(gi // per_tap, g.taps - 1)  # groups past the taps (chunk padding) meet zero weights
+    value = tirx.BufferLoad(src, [b, part, gi % per_tap, ph, i, j + tap])
     body = tirx.For(j, 0, wq, tirx.ForKind.VECTORIZED, tirx.BufferStore(dst, value, [part, gi, ph, i, j]))
     for var, extent in ((i, hq), (ph, g.phases), (gi, g.groups), (part, g.parts)):
         body = tirx.For(var, 0, extent, tirx.ForKind.SERIAL, body)

@@ -352,14 +352,12 @@ def _tile_geometry(
     narrow: bool = False,
 ) -> amx.Geometry | None:
     """The layer on AMX tiles, where the machine has them and the layer suits them (``narrow``:
-    a conv's int16 weight levels fit a byte). A matmul of a static handful of rows (a library for
-    batch 1, say) keeps the packed kernel: tiles would pad its rows to 32, in three calls for one."""
+    a conv's int16 weight levels fit a byte)."""
     if packed is None or isa is None or not isa.amx:
         return None
     kind, kwargs = packed
     if kind == "matmul":
-        rows = static_extent(x_shape[0])
-        return None if rows is not None and rows < amx.TILE else amx.matmul_geometry(w_shape, container)
+        return amx.matmul_geometry(w_shape, container, static_extent(x_shape[0]))
     return amx.conv_geometry(x_shape, w_shape, **kwargs, container=container, narrow=narrow)
 
 
