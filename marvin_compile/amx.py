@@ -42,6 +42,12 @@ groups, ``kw - 1`` columns wider; the kernel copies them per tap into a per-imag
 16 channels (the tile loop 1.3x (int8) to 2x (int16) faster) and 32 channels (96 channels in two
 chunks: 2 products a kernel row instead of 3; the layer 1.25x faster), not 64 (3 chunks either way).
 
+An int8 conv of a few channels (LeNet-5's 1, an RGB image's 3) becomes a 1 x 1 conv over its
+kernel windows (``Geometry.of_patches``): one tile product a window. Its packing, and int16's on
+rows of 32 pixels or more, writes B as int32 words, each a pixel's 4-byte channel group built in
+registers with the quantizer inlined (``Geometry.words``); elsewhere 4 x 4 byte blocks measured
+faster. Fewer than 16 output channels (LeNet-5's 6) take C tiles of only their rows (``out_rows``).
+
 A matmul ``[M, K] x [O, K]^T`` is the same kernel on a ``[1, K, 1, M]`` image with a 1 x 1
 kernel; its unpack transposes ``[O16, M]`` back. int8 is exact wherever the int8 class's int32
 bound holds.
@@ -82,6 +88,8 @@ CONTAINERS = ("int8", "int16")
 MIN_INT16_CHANNELS = 32  # int16 on tiles at every word length from this many input channels
 DW_STEP = 64  # dw: output pixels per product (one 64-byte A-tile row, 16 four-pixel B-tile rows)
 DW_IMAGES = 16  # dw: images per int32 partial sum at most (chunks of work for the threads)
+WINDOWS = "amx_windows"  # a word packing's block attribute: 1 where it packs kernel windows
+WORD_ROW = 32  # int16 input rows of at least this many pixels are packed as words (Geometry.words)
 MAX_FOLDED_PLANE = 2**19  # bytes: a folded conv's per-image plane, well inside a core's L2
 SERIAL_TILE_STEPS = 2048  # fewer tile steps (loads and products of one tap and chunk) in all: one thread
 
@@ -115,6 +123,22 @@ class Geometry:
     container: str = "int8"
     narrow: bool = False  # int16 with weight levels in [-128, 127] (a deployed layer's, checked)
     fold: Fold | None = None
+    patches: Geometry | None = None  # the conv whose kernel windows are this 1 x 1 conv's channels
+
+    @staticmethod
+    def of_patches(conv: Geometry) -> Geometry:
+        """``conv`` as a 1 x 1 conv over its output grid whose channels are the kernel windows
+        (im2col): tap ``t`` of channel ``c`` is channel ``t * C + c``. For convs whose channels
+        fill a fraction of a 4-channel group, where neither the tiles nor ``Fold`` suit (LeNet-5's
+        first conv, 1 channel; an RGB image's 3): one tile product takes a whole window of up to
+        64 bytes (LeNet-5: 25 taps, one product an output block, where the dot-product kernel padded
+        every tap's one channel to a 4-byte group). The packing writes the windows as words
+        (``words``), ``kh * kw`` times the input's bytes (LeNet-5 at batch 64: 1.4 MB)."""
+        oh, ow = conv.out_hw
+        c = conv.c * conv.kh * conv.kw
+        return Geometry(
+            c, oh, ow, conv.o, 1, 1, (1, 1), (0, 0, 0, 0), conv.container, conv.narrow, patches=conv
+        )
 
     def __post_init__(self) -> None:
         if self.narrow and self.container != "int16":
@@ -122,8 +146,9 @@ class Geometry:
 
     @property
     def source(self) -> tuple[int, int, int | None]:
-        """(channels, height, width) of the input the packing reads: with ``fold``, its source's."""
-        g = self.packed_input
+        """(channels, height, width) of the input the packing reads: with ``fold`` or ``patches``,
+        its source's."""
+        g = self.packed_input if self.patches is None else self.patches
         return g.c, g.h, g.w
 
     @property
@@ -145,6 +170,19 @@ class Geometry:
             (top, f.left, bottom, 0),
             self.container,
         )
+
+    @property
+    def words(self) -> bool:
+        """Whether the packing writes int32 words, a row of them one vector of four loads, shifts
+        and ORs, with the quantizer in registers (``pack_conv_input``), rather than 4 x 4 byte
+        blocks that LLVM's SLP vectorizer shuffles. Measured: kernel windows (``patches``; quantize
+        and pack) 2-7x faster; int16 at stride 1 on rows of 32 pixels, where both bytes share the
+        loads, 2x (ResNet-20's 16-channel int16 layer 1.18x -> 1.54x torch); not on shorter rows
+        (the 32-channel layer at 16 x 16: 1.51x -> 1.38x), int8 (0.6-1.1x) or stride 2 (0.66x)."""
+        if self.patches is not None:
+            return True
+        width = self.source[2]
+        return self.parts == 2 and self.stride == (1, 1) and width is not None and width >= WORD_ROW
 
     @property
     def taps(self) -> int:
@@ -261,7 +299,10 @@ def conv_geometry(
 ) -> Geometry | None:
     """The AMX geometry of a conv2d layer, or None where the tiles do not suit it (``narrow``: int16
     weights known to fit a byte). A stride-1 kernel's columns are folded into the channels
-    (``Fold``) where that takes fewer tile products (``fold``: allowed)."""
+    (``Fold``) where that takes fewer tile products (``fold``: allowed). An int8 conv whose channels
+    fill fractional 4-channel groups and whose kernel windows fit one 64-byte chunk becomes a 1 x 1
+    conv over its windows (``Geometry.of_patches``). Measured: LeNet-5's first conv 1.3x -> 2.0x
+    torch; its second (150 window bytes: 3 chunks) and int16 (four byte products) slower."""
     o, c, kh, kw = (int(v) for v in w_shape)
     h, w = int(x_shape[2]), int(x_shape[3])
     top, left, bottom, right = (int(p) for p in padding)
@@ -274,9 +315,11 @@ def conv_geometry(
         g = Geometry(kw * c, h, ow, o, kh, 1, (strides[0], 1), (top, 0, bottom, 0), container, narrow, folded)
         if g.folded_plane_bytes <= MAX_FOLDED_PLANE:
             return g
-    if not _suits(c, c * kh * kw, container):
-        return None
-    return Geometry(c, h, w, o, kh, kw, tuple(strides), tuple(padding), container, narrow)
+    conv = Geometry(c, h, w, o, kh, kw, tuple(strides), tuple(padding), container, narrow)
+    windows = c * kh * kw
+    if container == "int8" and c % GROUP and _products(windows) == 1 and _suits(windows, windows, container):
+        return Geometry.of_patches(conv)  # taps of fractional groups: the windows as channels
+    return conv if _suits(c, c * kh * kw, container) else None
 
 
 def matmul_geometry(w_shape: list[int], container: str = "int8", rows: int | None = None) -> Geometry | None:
@@ -331,6 +374,28 @@ def _phase_pixel(x: te.Tensor, g: Geometry, b, part, c, ph, i, j) -> tirx.PrimEx
     sh, sw = g.stride
     cols = g.phase_grid[1]
     hi, wi = i * sh + ph // cols - g.padding[0], j * sw + ph % cols - g.padding[1]
+    return _pixel(x, g, b, part, c, hi, wi)
+
+
+def _window_pixel(x: te.Tensor, g: Geometry, b, part, c, i, j) -> tirx.PrimExpr:
+    """Byte ``part`` of channel ``c`` of output pixel (i, j)'s kernel window (``patches``), as int8:
+    tap ``c // C`` of source channel ``c % C``. Channels past the taps (group and chunk padding)
+    read the last tap: they meet zero weights."""
+    s = g.patches
+    top, left, bottom, right = s.padding
+    tap = tirx.min(c // s.c, s.kh * s.kw - 1)
+    hi = i * s.stride[0] + tap // s.kw - top
+    wi = j * s.stride[1] + tap % s.kw - left
+    value = _part(x[b, c % s.c, _clamp(hi, s.h), wi], part, g.parts)
+    # only the padded sides need a test: an output pixel's window stays inside the others, and the
+    # pixels past the output grid (computed and dropped) may read anything inside x (row clamp)
+    sides = [(top, hi >= 0), (bottom, hi < s.h), (left, wi >= 0), (right, wi < s.w)]
+    inside = [test for pad, test in sides if pad]
+    return _zero_outside(value, tirx.all(*inside)) if inside else value
+
+
+def _pixel(x: te.Tensor, g: Geometry, b, part, c, hi, wi) -> tirx.PrimExpr:
+    """Byte ``part`` of channel ``c`` at (hi, wi) of ``x`` (NCHW), zero outside the image."""
     inside = tirx.all(c < g.c, hi >= 0, hi < g.h, wi >= 0, wi < g.w)
     # the column is not clamped, so 4 pixels stay one load for the SLP vectorizer: only at the two
     # ends of x do the loads leave it, by at most the padding plus the plane's slack (4 * stride
@@ -344,15 +409,33 @@ def pack_conv_input(x: te.Tensor, g: Geometry) -> te.Tensor:
     """``x`` NCHW -> ``[N, parts, C/4, phases, Hq, Wq, 4]``, zero padding and slack included.
     Folded (``Fold``): the source's own channel groups, ``kw - 1`` columns wider (``fold_width``);
     the tile kernel copies them per tap into the folded plane of each image it works on, which
-    stays in cache, where a folded packing would write (and the kernel read) ``kw`` times as much."""
+    stays in cache, where a folded packing would write (and the kernel read) ``kw`` times as much.
+    With ``patches``: the kernel windows. Where ``Geometry.words``, the same bytes as int32 words
+    (``[N, parts, C/4, phases, Hq, Wq]``, each a pixel's channel group, little-endian)."""
     hq, _, _ = g.plane
     source = g.packed_input
 
-    def f(b, part, cg, ph, i, j, q):
-        return _phase_pixel(x, source, b, part, cg * GROUP + q, ph, i, j)
+    def byte(b, part, c, ph, i, j) -> tirx.PrimExpr:
+        if g.patches is not None:
+            return _window_pixel(x, g, b, part, c, i, j)
+        return _phase_pixel(x, source, b, part, c, ph, i, j)
 
-    shape = (x.shape[0], g.parts, source.groups, g.phases, hq, fold_width(g), GROUP)
-    return te.compute(shape, f, name="amx_pack_x")
+    shape = (x.shape[0], g.parts, source.groups, g.phases, hq, fold_width(g))
+    if not g.words:
+
+        def block(b, part, cg, ph, i, j, q):
+            return byte(b, part, cg * GROUP + q, ph, i, j)
+
+        return te.compute((*shape, GROUP), block, name="amx_pack_x")
+
+    def word(b, part, cg, ph, i, j):
+        value = None
+        for q in range(GROUP):
+            u = tirx.Cast("int32", tirx.Cast("uint8", byte(b, part, cg * GROUP + q, ph, i, j)))
+            value = u if value is None else tirx.bitwise_or(value, tirx.shift_left(u, 8 * q))
+        return value
+
+    return te.compute(shape, word, name="amx_pack_x", attrs={WINDOWS: int(g.patches is not None)})
 
 
 def fold_width(g: Geometry) -> int:
@@ -389,6 +472,9 @@ def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
         oc, c = _clamp(oc, g.o), _clamp(c, g.c)
         if g.fold is not None:  # channel c: tap c // C of source channel c % C
             value = w[oc, c % g.fold.channels, i, c // g.fold.channels]
+        elif g.patches is not None:  # channel c: window tap c // C of source channel c % C
+            p = g.patches
+            value = w[oc, c % p.c, c // p.c // p.kw, c // p.c % p.kw]
         else:
             value = w[oc, c, i, j] if conv else w[oc, c]
         return _zero_outside(_part(value, part, g.w_parts), inside)
@@ -480,11 +566,12 @@ def _tile(i: int) -> tirx.PrimExpr:
     return tirx.const(i, "uint8")
 
 
-def _config(rows: int) -> list[tirx.Stmt]:
+def _config(rows: int, out_rows: int = TILE) -> list[tirx.Stmt]:
     """A 64-byte tile configuration (palette 1) for products of ``4 * rows`` bytes: tiles 0-3
-    accumulate (16 x 16 int32), 4-5 hold A (16 x 4*rows bytes), 6-7 hold B (rows x 64 bytes)."""
+    accumulate (``out_rows`` x 16 int32), 4-5 hold A (``out_rows`` x 4*rows bytes), 6-7 hold B
+    (rows x 64 bytes)."""
     cfg = tirx.decl_buffer((64,), "uint8", name="tilecfg", scope="local")
-    shapes = [(TILE, 4 * TILE)] * 4 + [(TILE, GROUP * rows)] * 2 + [(rows, GROUP * TILE)] * 2
+    shapes = [(out_rows, 4 * TILE)] * 4 + [(out_rows, GROUP * rows)] * 2 + [(rows, GROUP * TILE)] * 2
     values = {0: 1}
     for t, (rows, colsb) in enumerate(shapes):
         values[16 + 2 * t] = colsb  # little-endian uint16, colsb < 256
@@ -520,7 +607,8 @@ def _operands(g: Geometry, levels: Levels | None, batch: int | None, combined: b
         images = tirx.Var("n", "int64") if batch is None else batch
         hq, wq, flat = g.plane
         shape = (images, g.parts, g.packed_input.groups, g.phases, hq, fold_width(g), GROUP)
-        xp = tirx.decl_buffer(shape, "int8", name="xp")
+        words = g.words  # int32 words of 4 bytes (``pack_conv_input``)
+        xp = tirx.decl_buffer(shape[:-1] if words else shape, "int32" if words else "int8", name="xp")
         plane_bytes = g.phases * hq * wq * GROUP
     out_type = "int32" if levels is None else levels.dtype  # output_shape's, with the matmul's own F
     y = tirx.decl_buffer([images, *output_shape(g, images, levels, combined)[1:-1], flat], out_type, name="y")
@@ -536,7 +624,7 @@ def _fold_image(g: Geometry, ops: _Operands, b: tirx.PrimExpr) -> tirx.Stmt:
     group ``gi % (C/4)``'s rows shifted by tap ``gi // (C/4)``; 4-byte pixels, a row one vector."""
     per_tap = g.packed_input.groups
     hq, wq, _ = g.plane
-    src = tirx.decl_buffer(ops.xp.shape[:-1], "int32", name="xp_pixels", data=ops.xp.data)
+    src = tirx.decl_buffer(ops.xp.shape[:6], "int32", name="xp_pixels", data=ops.xp.data)
     dst = tirx.decl_buffer(ops.folded.shape[:-1], "int32", name="folded_pixels", data=ops.folded.data)
     part, gi, ph, i, j = (tirx.Var(v, "int64") for v in ("part", "gi", "ph", "i", "j"))
     tap = tirx.min(gi // per_tap, g.taps - 1)  # groups past the taps (chunk padding) meet zero weights
@@ -573,7 +661,8 @@ class _Combine:
         parts = [tirx.BufferLoad(self.scratch, [slot, r, s]) for slot in slots]
         value = tirx.Cast("int32", _combine_sums(parts, "uint32"))
         store = tirx.BufferStore(ops.y, value, [b, 0, oc0 + r, f0 + s])
-        return tirx.For(r, 0, TILE, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
+        rows = out_rows(g)
+        return tirx.For(r, 0, rows, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
 
 
 @dataclass(frozen=True)
@@ -611,7 +700,8 @@ class _Requantize:
         lo, hi = (tirx.BufferLoad(self.qp, [k]) for k in (2, 3))
         level = requantized_level(value, acc, bias, tirx.BufferLoad(self.fl, []), lo, hi)
         store = tirx.BufferStore(ops.y, tirx.Cast(self.levels.dtype, level), [b, oc, f0 + s])
-        return tirx.For(r, 0, TILE, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
+        rows = out_rows(g)
+        return tirx.For(r, 0, rows, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
 
 
 @dataclass(frozen=True)
@@ -672,7 +762,7 @@ def _task(
     for tile, part, m in plan.b:
         col = f0 + m * TILE + (i // sh) * ops.wq + j // sw
         if ops.folded is None:
-            src = _address(ops.xp, [b, part, ch * g.rows, phase, 0, col, 0])
+            src = _address(ops.xp, [b, part, ch * g.rows, phase, 0, col, 0][: len(ops.xp.shape)])
         else:
             src = _address(ops.folded, [part, ch * g.rows, phase, 0, col, 0])
         loads.append(_amx("tileloadd64", _tile(tile), src, tirx.Cast("int64", ops.plane_bytes)))
@@ -707,6 +797,13 @@ def _through_scratch(
     return stmts
 
 
+def out_rows(g: Geometry) -> int:
+    """Rows of the C (and A) tiles: fewer than 16 output channels (LeNet-5's first conv: 6) take
+    only theirs, so no product, store or epilogue works on the padding rows (left unwritten in
+    the output, which its unpacking never reads)."""
+    return min(g.o, TILE)
+
+
 @functools.cache
 def tile_kernel(
     g: Geometry, levels: Levels | None = None, batch: int | None = None, combined: bool = False
@@ -734,7 +831,7 @@ def tile_kernel(
         return tirx.SeqStmt([tirx.IfThenElse(fresh, _fold_image(g, ops, b), None), body])
 
     steps = g.kh * g.kw * g.chunks
-    config = _config(g.rows) + ([] if ops.folded is None else [tirx.AllocBuffer(ops.folded)])
+    config = _config(g.rows, out_rows(g)) + ([] if ops.folded is None else [tirx.AllocBuffer(ops.folded)])
     if epilogue is None:
         return _scheduled([ops.xp, ops.wp, ops.y], _parallel_tasks(tasks, task, config, steps))
     prologue = [*config, tirx.AllocBuffer(epilogue.scratch)]

@@ -127,6 +127,7 @@ CONVS = [  # (n, c, h, w, o, kh, kw, stride, padding)
     (2, 16, 9, 9, 24, 1, 1, (2, 2), (0, 0, 0, 0)),  # a 1 x 1 stride-2 shortcut: one phase image of four
     (2, 8, 7, 9, 16, 1, 3, (2, 2), (0, 1, 0, 1)),  # one phase row, two phase columns
     (1, 80, 5, 5, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # whole groups padded to two chunks: clamped
+    (1, 64, 3, 33, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # rows of 33 pixels: int16 packed as words
 ]
 
 
@@ -154,6 +155,7 @@ FOLDED = [  # (n, c, h, w, o, kh, kw, stride, padding): stride-1 columns, whole 
     (2, 4, 10, 9, 17, 3, 5, (1, 1), (2, 0, 1, 3)),  # asymmetric padding, 5 columns of 4 channels
     (1, 12, 6, 7, 16, 1, 4, (1, 1), (0, 2, 0, 1)),  # one kernel row, an even kernel width
     (2, 32, 8, 8, 32, 3, 3, (1, 1), (1, 1, 1, 1)),  # 96 channels: two chunks, the second half padding
+    (2, 16, 4, 32, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # 32-pixel rows: int16 packed as words
 ]
 
 
@@ -182,6 +184,53 @@ def test_folding_needs_stride_1_columns_whole_groups_and_fewer_products() -> Non
     assert fold(16, 3, stride=2) is None and fold(12, 1) is None
     assert fold(64, 3) is None  # 3 chunks of 64 either way
     assert fold(10, 3) is None  # taps would split 4-channel groups
+
+
+PATCHES = [  # (n, c, h, w, o, kh, kw, stride, padding): fewer than 8 channels, fractional groups
+    (2, 1, 32, 32, 6, 5, 5, (1, 1), (0, 0, 0, 0)),  # LeNet-5's first conv: 25 taps, one product
+    (3, 6, 14, 14, 16, 5, 5, (1, 1), (0, 0, 0, 0)),  # LeNet-5's second: 150 channels, three chunks
+    (2, 3, 9, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1)),  # ResNet-20's stem (an RGB image), small
+    (2, 3, 11, 10, 20, 3, 4, (2, 2), (1, 0, 2, 1)),  # stride 2, asymmetric padding, even width
+    (1, 5, 12, 12, 16, 7, 7, (2, 3), (3, 3, 3, 3)),  # 245 channels: four chunks, the last padding
+]
+
+
+@CONTAINERS
+@pytest.mark.parametrize("shape", PATCHES, ids=lambda s: "x".join(map(str, s[:7])) + f"s{s[7][0]}{s[7][1]}")
+def test_window_conv_is_exact(shape, container: str) -> None:
+    """A conv of a few channels as a 1 x 1 conv over its kernel windows (``Geometry.of_patches``):
+    the window packing (int32 words) and the reordered weight, against float64 torch; int16 and
+    windows of several chunks too, which ``conv_geometry`` leaves to the dot-product kernels."""
+    n, c, h, w, o, kh, kw, stride, padding = shape
+    rng = np.random.default_rng(5)
+    x, wt = _operands(rng, (n, c, h, w), container), _operands(rng, (o, c, kh, kw), container)
+    g = amx.Geometry.of_patches(amx.Geometry(c, h, w, o, kh, kw, stride, padding, container))
+    assert g.words and (g.kh, g.kw, g.c) == (1, 1, c * kh * kw)
+    top, left, bottom, right = padding
+    xpad = torch.from_numpy(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right))))
+    ref = torch.nn.functional.conv2d(xpad, torch.from_numpy(wt.astype(np.float64)), stride=stride)
+    np.testing.assert_array_equal(_run(g, x, wt, matmul=False), ref.numpy().astype(np.int64))
+
+
+def test_windows_for_int8_convs_of_fractional_groups_in_one_chunk() -> None:
+    def patches(c: int, k: int = 3, container: str = "int8"):
+        g = amx.conv_geometry([1, c, 16, 16], [16, c, k, k], [1, 1], [1, 1, 1, 1], container)
+        return None if g is None else g.patches
+
+    assert patches(1, 5) is not None and patches(3) is not None and patches(6) is not None
+    assert patches(6, 5) is None  # 150 window channels: three chunks (measured slower)
+    assert patches(3, container="int16") is None  # four byte products (measured slower)
+    assert patches(4) is None and patches(8) is None  # whole groups: folded (Fold) or plain tiles
+    assert patches(1, 1) is None and patches(1, 2) is None  # 1 or 4 channels in all: below the tiles'
+
+
+def test_words_for_kernel_windows_and_long_int16_rows_at_stride_1() -> None:
+    def words(c: int, size: int, container: str, stride: int = 1) -> bool:
+        return amx.conv_geometry([1, c, size, size], [16, c, 3, 3], [stride] * 2, [1] * 4, container).words
+
+    assert words(3, 8, "int8")  # kernel windows
+    assert words(16, 32, "int16") and words(64, 32, "int16")  # folded and not
+    assert not words(32, 16, "int16") and not words(16, 32, "int8") and not words(16, 32, "int16", 2)
 
 
 @pytest.mark.parametrize("n", [1, 64])
@@ -405,7 +454,7 @@ def _check_weight_gradient(g: amx.Geometry, x: np.ndarray, gr: np.ndarray) -> No
 def test_layers_the_tiles_do_not_suit_keep_the_packed_kernels() -> None:
     """Below 8 input channels most of each tile row would multiply padding; int16's int32 partial
     sums bound its reduction; other containers have no tile instructions."""
-    assert amx.conv_geometry([1, 3, 32, 32], [16, 3, 3, 3], [1, 1], [1, 1, 1, 1]) is None
+    assert amx.conv_geometry([1, 3, 32, 32], [16, 3, 1, 1], [1, 1], [0, 0, 0, 0]) is None
     assert amx.matmul_geometry([10, 4]) is None
     assert amx.conv_geometry([1, 16, 32, 32], [16, 16, 3, 3], [1, 1], [1, 1, 1, 1]) is not None
     assert amx.matmul_geometry([10, amx.MAX_REDUCTION], "int16") is not None

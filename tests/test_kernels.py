@@ -41,23 +41,36 @@ def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
     assert got[0, 0] == 2 ** (wl - 1) - 1  # saturates high, not wrapped to a negative value
 
 
-@pytest.mark.parametrize("channels", [16, 32])
+@pytest.mark.parametrize("channels,size", [(16, 6), (32, 6), (16, 32)])
 @pytest.mark.parametrize("wl", [12, 16])
-def test_int16_conv_on_tiles_at_and_above_its_int32_bound(channels, wl, tmp_path, store):
+def test_int16_conv_on_tiles_at_and_above_its_int32_bound(channels, size, wl, tmp_path, store):
     """16 (kernel columns folded: 48) and 32 input channels take int16 on AMX tiles (where present)
     at every word length: up to wl 12 (their products fit int32) the byte-product sums leave the
-    kernel as one int32, above as three."""
+    kernel as one int32, above as three. On 32-pixel rows the input is packed as words, with the
+    quantizer inlined (``amx.Geometry.words``)."""
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1)).eval()
     fl = wl // 2
     with torch.no_grad():
         net[0].weight.mul_(2.0 ** (wl - fl - 2) * 9)  # levels across the word length, some clamped
-    model = compiled(net, torch.zeros(1, channels, 6, 6), tmp_path, store)
+    model = compiled(net, torch.zeros(1, channels, size, size), tmp_path, store)
     model.set_precision(Precision(wl, fl))
-    x = np.random.default_rng(wl).standard_normal((2, channels, 6, 6)) * 2.0 ** (wl - fl - 2)
+    x = np.random.default_rng(wl).standard_normal((2, channels, size, size)) * 2.0 ** (wl - fl - 2)
     x = x.astype(np.float32)
     exact = reference(net, x, {"0": (wl, fl)})
     np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+
+
+@pytest.mark.parametrize("channels,kernel,stride", [(1, 5, 1), (3, 3, 2)])
+def test_int8_conv_of_few_channels_on_kernel_windows(channels, kernel, stride, tmp_path, store):
+    """LeNet-5's first conv and an RGB stem: int8 on AMX tiles over their kernel windows
+    (``amx.Geometry.of_patches``, where present), exact with the layer's own padding."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(channels, 6, kernel, stride=stride, padding=kernel // 2)).eval()
+    model = compiled(net, torch.zeros(1, channels, 13, 13), tmp_path, store)
+    model.set_precision(Precision(8, 4))
+    x = (np.random.default_rng(channels).standard_normal((3, channels, 13, 13)) * 4).astype(np.float32)
+    np.testing.assert_array_equal(model(x), reference(net, x, {"0": (8, 4)}).astype(np.float32))
 
 
 def test_conv1d_and_matmul_layers(tmp_path, store):
