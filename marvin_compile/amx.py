@@ -299,10 +299,11 @@ def conv_geometry(
 ) -> Geometry | None:
     """The AMX geometry of a conv2d layer, or None where the tiles do not suit it (``narrow``: int16
     weights known to fit a byte). A stride-1 kernel's columns are folded into the channels
-    (``Fold``) where that takes fewer tile products (``fold``: allowed). An int8 conv whose channels
-    fill fractional 4-channel groups and whose kernel windows fit one 64-byte chunk becomes a 1 x 1
-    conv over its windows (``Geometry.of_patches``). Measured: LeNet-5's first conv 1.3x -> 2.0x
-    torch; its second (150 window bytes: 3 chunks) and int16 (four byte products) slower."""
+    (``Fold``) where that takes fewer tile products. An int8 conv whose channels fill fractional
+    4-channel groups and whose kernel windows fit one 64-byte chunk becomes a 1 x 1 conv over its
+    windows (``Geometry.of_patches``; measured: LeNet-5's first conv 1.3x -> 2.0x torch, its second
+    (150 window bytes: 3 chunks) and int16 (four byte products) slower). ``fold``: either is allowed
+    (dw keeps the kernel's taps)."""
     o, c, kh, kw = (int(v) for v in w_shape)
     h, w = int(x_shape[2]), int(x_shape[3])
     top, left, bottom, right = (int(p) for p in padding)
@@ -317,7 +318,13 @@ def conv_geometry(
             return g
     conv = Geometry(c, h, w, o, kh, kw, tuple(strides), tuple(padding), container, narrow)
     windows = c * kh * kw
-    if container == "int8" and c % GROUP and _products(windows) == 1 and _suits(windows, windows, container):
+    if (
+        fold
+        and container == "int8"
+        and c % GROUP
+        and _products(windows) == 1
+        and _suits(windows, windows, container)
+    ):
         return Geometry.of_patches(conv)  # taps of fractional groups: the windows as channels
     return conv if _suits(c, c * kh * kw, container) else None
 
