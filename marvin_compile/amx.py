@@ -492,7 +492,8 @@ def pack_weight(w: te.Tensor, g: Geometry) -> te.Tensor:
 
 @dataclass(frozen=True)
 class Levels:
-    """Requantize's integer half, run in the tile kernel (deployment: nearest rounding): the bias
+    """Requantize's integer half, run in the tile kernel (nearest rounding: deployment, and
+    training variants whose int16 sums would leave the kernel as three): the bias
     added on the 2**-2fl grid, rounded and shifted to the layer's 2**-fl grid, clamped to its word
     length, and stored as the level in the layer's container. The product then leaves the kernel
     as 1-2 bytes an element, not as 4-12 bytes of int32 sums: the layers are memory bound."""
