@@ -602,11 +602,13 @@ def section(
             "the many small VM calls are inflated by the callbacks' timer overhead):",
             *breakdown_lines(results),
             "",
-            "Half of ResNet-20's layers (two of LeNet-5's five) are int16 (12,6). Their trained weights "
-            "keep the sums inside int32, so they run the vpdpwssd kernel (32 MACs per instruction); "
-            "the int8 layers with at least 8 input channels run on AMX tiles (16384 MACs per "
-            "instruction), while ORT int8 runs every layer in int8; see the kernels section for "
-            "per-layer throughput.",
+            "Half of ResNet-20's layers (two of LeNet-5's five) are int16 (12,6). On an AMX host every "
+            "ResNet-20 conv runs on the tiles (16384 MACs per instruction): int8 as one byte product "
+            "(a 3-channel int8 conv over its kernel windows), int16 as two where the folded weight "
+            "levels fit a byte, else four; so do LeNet-5's int8 layers, while its int16 layers (the "
+            "6-channel conv, a Linear layer) keep the packed vpdpwssd kernel (32 MACs per "
+            "instruction). ORT int8 runs every layer in int8; see the kernels section for per-layer "
+            "throughput.",
             END,
         ]
     )

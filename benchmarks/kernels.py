@@ -441,10 +441,13 @@ def kernel_families(target_text: str) -> str:
     if not isa.amx:
         return f"int8, int16 and the backward products on {packed}"
     return (
-        f"AMX tiles where a layer has >= 8 input channels, else {packed}: int8 forward, dx and conv dw "
+        f"AMX tiles where a layer has >= 8 input channels (an int8 conv of fewer, in fractional "
+        f"4-channel groups, over its kernel windows where they fit 64 bytes: LeNet-5's conv1 forward), "
+        f"else {packed}: int8 forward, dx and conv dw "
         f"(`tdpbssd`); int16 as byte products (`tdpbssd`/`tdpbsud`/`tdpbusd`/`tdpbuud`) for conv dw, "
-        f"for convs from {amx.MIN_INT16_CHANNELS} input channels, and above the int32 bound (the wl16 "
-        f"rows), else {packed} (`vpdpwssd`); Linear dw on {packed}"
+        f"for convs whose tile rows hold {amx.MIN_INT16_CHANNELS} input channels (kernel columns "
+        f"folded in: from 16), and above the int32 bound (the wl16 rows, requantized inside the "
+        f"kernel), else {packed} (`vpdpwssd`); Linear dw on {packed}"
     )
 
 
