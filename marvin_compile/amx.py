@@ -562,6 +562,38 @@ def unpack_levels(y: te.Tensor, g: Geometry, rows: tirx.PrimExpr, step: tirx.Pri
     )
 
 
+LEVELS_WIDTH = "marvin.levels_width"  # a conv's levels unpacking: its plane width Wq (PrimFunc attribute)
+
+
+def max_pool_levels(
+    y: te.Tensor,
+    step: tirx.PrimExpr,
+    out: tuple[int, int, int],
+    wq: int,
+    size: tuple[int, int],
+    stride: tuple[int, int],
+) -> te.Tensor:
+    """Levels (``Levels``, ``[N, O16, F]`` over rows of ``wq``) of a conv's output ``out`` =
+    (O, OH, OW) -> ``max_pool2d(relu(level * step))`` (no padding): the max of each window's
+    levels, then ReLU and the positive scale, which commute with it. A conv - ReLU - max pool
+    (LeNet-5's) then writes only the pooled float32 values, where the unpacking wrote the whole
+    output for the pool to read again. An element-wise unpacking like ``unpack_levels``, the
+    window's taps unrolled."""
+    o, oh, ow = out
+    ph, pw = (oh - size[0]) // stride[0] + 1, (ow - size[1]) // stride[1] + 1
+
+    def f(b, oc, i, j):
+        taps = [
+            y[b, oc, (i * stride[0] + ri) * wq + j * stride[1] + rj]
+            for ri in range(size[0])
+            for rj in range(size[1])
+        ]
+        level = functools.reduce(tirx.max, taps)
+        return tirx.max(tirx.Cast("float32", level) * step, tirx.const(0.0, "float32"))
+
+    return te.compute((y.shape[0], o, ph, pw), f, name="amx_unpack")
+
+
 def _amx(name: str, *args) -> tirx.PrimExpr:
     return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
 

@@ -423,6 +423,9 @@ def tile_product(
         # next layer, the unpacking, the element-wise ops and the next packing fuse into one
         # kernel, and the float32 activation between them never reaches memory.
         _set_pattern(bb, call, INJECTIVE)
+        if tiles.w is not None:  # for a max pool after it (``FuseMaxPoolIntoLevels``)
+            gv = call.args[0]
+            bb.update_func(gv, bb.get()[gv].with_attr(amx.LEVELS_WIDTH, tiles.plane[1]))
         return call
     combined = tiles.sums > 1 and (fits_int32 or acc == "int32")
     kernel = bb.add_func(amx.tile_kernel(tiles, None, static_extent(rows), combined), amx.KERNEL)

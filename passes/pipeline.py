@@ -7,7 +7,8 @@
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
 - freeze:    deployment: precisions and weights become constants, folded into integer containers
              (packed for the dot-product kernels), and layers are inlined into ``main`` so TVM's
-             fusion appends each layer's ReLU / residual add to its kernel;
+             fusion appends each layer's ReLU / residual add to its kernel (a ReLU and max pool
+             after an AMX conv fuse into its levels unpacking: ``fuse_pool``);
 - glue:      ``main`` calls layers through the runtime dispatcher;
 - build:     TVM's Relax lowering and fusion, CPU schedules (``schedule_dot`` for the packed
              kernels, ``schedule_cpu`` for the rest), codegen for the target (``relax.build``; on
@@ -31,6 +32,7 @@ from marvin_compile.kernel_classes import KernelClass, class_for_wl
 from marvin_compile.passes.bind_dispatch import BindLayerDispatch
 from marvin_compile.passes.extract_layers import ExtractLayers
 from marvin_compile.passes.freeze_precision import FreezeLayerPrecision
+from marvin_compile.passes.fuse_pool import FuseMaxPoolIntoLevels
 from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, input_quantizer
 from marvin_compile.passes.lower_float_dot import LowerFloatDotKernels
@@ -41,7 +43,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 26  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 27  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
@@ -123,6 +125,7 @@ def freeze(
             LowerFloatDotKernels(_isa(target)),
             relax.transform.BindParams("main", dict(params)),
             FreezeLayerPrecision(precision),
+            FuseMaxPoolIntoLevels(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(["main"]),
         ],

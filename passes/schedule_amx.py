@@ -5,7 +5,8 @@ interleaves each group of four channels of the quantized NCHW input (and splits 
 ``amx_pack_w`` does the same for the weight in training, and ``amx_unpack`` crops the tile output
 back to NCHW with requantize and any fused ReLU / residual add (in deployment it scales the
 kernel's levels, and where the next layer's quantize-and-pack fused in, the quantizer is inlined
-into it and the packing reads it). Around the weight-gradient one:
+into it and the packing reads it; or a max pool of the levels, ``amx.max_pool_levels``). Around
+the weight-gradient one:
 ``amx_pack_dw_x`` (channel planes of the phase images), ``amx_pack_dw_g`` (four-pixel groups per
 channel) and ``amx_fold_dw`` (the int64 sum over chunks of images). Quantizers stay vectorized
 stages of their own.

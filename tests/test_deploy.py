@@ -453,3 +453,29 @@ def test_a_linear_layer_at_a_static_batch_of_1_keeps_the_packed_kernel(tmp_path)
     ours = load(tmp_path / "d")
     np.testing.assert_array_equal(ours(x[:1]), ref[:1])  # model_b1.so
     np.testing.assert_array_equal(ours(x), ref)  # model.so
+
+
+def test_relu_and_max_pool_after_a_tile_conv_fuse_into_its_unpacking(tmp_path):
+    """conv - ReLU - max pool: on AMX one reduction over the conv's levels (``FuseMaxPoolIntoLevels``);
+    a padded pool stays TVM's. Both exact against float64."""
+    from marvin_compile.dot_isa import dot_isa
+    from marvin_compile.frontend import import_onnx, load_onnx
+    from marvin_compile.passes import pipeline
+    from marvin_compile.target import resolve_target
+    from tests.test_semantics import reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 8, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+    ).eval()
+    prec = {"0": Precision(8, 4), "3": Precision(8, 3)}
+    deploy(model, torch.randn(2, 8, 15, 15), prec, tmp_path / "d", batches=())
+    imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
+    target = resolve_target("cpu")
+    text = pipeline.freeze(pipeline.partition(imported.mod), prec, imported.params, target).script()
+    isa = dot_isa(target)
+    if isa is not None and isa.amx:
+        assert text.count("R.nn.max_pool2d") == 1 and "marvin_amx_unpack_pool" in text
+    x = (np.random.default_rng(0).normal(size=(3, 8, 15, 15)) * 2).astype(np.float32)
+    want = reference(model, x, {k: (p.wl, p.fl) for k, p in prec.items()})
+    np.testing.assert_array_equal(load(tmp_path / "d")(x), want.astype(np.float32))
