@@ -269,7 +269,8 @@ class LowerToIntegerKernels:
             fits_int32: bool = False,
         ) -> relax.Expr:
             """The AMX kernel (``tile_product``): x (and in training w) quantized into the packing,
-            requantize after the unpacking (``bind``: emit or normalize, as in ``generic``;
+            requantize after the unpacking or inside the kernel (below) (``bind``: emit or
+            normalize, as in ``generic``;
             ``fits_int32``: the word length keeps every product in int32)."""
             sd = [] if seed is None else [seed]
 
@@ -289,8 +290,8 @@ class LowerToIntegerKernels:
             # requantize inside the kernel with nearest rounding: in deployment, and where int16's
             # sums would leave it as three int32 (12 bytes an output, 2 as levels: ResNet-20's
             # 32-channel layer at wl 16 1.19x -> 1.33x torch; elsewhere it measured 2-5% slower)
-            wide = tiles.sums > 1 and not fits_int32 and acc != "int32"
-            if seed is None and (weight is not None or wide):
+            three_sums = tiles.sums > 1 and not fits_int32 and acc != "int32"
+            if seed is None and (weight is not None or three_sums):
                 epilogue = InKernelRequantize(amx.Levels(bi is not None, acc, container), bi, fl, qp)
             else:
                 epilogue = (requantize, [qp, fl, *[optional[k] for k in present]])
