@@ -73,7 +73,7 @@ from tvm import te, tirx
 
 from marvin_compile.dot_isa import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
 from marvin_compile.te_dot import cast_to, ceil_div
-from marvin_compile.te_ops import requantized_level
+from marvin_compile.te_ops import output_draw, requantized_level
 
 TILE = 16  # tile rows (output channels) and int32 columns (output pixels)
 GROUP = 4  # int8 channels per 4-byte group of a B-tile row
@@ -501,6 +501,7 @@ class Levels:
     bias: bool
     acc: str  # the product's accumulator: int32 / int64
     dtype: str  # the level's container: int8 / int16
+    stochastic: bool = False  # rounding: the output site's hash of (seed, element), as te_ops.requantize
 
 
 def output_shape(
@@ -708,12 +709,14 @@ class _Combine:
 @dataclass(frozen=True)
 class _Requantize:
     """The buffers of the in-kernel requantize (``Levels``): bias [O] (acc), fl (int32 scalar),
-    qp (float32: [2**fl, 2**-fl, level min, level max]) and a per-worker scratch for the C tiles."""
+    qp (float32: [2**fl, 2**-fl, level min, level max]), with stochastic rounding the seed (uint32
+    scalar), and a per-worker scratch for the C tiles."""
 
     levels: Levels
     bias: tirx.Buffer | None
     fl: tirx.Buffer
     qp: tirx.Buffer
+    seed: tirx.Buffer | None
     scratch: tirx.Buffer
 
     @staticmethod
@@ -721,16 +724,18 @@ class _Requantize:
         bias = tirx.decl_buffer((g.o,), levels.acc, name="bias") if levels.bias else None
         fl = tirx.decl_buffer((), "int32", name="fl")
         qp = tirx.decl_buffer((4,), "float32", name="qp")
-        return _Requantize(levels, bias, fl, qp, _scratch())
+        seed = tirx.decl_buffer((), "uint32", name="seed") if levels.stochastic else None
+        return _Requantize(levels, bias, fl, qp, seed, _scratch())
 
     @property
     def params(self) -> list[tirx.Buffer]:
-        return [*([self.bias] if self.bias is not None else []), self.fl, self.qp]
+        return [b for b in (self.bias, self.fl, self.qp, self.seed) if b is not None]
 
     def block(self, g: Geometry, ops: _Operands, slots: list[int], b, oc0, f0) -> tirx.Stmt:
         """One 16 x 16 block of levels from its C tiles (``slots``: their scratch slots, most
-        significant sum first): ``te_ops.requantized_level`` with nearest rounding, as
-        ``te_ops.requantize`` computes it. The 16 columns are one vector."""
+        significant sum first): ``te_ops.requantized_level`` as ``te_ops.requantize`` computes it,
+        stochastic rounding included (the hash of the element's index in the unpacked output,
+        NCHW or a matmul's [M, O]). The 16 columns are one vector."""
         acc = self.levels.acc
         r, s = tirx.Var("r", "int64"), tirx.Var("s", "int64")
         parts = [tirx.BufferLoad(self.scratch, [slot, r, s]) for slot in slots]
@@ -738,7 +743,16 @@ class _Requantize:
         oc = oc0 + r
         bias = None if self.bias is None else tirx.BufferLoad(self.bias, [_clamp(oc, g.o)])
         lo, hi = (tirx.BufferLoad(self.qp, [k]) for k in (2, 3))
-        level = requantized_level(value, acc, bias, tirx.BufferLoad(self.fl, []), lo, hi)
+        draw = None
+        if self.seed is not None:
+            f = f0 + s
+            if g.w is None:  # a matmul's output [M, O]: row f
+                index, shape = [f, oc], [ops.flat, g.o]
+            else:
+                oh, ow = g.out_hw
+                index, shape = [b, oc, f // ops.wq, f % ops.wq], [ops.images, g.o, oh, ow]
+            draw = output_draw(self.seed, index, shape)
+        level = requantized_level(value, acc, bias, tirx.BufferLoad(self.fl, []), lo, hi, draw)
         store = tirx.BufferStore(ops.y, tirx.Cast(self.levels.dtype, level), [b, oc, f0 + s])
         rows = out_rows(g)
         return tirx.For(r, 0, rows, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))

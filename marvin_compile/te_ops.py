@@ -116,6 +116,12 @@ def requantize(
     return te.compute(acc.shape, f, name="fxp_requantize")
 
 
+def output_draw(seed: tirx.Buffer, indices: list, shape: list) -> tirx.PrimExpr:
+    """``requantize``'s stochastic draw for the output element at ``indices`` of ``shape``, for a
+    kernel that requantizes itself (``amx.Levels``): the same hash, so the same levels."""
+    return _hash32(seed, indices, shape, SALT_OUTPUT)
+
+
 def requantized_level(
     total: tirx.PrimExpr,
     dtype: str,

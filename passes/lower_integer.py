@@ -287,12 +287,13 @@ class LowerToIntegerKernels:
                 given = dict(zip(present, extra, strict=True))
                 return te_ops.requantize(out, given.get("bias"), qp_t, fl_t, axis, given.get("seed"))
 
-            # requantize inside the kernel with nearest rounding: in deployment, and where int16's
-            # sums would leave it as three int32 (12 bytes an output, 2 as levels: ResNet-20's
-            # 32-channel layer at wl 16 1.19x -> 1.33x torch; elsewhere it measured 2-5% slower)
+            # requantize inside the kernel: in deployment (nearest rounding), and where int16's sums
+            # would leave it as three int32 (12 bytes an output, 2 as levels: ResNet-20's 32-channel
+            # layer at wl 16 1.19x -> 1.33x torch; elsewhere it measured 2-5% slower)
             three_sums = tiles.sums > 1 and not fits_int32 and acc != "int32"
-            if seed is None and (weight is not None or three_sums):
-                epilogue = InKernelRequantize(amx.Levels(bi is not None, acc, container), bi, fl, qp)
+            if (seed is None and weight is not None) or three_sums:
+                levels = amx.Levels(bi is not None, acc, container, stochastic=seed is not None)
+                epilogue = InKernelRequantize(levels, bi, fl, qp, seed)
             else:
                 epilogue = (requantize, [qp, fl, *[optional[k] for k in present]])
             return tile_product(
@@ -369,12 +370,13 @@ def _tile_geometry(
 @dataclass(frozen=True)
 class InKernelRequantize:
     """A tile product's epilogue run inside the tile kernel (``amx.Levels``), with its Relax
-    arguments: the quantized bias (or None), fl and qp."""
+    arguments: the quantized bias (or None), fl, qp and with stochastic rounding the seed."""
 
     levels: amx.Levels
     bias: relax.Expr | None
     fl: relax.Expr
     qp: relax.Expr
+    seed: relax.Expr | None = None  # stochastic rounding's
 
 
 def tile_product(
@@ -413,6 +415,7 @@ def tile_product(
         kernel = bb.add_func(amx.tile_kernel(tiles, levels, static_extent(rows)), amx.KERNEL)
         out_type = relax.TensorType(amx.output_shape(tiles, rows, levels), levels.dtype)
         args = [bind(xp), weight, *([epilogue.bias] if levels.bias else []), epilogue.fl, qp]
+        args += [epilogue.seed] if levels.stochastic else []
         y = bind(relax.call_tir(kernel, args, out_type))
         call = bb.call_te(
             lambda yt, qt: amx.unpack_levels(yt, tiles, rows, qt[1]),

@@ -73,6 +73,32 @@ def test_int8_conv_of_few_channels_on_kernel_windows(channels, kernel, stride, t
     np.testing.assert_array_equal(model(x), reference(net, x, {"0": (8, 4)}).astype(np.float32))
 
 
+@pytest.mark.parametrize("layer", ["conv16", "conv64", "linear"])
+def test_int16_levels_requantized_in_the_tile_kernel_match_the_packed_kernel(
+    layer, tmp_path, store, monkeypatch
+):
+    """Above int16's int32 bound the AMX kernel requantizes inside (``amx.Levels``), stochastic
+    draws hashed from each element's index in the unpacked output (``te_ops.output_draw``): the
+    same levels as the packed kernel's requantize (``MARVIN_AMX=0``), nearest and stochastic."""
+    torch.manual_seed(4)
+    net, shape = {
+        "conv16": (nn.Conv2d(16, 32, 3, padding=1), (2, 16, 6, 7)),
+        "conv64": (nn.Conv2d(64, 20, 3, stride=2, padding=1), (2, 64, 7, 7)),
+        "linear": (nn.Linear(64, 24), (5, 64)),
+    }[layer]
+    net = net.eval()
+    example = torch.zeros(1, *shape[1:])
+    x = (np.random.default_rng(5).standard_normal(shape) * 16).astype(np.float32)
+    tiles, packed = compiled(net, example, tmp_path, store), compiled(net, example, tmp_path, store)
+    for rounding in ("nearest", "stochastic"):
+        tiles.set_precision(Precision(16, 8), rounding, seed=7)  # variants compile here
+        with monkeypatch.context() as m:
+            m.setenv("MARVIN_AMX", "0")
+            packed.set_precision(Precision(16, 8), rounding, seed=7)
+            want = packed(x)
+        np.testing.assert_array_equal(tiles(x), want)
+
+
 def test_conv1d_and_matmul_layers(tmp_path, store):
     class Net(nn.Module):
         def __init__(self) -> None:
