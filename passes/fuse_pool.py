@@ -11,7 +11,7 @@ on ``main`` after the layers are inlined (``FreezeLayerPrecision``).
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax, te
@@ -44,10 +44,9 @@ class FuseMaxPoolIntoLevels:
         with bb.function("main", list(main.params), attrs=dict(main.attrs)):
             with bb.dataflow():
                 for b in bindings:
-                    if b.var in pools:
-                        levels, qp, *shape = pools[b.var]
-                        pool = functools.partial(_max_pool_levels, shape=shape)
-                        value = bb.call_te(pool, substitute(levels, vmap), qp, primfunc_name_hint=POOLED)
+                    if (pool := pools.get(b.var)) is not None:
+                        levels = substitute(pool.levels, vmap)
+                        value = bb.call_te(pool.compute, levels, pool.qp, primfunc_name_hint=POOLED)
                     else:
                         value = substitute(b.value, vmap)
                     vmap[b.var] = value if isinstance(value, relax.Var) else bb.emit(value, b.var.name)
@@ -56,8 +55,24 @@ class FuseMaxPoolIntoLevels:
         return relax.transform.DeadCodeElimination(["main"])(bb.get())
 
 
-def _pooled(mod: tvm.IRModule, value: relax.Expr, values: dict, uses: dict) -> tuple | None:
-    """(levels, qp, (O, OH, OW), Wq, pool size, stride) where ``value`` is such a pool."""
+@dataclass(frozen=True)
+class _Pool:
+    """A max pool to fuse: the conv's levels and qp, its output (O, OH, OW), plane width Wq, and
+    the pool's size and stride."""
+
+    levels: relax.Expr
+    qp: relax.Expr
+    out: tuple[int, int, int]
+    wq: int
+    size: tuple[int, int]
+    stride: tuple[int, int]
+
+    def compute(self, y: te.Tensor, qp: te.Tensor) -> te.Tensor:
+        return amx.max_pool_levels(y, qp[1], self.out, self.wq, self.size, self.stride)
+
+
+def _pooled(mod: tvm.IRModule, value: relax.Expr, values: dict, uses: dict) -> _Pool | None:
+    """The pool to fuse where ``value`` is one."""
     if not _is_op(value, "relax.nn.max_pool2d"):
         return None
     a = value.attrs
@@ -84,12 +99,7 @@ def _pooled(mod: tvm.IRModule, value: relax.Expr, values: dict, uses: dict) -> t
     o, oh, ow = int(o), int(oh), int(ow)
     size = tuple(int(v) for v in a.pool_size)
     stride = tuple(int(v) for v in a.strides)
-    return levels, qp, (o, oh, ow), int(func.attrs[amx.LEVELS_WIDTH]), size, stride
-
-
-def _max_pool_levels(y: te.Tensor, qp: te.Tensor, shape: list) -> te.Tensor:
-    out, wq, size, stride = shape
-    return amx.max_pool_levels(y, qp[1], out, wq, size, stride)
+    return _Pool(levels, qp, (o, oh, ow), int(func.attrs[amx.LEVELS_WIDTH]), size, stride)
 
 
 def _is_op(value: relax.Expr | None, name: str) -> bool:

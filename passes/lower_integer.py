@@ -290,7 +290,7 @@ class LowerToIntegerKernels:
             # requantize inside the kernel: in deployment (nearest rounding), and where int16's sums
             # would leave it as three int32 (12 bytes an output, 2 as levels: ResNet-20's 32-channel
             # layer at wl 16 1.19x -> 1.33x torch; elsewhere it measured 2-5% slower)
-            three_sums = tiles.sums > 1 and not fits_int32 and acc != "int32"
+            three_sums = tiles.sums > 1 and not sums_combined(acc, fits_int32)
             if (seed is None and weight is not None) or three_sums:
                 levels = amx.Levels(bi is not None, acc, container, stochastic=seed is not None)
                 epilogue = InKernelRequantize(levels, bi, fl, qp, seed)
@@ -431,7 +431,7 @@ def tile_product(
             gv = call.args[0]
             bb.update_func(gv, bb.get()[gv].with_attr(amx.LEVELS_WIDTH, tiles.plane[1]))
         return call
-    combined = tiles.sums > 1 and (fits_int32 or acc == "int32")
+    combined = tiles.sums > 1 and sums_combined(acc, fits_int32)
     kernel = bb.add_func(amx.tile_kernel(tiles, None, static_extent(rows), combined), amx.KERNEL)
     out_type = relax.TensorType(amx.output_shape(tiles, rows, None, combined), "int32")
     y = bind(relax.call_tir(kernel, [bind(xp), weight], out_type))
@@ -446,6 +446,12 @@ def tile_product(
     call = bb.call_te(unpack, y, *e_args, primfunc_name_hint="marvin_amx_unpack")
     _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
     return call
+
+
+def sums_combined(acc: str, fits_int32: bool) -> bool:
+    """Whether int16's byte-product sums can be combined into one int32 in the tile kernel: every
+    product fits int32 (``acc``, or the caller's word lengths: ``fits_int32``)."""
+    return fits_int32 or acc == "int32"
 
 
 def _set_pattern(bb: relax.BlockBuilder, call: relax.Call, pattern: int) -> None:

@@ -50,13 +50,13 @@ def _pack_x(sch: Schedule, block) -> None:
     """Parallel over (image, byte part, channel group), then 4 x 4 blocks (pixels x channels)
     unrolled: 2 x 4 where the plane's width is not a multiple of 4 (``amx.Geometry.plane``).
     Words (``amx.Geometry.words``): ``_pack_words``."""
+    if sch.get(block).writes[0].source.dtype == "int32":  # words (amx.Geometry.words)
+        _pack_words(sch, block)
+        return
     for producer in sch.get_producers(block):  # the quantizer: at root, contiguous, vectorized
         if not sch.get(producer).name_hint.startswith("amx_unpack"):  # scheduled, quantizer inlined
             _inline_producers(sch, producer)
             schedule_injective(sch, producer)
-    if sch.get(block).writes[0].source.dtype == "int32":  # words (amx.Geometry.words)
-        _pack_words(sch, block)
-        return
     *outer, _ph, _i, j, q = sch.get_loops(block)
     parallel(sch, sch.fuse(*outer), block)
     width = sch.get(j).extent  # a matmul's is symbolic, in whole pixel pairs
