@@ -916,7 +916,7 @@ def _parallel_tasks(
         own = tirx.For(k, 0, count, tirx.ForKind.SERIAL, task(first + k, first))
         return tirx.SeqStmt([*config, own, tirx.Evaluate(_amx("tilerelease"))])
 
-    if isinstance(tasks, tirx.IntImm) and tasks.value * steps < SERIAL_TILE_STEPS:
+    if isinstance(tasks, tirx.IntImm) and tasks.value * (steps + 1) < SERIAL_TILE_STEPS:
         return tirx.SeqStmt([grant, chunk(tirx.const(0, "int64"), tasks)])
     chunks = tirx.min(WORKERS, (tasks + CHUNK_TASKS - 1) // CHUNK_TASKS)
     start, stop = worker * tasks // chunks, (worker + 1) * tasks // chunks

@@ -18,7 +18,8 @@ One PrimFunc per layer call, four stages:
   ``128 * sum(w)`` offset correction for vpdpbusd.
 
 A matmul ``[M, K] x [K, O]`` is the same kernel with rows as the width axis, blocked by
-``ROW_BLOCK`` (the batch is symbolic, so rows are padded up to a whole block).
+``ROW_BLOCK`` (a symbolic batch pads rows up to a whole block; a static batch below one block,
+batch 1, is a block of its own size).
 """
 
 from __future__ import annotations
@@ -217,22 +218,24 @@ def matmul(x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: st
     wpk = w if isinstance(w, PackedWeight) else pack_weight(w, isa, container)
     o = wpk.out_features
     depth, lanes = isa.depth(container), isa.lanes
-    blocks = (m + ROW_BLOCK - 1) // ROW_BLOCK
+    # a static batch below a block (batch 1) is one block of its rows: no products of padding rows
+    rows = int(m) if isinstance(m, tirx.IntImm) and int(m) < ROW_BLOCK else ROW_BLOCK
+    blocks = (m + rows - 1) // rows
     pad = pad_value(isa, container)
 
     def pack_x(b, cb, _i, j, p):
-        row, cc = b * ROW_BLOCK + j, cb * depth + p
+        row, cc = b * rows + j, cb * depth + p
         inside = tirx.all(row < m, cc < k)
         return masked(operand(x[te.min(row, m - 1), te.min(cc, k - 1)], isa, container), inside, pad)
 
-    xp = te.compute((blocks, ceil_div(int(k), depth), 1, ROW_BLOCK, depth), pack_x, name="dot_pack_x")
+    xp = te.compute((blocks, ceil_div(int(k), depth), 1, rows, depth), pack_x, name="dot_pack_x")
     dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk.data, (blocks, ceil_div(o, lanes), 1, ROW_BLOCK, lanes), (1, 1), 1, 1, depth, dtype)
+    y = _reduce(xp, wpk.data, (blocks, ceil_div(o, lanes), 1, rows, lanes), (1, 1), 1, 1, depth, dtype)
     return te.compute(
         (m, o),
         lambda row, oc: _correct(
-            # min(): row // ROW_BLOCK < blocks always, but TVM cannot prove it for a symbolic M
-            y[te.min(row // ROW_BLOCK, blocks - 1), oc // lanes, 0, row % ROW_BLOCK, oc % lanes],
+            # min(): row // rows < blocks always, but TVM cannot prove it for a symbolic M
+            y[te.min(row // rows, blocks - 1), oc // lanes, 0, row % rows, oc % lanes],
             wpk.sums,
             oc,
             acc,

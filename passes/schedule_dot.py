@@ -168,7 +168,10 @@ def schedule_unpack(sch: Schedule, block) -> None:
     loops = sch.get_loops(block)
     outer = sch.fuse(*loops[:2]) if len(loops) == 4 else loops[0]
     parallel(sch, outer, block)
-    vectorize_row(sch, loops[-1])
+    if not vectorize_row(sch, loops[-1]):  # a long row (a matmul's 120 features): in vectors
+        lanes = lanes_for(static_extent(sch.get(loops[-1]).extent) or 1)
+        if lanes is not None:
+            sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
 
 
 def _inline_neighbours(sch: Schedule) -> None:

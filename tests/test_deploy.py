@@ -17,7 +17,7 @@ from marvin_compile.data import load_dataset
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import ModelError
 from marvin_compile.models import lenet5, resnet20
-from marvin_compile.runtime.deploy import BATCH_LIBRARY, LIBRARY, QDQ, deploy, load
+from marvin_compile.runtime.deploy import BATCH_LIBRARY, LIBRARY, QDQ, STAGED_BYTES, deploy, load
 
 B1, B3 = BATCH_LIBRARY.format(1), BATCH_LIBRARY.format(3)
 
@@ -162,8 +162,8 @@ def relax_entry(path):
 
 
 def test_loader_works_on_torch_tensors(deployed, digits):
-    """Torch's aligned float32 tensors go in without a copy and results come out by DLPack: the
-    outputs match a copied numpy input, and a later call leaves an earlier result intact."""
+    """Torch tensors in, torch tensors out (results come out by DLPack): the outputs match a
+    float64 numpy input, and a later call leaves an earlier result intact."""
     out, _ = deployed
     model = load(out)
     x = digits[1].tensors[0][:6].clone()
@@ -175,11 +175,14 @@ def test_loader_works_on_torch_tensors(deployed, digits):
         assert isinstance(first, torch.Tensor) and first.shape == (batch, 10)
         assert torch.equal(first, kept) and not torch.equal(first, second)
         np.testing.assert_array_equal(first.numpy(), model(x[:batch].numpy().astype(np.float64)))
+    large = digits[1].tensors[0][:20].clone()  # past STAGED_BYTES: goes in by DLPack, not copied
+    assert large.numpy().nbytes > STAGED_BYTES and large.data_ptr() % 64 == 0
+    np.testing.assert_array_equal(model(large).numpy(), model(large.numpy().astype(np.float64)))
 
 
 def test_loader_stages_unaligned_numpy_inputs(deployed, digits):
-    """Numpy inputs off the 64-byte boundary go through one reused aligned buffer per thread: each
-    call sees its own input, and results of earlier calls stay intact."""
+    """Numpy inputs off the 64-byte boundary (and small ones) go through one reused staging tensor
+    per thread: each call sees its own input, and results of earlier calls stay intact."""
     out, _ = deployed
     model = load(out)
     x = digits[1].tensors[0][:6].numpy()
