@@ -91,7 +91,9 @@ DW_IMAGES = 16  # dw: images per int32 partial sum at most (chunks of work for t
 WINDOWS = "amx_windows"  # a word packing's block attribute: 1 where it packs kernel windows
 WORD_ROW = 32  # int16 input rows of at least this many pixels are packed as words (Geometry.words)
 MAX_FOLDED_PLANE = 2**19  # bytes: a folded conv's per-image plane, well inside a core's L2
-SERIAL_TILE_STEPS = 2048  # fewer tile steps (loads and products of one tap and chunk) in all: one thread
+# fewer tile steps in all (a step: the loads and products of one tap and chunk; a task's epilogue
+# counts as one more): one thread
+SERIAL_TILE_STEPS = 2048
 
 
 @dataclass(frozen=True)
@@ -903,9 +905,10 @@ def _parallel_tasks(
     once (``task``: of the task and its chunk's first task): up to ``WORKERS`` of them, of at least
     ``CHUNK_TASKS`` tasks (a small batch has few tasks,
     and a configuration per task cost ResNet-20 at batch 1 a tenth of its time). A static task count
-    of fewer than ``SERIAL_TILE_STEPS`` steps (``steps`` per task) in all runs as one chunk on the
-    calling thread. Loops start at 0: a task loop starting at a task-dependent offset computed wrong
-    sums here (TVM 0.27)."""
+    of fewer than ``SERIAL_TILE_STEPS`` steps in all (``steps`` per task, plus one for its stores or
+    requantize: LeNet-5's first conv has one step a task; run serial at batch 64, the model took
+    0.70 ms, parallel 0.58) runs as one chunk on the calling thread. Loops start at 0: a task loop
+    starting at a task-dependent offset computed wrong sums here (TVM 0.27)."""
     worker, k = tirx.Var("worker", "int64"), tirx.Var("k", "int64")
     tasks = tirx.const(tasks, "int64") if isinstance(tasks, int) else tasks
     grant = tirx.Evaluate(
