@@ -262,24 +262,26 @@ class LowerToIntegerKernels:
                 _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
             return call
 
+        sd = [] if seed is None else [seed]
+
+        def x_int(xt, qp_t, *s):
+            return te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
+
+        def w_int(wt, qp_t, *s):
+            return te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
+
         def on_tiles(
             bind: Callable[[relax.Expr], relax.Expr],
             bi: relax.Expr | None,
             weight: relax.Expr | None,
             fits_int32: bool = False,
+            packed: tuple[relax.Expr, relax.Expr] | None = None,
         ) -> relax.Expr:
             """The AMX kernel (``tile_product``): x (and in training w) quantized into the packing,
             requantize after the unpacking or inside the kernel (below) (``bind``: emit or
-            normalize, as in ``generic``;
-            ``fits_int32``: the word length keeps every product in int32)."""
-            sd = [] if seed is None else [seed]
-
-            def x_int(xt, qp_t, *s):
-                return te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
-
-            def w_int(wt, qp_t, *s):
-                return te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
-
+            normalize, as in ``generic``; ``weight``: deployment's packed constant;
+            ``fits_int32``: the word length keeps every product in int32; ``packed``: training's
+            x and w already packed, shared by the two branches of the int16 class)."""
             optional = {"bias": bi, "seed": seed}
             present = [k for k, v in optional.items() if v is not None]
 
@@ -296,12 +298,13 @@ class LowerToIntegerKernels:
                 epilogue = InKernelRequantize(levels, bi, fl, qp, seed)
             else:
                 epilogue = (requantize, [qp, fl, *[optional[k] for k in present]])
+            xp, wp = packed or ((x_int, [x, qp, *sd]), (w_int, [w, qp, *sd]))
             return tile_product(
                 bb,
                 bind,
                 tiles,
-                (x_int, [x, qp, *sd]),
-                weight if weight is not None else (w_int, [w, qp, *sd]),
+                xp,
+                weight if weight is not None else wp,
                 epilogue,
                 x.ty.shape[0],
                 acc,
@@ -343,9 +346,13 @@ class LowerToIntegerKernels:
                 else:
                     wide = generic(bb.normalize, bi)
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
-            elif tiles_branch:
-                fits = on_tiles(bb.normalize, bi, None, fits_int32=True)
-                out = bb.emit(relax.If(cond, fits, on_tiles(bb.normalize, bi, None)))
+            elif tiles_branch:  # both branches read one packing of x and w
+                packed = (
+                    bb.emit(pack_tile_input(bb, tiles, (x_int, [x, qp, *sd]), OPAQUE)),
+                    bb.emit(pack_tile_weight(bb, tiles, (w_int, [w, qp, *sd]))),
+                )
+                fits = on_tiles(bb.normalize, bi, None, fits_int32=True, packed=packed)
+                out = bb.emit(relax.If(cond, fits, on_tiles(bb.normalize, bi, None, packed=packed)))
             bb.emit_func_output(out)
 
 
@@ -383,33 +390,31 @@ def tile_product(
     bb: relax.BlockBuilder,
     bind: Callable[[relax.Expr], relax.Expr],
     tiles: amx.Geometry,
-    x_int: tuple[Callable, list[relax.Expr]],
+    x_int: relax.Expr | tuple[Callable, list[relax.Expr]],
     weight: relax.Expr | tuple[Callable, list[relax.Expr]],
     epilogue: tuple[Callable, list[relax.Expr]] | InKernelRequantize,
     rows: tvm.tirx.PrimExpr,
     acc: str,
     fits_int32: bool = False,
 ) -> relax.Expr:
-    """An integer product on AMX tiles (``amx``) as Relax calls: the integer operand (a TE function
-    of its arguments, e.g. a quantizer) packed, the weight packed (already packed, or a TE function
-    giving the integer [O, C, KH, KW] / [O, K] weight), the tile kernel, then the unpacked ``acc``
-    product through ``epilogue`` (a TE function of it and its arguments), or the kernel's own
-    requantized levels scaled back to float32 (``InKernelRequantize``). ``rows``: the batch (the
-    matmul's M). Where every product fits int32 (``acc``, or ``fits_int32``: the caller's word
-    lengths bound it), int16's byte-product sums are combined in the kernel (``amx._Combine``).
+    """An integer product on AMX tiles (``amx``) as Relax calls: the integer operand packed (already
+    packed, or a TE function of its arguments, e.g. a quantizer), the weight packed (already
+    packed, or a TE function giving the integer [O, C, KH, KW] / [O, K] weight), the tile kernel,
+    then the unpacked ``acc`` product through ``epilogue`` (a TE function of it and its
+    arguments), or the kernel's own requantized levels scaled back to float32
+    (``InKernelRequantize``). ``rows``: the batch (the matmul's M). Where every product fits
+    int32 (``acc``, or ``fits_int32``: the caller's word lengths bound it), int16's byte-product
+    sums are combined in the kernel (``amx._Combine``).
     The packing is opaque to fusion and the unpacking takes element-wise consumers; with
     ``InKernelRequantize`` (nearest rounding) both are injective, see below."""
-    fx, x_args = x_int
-    pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
-    xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
     in_kernel = isinstance(epilogue, InKernelRequantize)
-    _set_pattern(bb, xp, INJECTIVE if in_kernel else OPAQUE)
+    xp = (
+        x_int
+        if isinstance(x_int, relax.Expr)
+        else pack_tile_input(bb, tiles, x_int, INJECTIVE if in_kernel else OPAQUE)
+    )
     if not isinstance(weight, relax.Expr):
-        fw, w_args = weight
-        packed = bb.call_te(
-            lambda *a: amx.pack_weight(fw(*a), tiles), *w_args, primfunc_name_hint="marvin_amx_pack_w"
-        )
-        weight = bind(packed)
+        weight = bind(pack_tile_weight(bb, tiles, weight))
     if in_kernel:
         levels, qp = epilogue.levels, epilogue.qp
         kernel = bb.add_func(amx.tile_kernel(tiles, levels, static_extent(rows)), amx.KERNEL)
@@ -446,6 +451,28 @@ def tile_product(
     call = bb.call_te(unpack, y, *e_args, primfunc_name_hint="marvin_amx_unpack")
     _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
     return call
+
+
+def pack_tile_input(
+    bb: relax.BlockBuilder, tiles: amx.Geometry, x_int: tuple[Callable, list[relax.Expr]], pattern: int
+) -> relax.Expr:
+    """The call packing the integer operand (a TE function of its arguments) for the tiles, with
+    its fusion ``pattern``."""
+    fx, x_args = x_int
+    pack = amx.pack_matmul_input if tiles.w is None else amx.pack_conv_input
+    xp = bb.call_te(lambda *a: pack(fx(*a), tiles), *x_args, primfunc_name_hint="marvin_amx_pack_x")
+    _set_pattern(bb, xp, pattern)
+    return xp
+
+
+def pack_tile_weight(
+    bb: relax.BlockBuilder, tiles: amx.Geometry, weight: tuple[Callable, list[relax.Expr]]
+) -> relax.Expr:
+    """The call packing the integer weight (a TE function of its arguments) for the tiles."""
+    fw, w_args = weight
+    return bb.call_te(
+        lambda *a: amx.pack_weight(fw(*a), tiles), *w_args, primfunc_name_hint="marvin_amx_pack_w"
+    )
 
 
 def sums_combined(acc: str, fits_int32: bool) -> bool:

@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from marvin_compile.dot_isa import dot_isa
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME
+from marvin_compile.passes import pipeline
 from marvin_compile.runtime.compiled_model import CompiledModel
+from marvin_compile.target import resolve_target
 from tests.test_semantics import reference
 
 
@@ -59,6 +62,23 @@ def test_int16_conv_on_tiles_at_and_above_its_int32_bound(channels, size, wl, tm
     x = x.astype(np.float32)
     exact = reference(net, x, {"0": (wl, fl)})
     np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+
+
+def test_int16_tile_branches_share_one_packing(tmp_path):
+    """The int16 class on tiles branches on the word length at run time (sums combined in the
+    kernel, or requantized in it); x and w are packed once, before the branch, for both. Each
+    branch packing its own ran both packings on every call."""
+    target = resolve_target("cpu")
+    isa = dot_isa(target)
+    if isa is None or not isa.amx:
+        pytest.skip("host CPU or OS lacks AMX-INT8")
+    path = tmp_path / "m.onnx"
+    export_onnx(nn.Conv2d(32, 32, 3, padding=1), torch.zeros(1, 32, 6, 6), path)
+    ((_, func),) = pipeline.layer_functions(pipeline.partition(import_onnx(load_onnx(path)).mod))
+    text = pipeline.variant_module(func, CLASS_BY_NAME["int16"], "nearest", target)["layer"].script()
+    assert "if " in text and "marvin_amx_dot1" in text  # two tile kernels, one a branch
+    assert text.count("R.call_tir(marvin_amx_pack_x") == 1
+    assert text.count("R.call_tir(marvin_amx_pack_w") == 1
 
 
 @pytest.mark.parametrize("channels,kernel,stride", [(1, 5, 1), (3, 3, 2)])
