@@ -703,9 +703,7 @@ class _Combine:
         r, s = tirx.Var("r", "int64"), tirx.Var("s", "int64")
         parts = [tirx.BufferLoad(self.scratch, [slot, r, s]) for slot in slots]
         value = tirx.Cast("int32", _combine_sums(parts, "uint32"))
-        store = tirx.BufferStore(ops.y, value, [b, 0, oc0 + r, f0 + s])
-        rows = out_rows(g)
-        return tirx.For(r, 0, rows, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
+        return _block_loops(g, r, s, tirx.BufferStore(ops.y, value, [b, 0, oc0 + r, f0 + s]))
 
 
 @dataclass(frozen=True)
@@ -755,9 +753,9 @@ class _Requantize:
                 index, shape = [b, oc, f // ops.wq, f % ops.wq], [ops.images, g.o, oh, ow]
             draw = output_draw(self.seed, index, shape)
         level = requantized_level(value, acc, bias, tirx.BufferLoad(self.fl, []), lo, hi, draw)
-        store = tirx.BufferStore(ops.y, tirx.Cast(self.levels.dtype, level), [b, oc, f0 + s])
-        rows = out_rows(g)
-        return tirx.For(r, 0, rows, tirx.ForKind.SERIAL, tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store))
+        return _block_loops(
+            g, r, s, tirx.BufferStore(ops.y, tirx.Cast(self.levels.dtype, level), [b, oc, f0 + s])
+        )
 
 
 @dataclass(frozen=True)
@@ -851,6 +849,12 @@ def _through_scratch(
         slots = [c for c, _, bq, bm in sorted(plan.stores, key=lambda st: st[1]) if (bq, bm) == (q, m)]
         stmts.append(epilogue.block(g, ops, slots, b, (ob0 + q) * TILE, f0 + m * TILE))
     return stmts
+
+
+def _block_loops(g: Geometry, r: tirx.Var, s: tirx.Var, store: tirx.Stmt) -> tirx.Stmt:
+    """``store`` over a 16 x 16 output block: its real rows (``out_rows``), the 16 columns one vector."""
+    vector = tirx.For(s, 0, TILE, tirx.ForKind.VECTORIZED, store)
+    return tirx.For(r, 0, out_rows(g), tirx.ForKind.SERIAL, vector)
 
 
 def out_rows(g: Geometry) -> int:

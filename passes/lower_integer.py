@@ -270,6 +270,8 @@ class LowerToIntegerKernels:
         def w_int(wt, qp_t, *s):
             return te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
 
+        x_q, w_q = (x_int, [x, qp, *sd]), (w_int, [w, qp, *sd])  # for the tiles' packings
+
         def on_tiles(
             bind: Callable[[relax.Expr], relax.Expr],
             bi: relax.Expr | None,
@@ -298,7 +300,7 @@ class LowerToIntegerKernels:
                 epilogue = InKernelRequantize(levels, bi, fl, qp, seed)
             else:
                 epilogue = (requantize, [qp, fl, *[optional[k] for k in present]])
-            xp, wp = packed or ((x_int, [x, qp, *sd]), (w_int, [w, qp, *sd]))
+            xp, wp = packed or (x_q, w_q)
             return tile_product(
                 bb,
                 bind,
@@ -348,8 +350,8 @@ class LowerToIntegerKernels:
                 out = bb.emit(relax.If(cond, fast(bi, weight), wide))
             elif tiles_branch:  # both branches read one packing of x and w
                 packed = (
-                    bb.emit(pack_tile_input(bb, tiles, (x_int, [x, qp, *sd]), OPAQUE)),
-                    bb.emit(pack_tile_weight(bb, tiles, (w_int, [w, qp, *sd]))),
+                    bb.emit(pack_tile_input(bb, tiles, x_q, OPAQUE)),
+                    bb.emit(pack_tile_weight(bb, tiles, w_q)),
                 )
                 fits = on_tiles(bb.normalize, bi, None, fits_int32=True, packed=packed)
                 out = bb.emit(relax.If(cond, fits, on_tiles(bb.normalize, bi, None, packed=packed)))

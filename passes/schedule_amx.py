@@ -19,7 +19,7 @@ from tvm.s_tir import Schedule
 
 from marvin_compile.amx import GROUP, WINDOWS
 from marvin_compile.passes.schedule_dot import find_block
-from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent, vectorize_row
+from marvin_compile.passes.utils import parallel, schedule_injective, vectorize_loop, vectorize_row
 
 AMX_BLOCKS = ("amx_pack_x", "amx_pack_w", "amx_unpack", "amx_pack_dw_x", "amx_pack_dw_g", "amx_fold_dw")
 
@@ -82,8 +82,7 @@ def _pack_words(sch: Schedule, block) -> None:
     b, part, cg, ph, i, j = sch.get_loops(block)
     sch.reorder(b, cg, ph, i, part, j)
     parallel(sch, sch.fuse(b, cg), block)
-    if not vectorize_row(sch, j):
-        sch.vectorize(sch.split(j, factors=[None, lanes_for(static_extent(sch.get(j).extent))])[1])
+    vectorize_loop(sch, j)
 
 
 def _inline_producers(sch: Schedule, block) -> None:

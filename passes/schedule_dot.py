@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
-from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent, vectorize_row
+from marvin_compile.passes.utils import parallel, schedule_injective, static_extent, vectorize_loop
 from marvin_compile.te_dot import DOT_BLOCK
 
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
@@ -139,8 +139,7 @@ def schedule_pack_x(sch: Schedule, block) -> None:
     if static_extent(sch.get(i).extent) != 1 and width is not None and not window:  # matmul: strided
         sch.reorder(p, j)
         sch.unroll(p)
-        if not vectorize_row(sch, j) and (lanes := lanes_for(width)) is not None:
-            sch.vectorize(sch.split(j, [None, lanes])[1])
+        vectorize_loop(sch, j)
     for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
         schedule_injective(sch, producer)
 
@@ -168,10 +167,7 @@ def schedule_unpack(sch: Schedule, block) -> None:
     loops = sch.get_loops(block)
     outer = sch.fuse(*loops[:2]) if len(loops) == 4 else loops[0]
     parallel(sch, outer, block)
-    if not vectorize_row(sch, loops[-1]):  # a long row (a matmul's 120 features): in vectors
-        lanes = lanes_for(static_extent(sch.get(loops[-1]).extent) or 1)
-        if lanes is not None:
-            sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+    vectorize_loop(sch, loops[-1])  # a matmul's row of 120 features: in vectors of 8
 
 
 def _inline_neighbours(sch: Schedule) -> None:

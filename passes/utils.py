@@ -108,6 +108,18 @@ def vectorize_row(sch: Schedule, loop) -> bool:
     return True
 
 
+def vectorize_loop(sch: Schedule, loop) -> bool:
+    """Vectorize ``loop``: as one vector (``vectorize_row``), else split by the widest vector that
+    divides its static extent; whether it did."""
+    if vectorize_row(sch, loop):
+        return True
+    lanes = lanes_for(static_extent(sch.get(loop).extent) or 1)
+    if lanes is None:
+        return False
+    sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
+    return True
+
+
 def static_extent(extent: tirx.PrimExpr) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
@@ -132,7 +144,7 @@ def schedule_injective(sch: Schedule, block) -> None:
     first_static = len(loops)
     while first_static > 0 and extents[first_static - 1] is not None:
         first_static -= 1
-    lanes = lanes_for(math.prod(extents[first_static:])) if first_static < len(loops) else None
+    lanes = lanes_for(math.prod(extents[first_static:]))  # None for no static loop: prod() is 1
     if lanes is None:
         parallel(sch, sch.fuse(*loops) if len(loops) > 1 else loops[0], block)
         return

@@ -349,9 +349,9 @@ class DeployedModel:
         it was not). On the CPU a large input goes over by DLPack if it is float32, C-ordered and on
         a 64-byte boundary (the kernels assume TVM's alignment; torch's allocator gives it; numpy's
         often only 16 bytes). Anything else, and any small input, is copied into this thread's
-        staging tensor, allocated by TVM once per shape: at batch 1 the copy (1 us) is cheaper than
-        reading the address to check it (``ndarray.ctypes``, 2 us) and wrapping it (1 us), a tenth
-        of LeNet-5's latency."""
+        staging tensor, allocated by TVM (again only when the shape changes): at batch 1 the copy
+        (1 us) is cheaper than reading the address to check it (``ndarray.ctypes``, 2 us) and
+        wrapping it (1 us), a tenth of LeNet-5's latency."""
         if not self._on_cpu:
             return tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=np.float32), self.device), None
         if (
