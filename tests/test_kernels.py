@@ -44,6 +44,31 @@ def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
     assert got[0, 0] == 2 ** (wl - 1) - 1  # saturates high, not wrapped to a negative value
 
 
+@pytest.mark.parametrize("fl", [0, 5, 10])
+def test_int16_at_its_int32_bound_requantizes_worst_case_sums_in_int32(fl, tmp_path, store):
+    """K = 2047 at wl 11 (the int32 bound): every input and weight at the most negative level, so a
+    sum reaches 2047 * 2**20, within 2**20 of int32's limit; the bias's largest level shifted onto
+    the sums' grid (fl < wl) and the rounding term fill that gap but never cross it: the kernel
+    requantizes in int32 there, not int64, and must stay exact."""
+    from marvin_compile.passes.lower_integer import int32_max_wl
+
+    k, wl = 2047, 11
+    assert int32_max_wl(k) == wl
+    lo, hi = -(2 ** (wl - 1)), 2 ** (wl - 1) - 1
+    lin = nn.Linear(k, 3, bias=True)
+    with torch.no_grad():
+        lin.weight.fill_(lo * 2.0**-fl)
+        lin.weight[1, ::2] = hi * 2.0**-fl  # alternating signs: a sum near the clamp
+        lin.weight[2, 1::2] = hi * 2.0**-fl
+        lin.bias.fill_(hi * 2.0**-fl)
+    model = compiled(lin, torch.zeros(1, k), tmp_path, store)
+    model.set_precision(Precision(wl, fl))
+    x = np.full((2, k), lo * 2.0**-fl, dtype=np.float32)
+    x[1, ::3] = hi * 2.0**-fl
+    exact = reference(nn.Sequential(lin), x, {"0": (wl, fl)})
+    np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+
+
 @pytest.mark.parametrize("channels,size", [(16, 6), (32, 6), (16, 32)])
 @pytest.mark.parametrize("wl", [12, 16])
 def test_int16_conv_on_tiles_at_and_above_its_int32_bound(channels, size, wl, tmp_path, store):
