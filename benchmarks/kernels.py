@@ -57,16 +57,22 @@ BEGIN, END = markers("kernels")
 FLOAT32 = Precision(24, 12)
 
 
+FULL_RANGE = " full-range w"  # row suffix: weights scaled to the clamp, past every int32 bound
+
+
 def precisions(shape: Shape) -> list[tuple[str, str, Precision]]:
     """(row label, kernel class, precision) per row: int8 at wl 8; int16 at the largest wl whose
-    products sum exactly in int32 for this reduction (the packed int32 kernel) and, when that is
-    below 16, at wl 16 too (the int64 kernel); float32 at wl 24."""
+    products sum exactly in int32 for this reduction whatever the weights (the worst-case bound)
+    and, when that is below 16, at wl 16 twice: with the layer's weights (the variant checks each
+    call's weights and takes the int32 kernel where they allow) and with weights scaled to the
+    clamp (``FULL_RANGE``: the int64 kernel); float32 at wl 24."""
     from marvin_compile.passes.lower_integer import int32_max_wl
 
     fast = min(16, int32_max_wl(shape.reduction))
     rows = [("int8", "int8", Precision(8, 4)), (f"int16 wl{fast}", "int16", Precision(fast, fast // 2))]
     if fast < 16:
         rows.append(("int16 wl16", "int16", Precision(16, 8)))
+        rows.append(("int16 wl16" + FULL_RANGE, "int16", Precision(16, 8)))
     return [*rows, ("float32", "float32", FLOAT32)]
 
 
@@ -324,6 +330,7 @@ def forward_calls(
 
     dev = store.device
     x, w, b = (tvm.runtime.tensor(a, dev) for a in (case.x, case.w, case.b))
+    w_full = tvm.runtime.tensor(case.w / np.abs(case.w).max() * 127.0, dev)  # levels at the wl16 clamp
     out = []
     for label, class_name, precision in precisions(case.shape):
         if classes and class_name not in classes:
@@ -331,13 +338,16 @@ def forward_calls(
         name = label + suffix
         variant = store.get(case.layer, CLASS_BY_NAME[class_name], "nearest")
         qp, fl = precision_args(precision, dev)
-        y = variant.fn(x, w, b, qp, fl).numpy()
+        weight = w_full if label.endswith(FULL_RANGE) else w
+        y = variant.fn(x, weight, b, qp, fl).numpy()
         if y.shape != case.ref.shape or not np.all(np.isfinite(y)):
             raise RuntimeError(
                 f"{case.shape.name} {name}: output {y.shape} (torch {case.ref.shape}) or not finite"
             )
         rel_err = float(np.linalg.norm(y - case.ref) / np.linalg.norm(case.ref))
-        call = functools.partial(variant.fn, x, w, b, qp, fl)
+        if weight is w_full:
+            rel_err = float("nan")  # other weights than torch's
+        call = functools.partial(variant.fn, x, weight, b, qp, fl)
         out.append(Timed(Row(case.shape.name, name, case.macs, rel_err), "forward", call))
     return out
 
@@ -507,8 +517,11 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             f"threads: {tvm_threads()}; target `{info.target}`",
             f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
             "rounding; int8 = Precision(8,4); int16 wlN = Precision(N,N/2) at the largest N whose "
-            "products sum exactly in int32 for the shape's reduction (the packed int32 kernel; above it "
-            "the int16 class runs its packed float64 kernel, shown as wl16); float32 = Precision(24,12).",
+            "products sum exactly in int32 for the shape's reduction whatever the weights (the packed "
+            "int32 kernel); above it the int16 class checks each call's weights: wl16 = Precision(16,8) "
+            "with the layer's weights (torch's init: the int32 kernel), wl16 full-range w = with "
+            "weights scaled so the largest level sits at the clamp (past the bound: the packed float64 "
+            "kernel); float32 = Precision(24,12).",
             f"- Integer kernels on this target: {kernel_families(info.target)}",
             "- GOP/s = 2 * MACs / median wall time of one call, after warm-up; up to --repeat timed "
             f"samples (fewer, >= 3, for slow cases: ~{CASE_BUDGET_S} s per case); a fast call is looped "

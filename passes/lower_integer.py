@@ -229,10 +229,8 @@ class LowerToIntegerKernels:
             """One packed kernel: quantize x (and w, unless ``weight`` holds it packed) as its
             prologue (inlined into the packing, same hash sites as the generic path), the dot
             product (``wide``: on float64, exact where int32 is not), requantize as its epilogue,
-            in ``sums``. int32 suffices wherever the word length keeps the products' sum in int32
-            (wl <= ``int32_max_wl``): 2**31 is a multiple of 4**(wl-1), so the sum stays 4**(wl-1)
-            below it, room for the shifted bias and the rounding term (fl < wl). AVX2 has no int64
-            vector shift, min or conversion: ResNet-20's int16 layers 1.2-1.9x faster so."""
+            in ``sums`` (int32 where ``te_ops.sums_fit_int32`` holds: AVX2 has no int64 vector
+            shift, min or conversion, ResNet-20's int16 layers ran 1.2-1.9x faster so)."""
             kind, kwargs = packed
             dot = functools.partial(
                 getattr(te_dot, kind),
@@ -335,11 +333,14 @@ class LowerToIntegerKernels:
             with bb.dataflow():
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])
                 weight = packed_weight() if packed is not None and frozen is not None else None
-                if branch or tiles_branch:  # int16 class: int32 products only while the word length allows
+                if branch:  # int16 class: the int32 kernel while this call's weights and wl allow
+                    cond = bb.emit_output(bb.emit_te(te_ops.sums_fit_int32, w, qp, primfunc_name_hint="fits"))
+                elif tiles_branch:  # int16 on tiles: the sums combined in int32 while the wl allows
                     word = relax.op.take(qp, relax.const(3, "int64"), axis=0)  # 2**(wl-1) - 1
                     cond = bb.emit_output(
                         bb.emit(relax.op.less(word, relax.const(2.0 ** (fast_wl - 1), "float32")))
                     )
+                if branch or tiles_branch:
                     bi = None if bi is None else bb.emit_output(bi)
                     weight = None if weight is None else [bb.emit_output(v) for v in weight]
                 elif on_tiles_only:

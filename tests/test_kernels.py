@@ -69,6 +69,30 @@ def test_int16_at_its_int32_bound_requantizes_worst_case_sums_in_int32(fl, tmp_p
     np.testing.assert_array_equal(model(x), exact.astype(np.float32))
 
 
+@pytest.mark.parametrize("level", [1018, 1019, 1030])
+def test_int16_above_the_worst_case_bound_takes_the_int32_kernel_only_while_the_weights_allow(
+    level, tmp_path, store
+):
+    """wl 16 is above the worst-case int32 word length of any reduction, but the int16 class checks
+    each call's weights (``te_ops.sums_fit_int32``). At K = 64 and weight levels of magnitude 1018
+    the bound, 2**15 * 64 * 1019 plus the shifted bias and rounding term, sits just under 2**31
+    (int32 kernel); at 1019 just over (float64 kernel); at 1030 the sum itself passes 2**31, so an
+    int32 kernel would wrap. All must be exact, the first with a sum within 0.7% of int32's limit."""
+    k, wl, fl = 64, 16, 8
+    lo, hi = -(2 ** (wl - 1)), 2 ** (wl - 1) - 1
+    lin = nn.Linear(k, 2, bias=True)
+    with torch.no_grad():
+        lin.weight.fill_(-level * 2.0**-fl)
+        lin.weight[1, ::2] = level * 2.0**-fl  # alternating signs: a sum inside the output range
+        lin.bias.fill_(hi * 2.0**-fl)
+    model = compiled(lin, torch.zeros(1, k), tmp_path, store)
+    model.set_precision(Precision(wl, fl))
+    x = np.full((2, k), lo * 2.0**-fl, dtype=np.float32)
+    x[1, ::3] = 5 * 2.0**-fl
+    exact = reference(nn.Sequential(lin), x, {"0": (wl, fl)})
+    np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+
+
 @pytest.mark.parametrize("channels,size", [(16, 6), (32, 6), (16, 32)])
 @pytest.mark.parametrize("wl", [12, 16])
 def test_int16_conv_on_tiles_at_and_above_its_int32_bound(channels, size, wl, tmp_path, store):
