@@ -151,30 +151,35 @@ def acc_bound(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast("int64", v)
 
 
-def sums_fit_int32(w: te.Tensor, qp: te.Tensor) -> te.Tensor:
-    """Whether, at this call's weights and precision, an int32 kernel's sums and requantize cannot
-    overflow (0-d bool): ``2**(wl-1) * max_o sum_k |w level[o, k]|`` plus the bias shifted onto the
-    sums' grid and the rounding term stays within int32. A level is at most ``floor(|w| 2**fl) + 1``
-    under either rounding, and at most ``2**(wl-1)``; inputs are at most ``2**(wl-1)``. Trained
-    weights meet this far above the worst-case word length of ``int32_max_wl``."""
-    out_features, *rest = w.shape
-    axes = [te.reduce_axis((0, d)) for d in rest]
+def sums_fit_int32(
+    w: te.Tensor, qp: te.Tensor, qp_other: te.Tensor | None = None, out_axis: int = 0, requantize: bool = True
+) -> te.Tensor:
+    """Whether, at this call's weights and precisions, an int32 kernel's sums cannot overflow (0-d
+    bool): ``2**(wl'-1) * max_o sum_k |w level|`` stays within int32, ``o`` along ``out_axis`` and
+    ``k`` the other axes, ``wl'`` the other operand's word length (``qp_other``, default ``qp``),
+    plus, with ``requantize``, the bias shifted onto the sums' grid and the rounding term. A level is
+    at most ``floor(|w| 2**fl) + 1`` under either rounding, and at most ``2**(wl-1)``; the other
+    operand is at most ``2**(wl'-1)``. Trained weights meet this far above the worst-case word
+    length of ``int32_max_wl``."""
+    qp_other = qp if qp_other is None else qp_other
+    outer = w.shape[out_axis]
+    axes = [te.reduce_axis((0, d)) for i, d in enumerate(w.shape) if i != out_axis]
     top = qp[3] + tirx.const(1.0, "float32")  # 2**(wl-1)
 
-    def level(*i):
+    def level(o):
+        i = [*axes[:out_axis], o, *axes[out_axis:]]
         return te.min(te.floor(te.abs(w(*i)) * qp[0]) + tirx.const(1.0, "float32"), top)
 
     row = te.compute(
-        (out_features,),
-        lambda o: te.sum(tirx.Cast("int64", level(o, *axes)), axis=axes),
-        name="fxp_row_bound",
+        (outer,), lambda o: te.sum(tirx.Cast("int64", level(o)), axis=axes), name="fxp_row_bound"
     )
-    o = te.reduce_axis((0, out_features))
+    o = te.reduce_axis((0, outer))
     worst = te.compute((), lambda: te.max(row[o], axis=o), name="fxp_worst_row")
 
     def fits():
-        one = tirx.Cast("int64", top)
-        bias_and_rounding = tirx.Cast("int64", top * qp[0]) + tirx.Cast("int64", qp[0])
-        return worst[()] * one + bias_and_rounding <= tirx.const(2**31 - 1, "int64")
+        total = worst[()] * tirx.Cast("int64", qp_other[3] + tirx.const(1.0, "float32"))
+        if requantize:  # the bias level (the output's wl, fl: qp's) shifted by fl, and 2**(fl-1) or less
+            total = total + tirx.Cast("int64", top * qp[0]) + tirx.Cast("int64", qp[0])
+        return total <= tirx.const(2**31 - 1, "int64")
 
     return te.compute((), fits, name="fxp_sums_fit_int32")

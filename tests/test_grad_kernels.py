@@ -156,3 +156,25 @@ def test_grouped_conv_keeps_the_generic_kernels():
     mod = pipeline.gradient_module(func, CLASS_BY_NAME["int8"], target)
     names = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     assert not any(name.startswith("marvin_dot") for name in names)
+
+
+@pytest.mark.parametrize("level", [427, 428, 430])
+def test_int16_dx_above_the_worst_case_bound_takes_the_int32_kernel_only_while_the_weights_allow(level):
+    """dx at wl 16 checks each call's weights (``te_ops.sums_fit_int32`` over the output channels
+    and kernel window of every input channel): with g at -2**15 and 153 weight levels of -``level``
+    per input channel, the bound 2**15 * 153 * (level + 1) sits just under 2**31 at 427 (the int32
+    kernel), just over at 428; at 430 the sum itself passes 2**31, where an int32 kernel would wrap.
+    Exact in every case."""
+    shape = (6, 5, 17, 3, 1, 1)  # 17 output channels x 3 x 3 = 153 products per input channel
+    c, h, o, kk, _, _ = shape
+    vm = _build(RUNNABLE[-1], "conv2d", shape, "int16")
+    g = np.full((2, o, h, h), -(2**15), dtype=np.float32)
+    g[1, :, ::2] = 7.0
+    w = np.full((o, c, kk, kk), -float(level), dtype=np.float32)
+    w[:, 1::2] = 3.0
+    x = np.zeros((2, c, h, h), dtype=np.float32)
+    dev = tvm.cpu()
+    qp, _ = precision_args(Precision(16, 0), dev)
+    seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
+    dx = vm["dx"](tvm.runtime.tensor(g, dev), tvm.runtime.tensor(w, dev), qp, qp, seed).numpy()
+    np.testing.assert_array_equal(dx, _reference("conv2d", shape, x, g, w)[0])
