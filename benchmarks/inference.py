@@ -505,6 +505,34 @@ def precision_text(res: ModelResult) -> str:
     return ", ".join(f"{k} x{n}" for k, n in counts.items())
 
 
+def kernel_note() -> str:
+    """Which instructions the host's integer layers run on (the tables differ most by this)."""
+    from marvin_compile.dot_isa import dot_isa
+    from marvin_compile.target import resolve_target
+
+    isa = dot_isa(resolve_target("cpu"))
+    if isa is not None and isa.amx:
+        return (
+            "On this AMX host every ResNet-20 conv runs on the tiles (16384 MACs per instruction): int8 "
+            "as one byte product (a 3-channel int8 conv over its kernel windows), int16 as two where the "
+            "folded weight levels fit a byte, else four; so do LeNet-5's int8 layers, while its int16 "
+            "layers (the 6-channel conv, a Linear layer) keep the packed vpdpwssd kernel (32 MACs per "
+            "instruction). ORT int8 runs every layer in int8; see the kernels section for per-layer "
+            "throughput."
+        )
+    if isa is not None and isa.name == "avx2":
+        return (
+            "On this AVX2 host every layer runs the packed kernel on vpmaddwd (int16 pairs into int32: "
+            "16 MACs per instruction, plus a vpaddd), int8 layers widened to int16: AVX2 has no exact "
+            "8-bit product that sums in int32 (vpmaddubsw saturates its int16 pair sums for full-range "
+            "signed operands), so both classes share one instruction, at most 2x the MACs of float32's "
+            "FMA. ORT int8 runs every layer on vpmaddubsw (uint8 activations x int8 weights, 32 MACs "
+            "per instruction, its pair sums saturating); see the kernels section for per-layer "
+            "throughput."
+        )
+    return "ORT int8 runs every layer in int8; see the kernels section for per-layer throughput."
+
+
 def section(
     results: list[ModelResult],
     command: str,
@@ -593,7 +621,7 @@ def section(
             "Where the TVM module's time goes (one instrumented call of the same model built with `main` as "
             "VM bytecode, since the deployed libraries compile `main` to machine code, which has no per-call "
             "hooks; ms per kernel kind and share of the "
-            "kernels' sum; packed conv/dense = a layer's whole AVX-512 kernel: input quantize, dot product, "
+            "kernels' sum; packed conv/dense = a layer's whole packed kernel: input quantize, dot product, "
             "requantize and the fused ReLU / residual add; on AMX a layer is three calls: AMX packing/"
             "unpacking = input quantize + packing before the tiles, unpacking + requantize + fused ReLU / "
             "residual add after them, AMX tile products = the tile loop; VM/shapes = allocation and shape "
@@ -602,13 +630,7 @@ def section(
             "the many small VM calls are inflated by the callbacks' timer overhead):",
             *breakdown_lines(results),
             "",
-            "Half of ResNet-20's layers (two of LeNet-5's five) are int16 (12,6). On an AMX host every "
-            "ResNet-20 conv runs on the tiles (16384 MACs per instruction): int8 as one byte product "
-            "(a 3-channel int8 conv over its kernel windows), int16 as two where the folded weight "
-            "levels fit a byte, else four; so do LeNet-5's int8 layers, while its int16 layers (the "
-            "6-channel conv, a Linear layer) keep the packed vpdpwssd kernel (32 MACs per "
-            "instruction). ORT int8 runs every layer in int8; see the kernels section for per-layer "
-            "throughput.",
+            "Half of ResNet-20's layers (two of LeNet-5's five) are int16 (12,6). " + kernel_note(),
             END,
         ]
     )
