@@ -183,19 +183,3 @@ def sums_fit_int32(
         return total <= tirx.const(2**31 - 1, "int64")
 
     return te.compute((), fits, name="fxp_sums_fit_int32")
-
-
-def products_fit(a: te.Tensor, qp_a: te.Tensor, b: te.Tensor, qp_b: te.Tensor, bound: int) -> te.Tensor:
-    """Whether every product of a level of ``a`` and one of ``b`` is at most ``bound`` in magnitude
-    at this call (0-d bool), from the largest level each holds (``floor(|v| 2**fl) + 1`` under
-    either rounding, at most ``2**(wl-1)``): dw, both of whose operands are activations, sums
-    products of these in int32 chunks sized for ``bound``."""
-
-    def largest(t: te.Tensor, qp: te.Tensor, name: str) -> te.Tensor:
-        axes = [te.reduce_axis((0, d)) for d in t.shape]
-        top = qp[3] + tirx.const(1.0, "float32")
-        level = te.min(te.floor(te.abs(t(*axes)) * qp[0]) + tirx.const(1.0, "float32"), top)
-        return te.compute((), lambda: te.max(tirx.Cast("int64", level), axis=axes), name=name)
-
-    ma, mb = largest(a, qp_a, "fxp_largest_a"), largest(b, qp_b, "fxp_largest_b")
-    return te.compute((), lambda: ma[()] * mb[()] <= tirx.const(bound, "int64"), name="fxp_products_fit")

@@ -223,9 +223,7 @@ class AddGradientKernels:
             (qp_g, qp_w),
             wide=dx_wide,
             exact=on_tiles_only and tiles.sums == 1,
-            fits=None
-            if dx_fast is not dx_packed
-            else lambda _: (te_ops.sums_fit_int32, [w, qp_w, qp_g, 1, False]),
+            fits=None if dx_fast is not dx_packed else (te_ops.sums_fit_int32, [w, qp_w, qp_g, 1, False]),
         )
 
         x, g2, qp_x, qp_g2, seed2 = (
@@ -327,9 +325,6 @@ class AddGradientKernels:
             offset,
             wide=dw_float64 if kind else None,
             exact=dw_tiles_geometry is not None,
-            fits=None
-            if dw_fast is not dw_packed or offset
-            else lambda bound: (te_ops.products_fit, [x, qp_x, g2, qp_g2, bound]),
         )
         return bb.get()
 
@@ -345,7 +340,7 @@ class AddGradientKernels:
         offset: bool = False,
         wide: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None = None,
         exact: bool = False,
-        fits: Callable[[int], tuple[Callable, list]] | None = None,
+        fits: tuple[Callable, list] | None = None,
     ) -> None:
         """Define ``name``: the ``packed`` kernel (None: none) where its int32 sums of ``length`` products
         are exact for every word length of the class, the generic one where they never are, else an
@@ -355,9 +350,8 @@ class AddGradientKernels:
         ``offset``: the kernel also needs the sums of (x + 128) * g in int32 (vpdpbusd's dw), a bound
         of the int8 class only, checked here for its widest word length. ``exact``: the packed
         kernel is exact at every word length (AMX byte products), so it always runs. ``fits``: a TE
-        function and its arguments, given the products' ``bound``, that decide the ``R.If`` from this
-        call's operands instead: dx from its weights (``te_ops.sums_fit_int32``), dw from the largest
-        levels of x and g (``te_ops.products_fit``)."""
+        function and its arguments that decide the ``R.If`` from this call's weights instead
+        (``te_ops.sums_fit_int32``: dx, whose one operand is the weight)."""
         bound = product_bound(length) if packed is not None else 0
         widest = self.kernel_class.max_wl - 1
         worst = 2 ** (OFFSET_BITS + widest) if offset else 4**widest
@@ -367,8 +361,7 @@ class AddGradientKernels:
         with bb.function(name, params):
             with bb.dataflow():
                 if branch and fits is not None:
-                    func, args = fits(bound)
-                    cond = bb.emit_output(bb.emit_te(func, *args, primfunc_name_hint="fits"))
+                    cond = bb.emit_output(bb.emit_te(fits[0], *fits[1], primfunc_name_hint="fits"))
                 elif branch:  # qp[3] + 1 = 2**(wl-1): the operands' bound, a product exact in float32
                     a, b = (
                         relax.op.add(relax.op.take(qp, relax.const(3, "int64"), axis=0), relax.const(1.0))

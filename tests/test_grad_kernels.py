@@ -178,28 +178,3 @@ def test_int16_dx_above_the_worst_case_bound_takes_the_int32_kernel_only_while_t
     seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
     dx = vm["dx"](tvm.runtime.tensor(g, dev), tvm.runtime.tensor(w, dev), qp, qp, seed).numpy()
     np.testing.assert_array_equal(dx, _reference("conv2d", shape, x, g, w)[0])
-
-
-@pytest.mark.parametrize("case", ["under", "over", "wraps"])
-def test_int16_dw_above_the_worst_case_bound_takes_the_int32_kernel_only_while_the_levels_allow(case):
-    """dw at wl 16 checks each call's largest x and g levels (``te_ops.products_fit``) against the
-    products its int32 chunks sum exactly: with g at -2**15, x levels just under that bound (the
-    int32 chunks), just over it, and so far over that one chunk's sum passes 2**31, where the int32
-    chunks would wrap. Exact in every case."""
-    shape = (6, 5, 17, 3, 1, 1)
-    c, h, o, kk, _, _ = shape
-    length = dw_chunk(ISAS[RUNNABLE[-1]], "int16", h * h)  # products in one int32 chunk
-    bound = product_bound(length)
-    wraps = 2**31 // (length * 2**15) + 8
-    level = {"under": bound // 2**15 - 1, "over": bound // 2**15, "wraps": wraps}[case]
-    vm = _build(RUNNABLE[-1], "conv2d", shape, "int16")
-    batch = -(-length // (h * h))  # the first chunk full
-    x = np.full((batch, c, h, h), float(level), dtype=np.float32)
-    x[:, 1::2, ::2] = 3.0
-    g = np.full((batch, o, h, h), -(2**15), dtype=np.float32)
-    w = np.zeros((o, c, kk, kk), dtype=np.float32)
-    dev = tvm.cpu()
-    qp, _ = precision_args(Precision(16, 0), dev)
-    seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
-    dw = vm["dw"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(g, dev), qp, qp, seed).numpy()
-    np.testing.assert_array_equal(dw, _reference("conv2d", shape, x, g, w)[1])
