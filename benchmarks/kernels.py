@@ -553,7 +553,9 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             "Backward products of the lowbit training step: our integer dx / dw kernels (the incoming "
             "gradient quantized stochastically; on the kernels named above, dw summed in int32 over "
             "chunks of the batch and in int64 over the chunks; int16 wlN as above, for the dx and dw "
-            "bounds together, wl16 = above them) against `torch.nn.grad.conv2d_input` / "
+            "worst-case bounds together; wl16 = above them, where dx checks the call's weights (torch's "
+            "init: its int32 kernel) and dw, both of whose operands are activations, takes its float64 "
+            "kernel) against `torch.nn.grad.conv2d_input` / "
             "`conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, same MAC count as the forward.",
             "",
             markdown_table(grad_rows),
