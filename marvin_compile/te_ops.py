@@ -155,12 +155,13 @@ def sums_fit_int32(
     w: te.Tensor, qp: te.Tensor, qp_other: te.Tensor | None = None, out_axis: int = 0, requantize: bool = True
 ) -> te.Tensor:
     """Whether, at this call's weights and precisions, an int32 kernel's sums cannot overflow (0-d
-    bool): ``2**(wl'-1) * max_o sum_k |w level|`` stays within int32, ``o`` along ``out_axis`` and
-    ``k`` the other axes, ``wl'`` the other operand's word length (``qp_other``, default ``qp``),
-    plus, with ``requantize``, the bias shifted onto the sums' grid and the rounding term. A level is
-    at most ``floor(|w| 2**fl) + 1`` under either rounding, and at most ``2**(wl-1)``; the other
-    operand is at most ``2**(wl'-1)``. Trained weights meet this far above the worst-case word
-    length of ``int32_max_wl``."""
+    bool): ``B = 2**(wl'-1) * max_o sum_k |w level|`` stays within int32, ``o`` along ``out_axis`` and
+    ``k`` the other axes, ``wl'`` the other operand's word length (``qp_other``, default ``qp``).
+    With ``requantize``, ``(sum + (bias << fl) + r) >> fl`` must fit too: the bias level lies in
+    [-2**(wl-1), 2**(wl-1) - 1] and r in [0, 2**fl - 1], so both ends hold iff
+    ``B + 2**(wl-1+fl) <= 2**31``. A level is at most ``floor(|w| 2**fl) + 1`` under either
+    rounding, and at most ``2**(wl-1)``; the other operand is at most ``2**(wl'-1)``. Trained
+    weights meet this far above the worst-case word length of ``int32_max_wl``."""
     qp_other = qp if qp_other is None else qp_other
     outer = w.shape[out_axis]
     axes = [te.reduce_axis((0, d)) for i, d in enumerate(w.shape) if i != out_axis]
@@ -178,8 +179,8 @@ def sums_fit_int32(
 
     def fits():
         total = worst[()] * tirx.Cast("int64", qp_other[3] + tirx.const(1.0, "float32"))
-        if requantize:  # the bias level (the output's wl, fl: qp's) shifted by fl, and 2**(fl-1) or less
-            total = total + tirx.Cast("int64", top * qp[0]) + tirx.Cast("int64", qp[0])
+        if requantize:  # the output's wl and fl are qp's
+            return total + tirx.Cast("int64", top * qp[0]) <= tirx.const(2**31, "int64")
         return total <= tirx.const(2**31 - 1, "int64")
 
     return te.compute((), fits, name="fxp_sums_fit_int32")

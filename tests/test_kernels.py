@@ -48,8 +48,9 @@ def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
 def test_int16_at_its_int32_bound_requantizes_worst_case_sums_in_int32(fl, tmp_path, store):
     """K = 2047 at wl 11 (the int32 bound): every input and weight at the most negative level, so a
     sum reaches 2047 * 2**20, within 2**20 of int32's limit; the bias's largest level shifted onto
-    the sums' grid (fl < wl) and the rounding term fill that gap but never cross it: the kernel
-    requantizes in int32 there, not int64, and must stay exact."""
+    the sums' grid (fl < wl) and the rounding term fill that gap but never cross it (at fl 10 the
+    run-time check, ``2047 * 2**20 + 2**20 <= 2**31``, holds with equality): the kernel requantizes
+    in int32 there, not int64, and must stay exact."""
     from marvin_compile.passes.lower_integer import int32_max_wl
 
     k, wl = 2047, 11
@@ -69,15 +70,15 @@ def test_int16_at_its_int32_bound_requantizes_worst_case_sums_in_int32(fl, tmp_p
     np.testing.assert_array_equal(model(x), exact.astype(np.float32))
 
 
-@pytest.mark.parametrize("level", [1018, 1019, 1030])
+@pytest.mark.parametrize("level", [1019, 1020, 1030])
 def test_int16_above_the_worst_case_bound_takes_the_int32_kernel_only_while_the_weights_allow(
     level, tmp_path, store
 ):
     """wl 16 is above the worst-case int32 word length of any reduction, but the int16 class checks
-    each call's weights (``te_ops.sums_fit_int32``). At K = 64 and weight levels of magnitude 1018
-    the bound, 2**15 * 64 * 1019 plus the shifted bias and rounding term, sits just under 2**31
-    (int32 kernel); at 1019 just over (float64 kernel); at 1030 the sum itself passes 2**31, so an
-    int32 kernel would wrap. All must be exact, the first with a sum within 0.7% of int32's limit."""
+    each call's weights (``te_ops.sums_fit_int32``). At K = 64, fl 8 and weight levels of magnitude
+    1019 the bound, 2**15 * 64 * 1020 + 2**(15+8), is exactly 2**31 (int32 kernel); at 1020 just
+    over (float64 kernel); at 1030 the sum itself passes 2**31, so an int32 kernel would wrap. All
+    must be exact, the first with a sum within 0.1% of int32's limit."""
     k, wl, fl = 64, 16, 8
     lo, hi = -(2 ** (wl - 1)), 2 ** (wl - 1) - 1
     lin = nn.Linear(k, 2, bias=True)
