@@ -9,9 +9,11 @@ operands.
 Given an x86 dot-product family (``dot_isa``), conv2d (groups 1, dilation 1) and Linear products
 run as packed kernels (``te_dot_grad``) that sum in int32: dx over ``O * KH * KW`` products, dw per
 chunk of samples (then in int64 over the batch). Where the class's word lengths can overflow that
-int32 sum (the int16 class), the function branches at run time on the operands' word lengths: the
-packed kernel while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31``, else the packed kernel on
-float64 FMAs, whose integer-valued sums are exact there too. On AMX (``amx``) dx and conv dw run on
+int32 sum (the int16 class), the function branches at run time: dx on this call's weights
+(``te_ops.sums_fit_int32``, as the forward), dw on the operands' word lengths, the packed kernel
+while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31`` (both its operands are activations: a check of
+their levels would scan them); else the packed kernel on float64 FMAs, whose integer-valued sums
+are exact there too. On AMX (``amx``) dx and conv dw run on
 tiles: int8 directly, int16 as byte products summed in int64, exact at every word length (dw
 always; dx of convs from 32 channels of g always, other dx above the int32 bound). The
 generic kernels (other layers, other targets) accumulate dx in the class's accumulator and dw, whose

@@ -7,10 +7,12 @@ fixed-point value, not a float32 approximation of it.
 
 Given an x86 dot-product family (``dot_isa``), conv2d and Linear products run as packed kernels
 on the machine's integer dot instructions (``te_dot``), which accumulate in int32. For the int8
-class that is always exact. For the int16 class it is exact only while
-``K * 2**(2*(wl-1)) < 2**31``, so the kernel branches at run time on the word length: the packed
-int32 kernel below that bound, above it the packed kernel on float64 FMAs, whose integer-valued
-sums are exact below 2**53 (any K < 2**23).
+class that is always exact. For the int16 class it is exact only while the sums fit int32, which
+the worst case (``K * 2**(2*(wl-1)) < 2**31``) allows only up to wl 11-14 in LeNet-5 and ResNet-20,
+so the kernel branches at run time on this call's weights (``te_ops.sums_fit_int32``): the packed
+int32 kernel where they keep the sums and the requantize in int32 (trained-size weights do at
+wl 16), else the packed kernel on float64 FMAs, whose integer-valued sums are exact below 2**53
+(any K < 2**23).
 
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
 input channels run on them (``amx``): the int8 class always; the int16 class as byte products
