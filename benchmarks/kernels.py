@@ -344,9 +344,8 @@ def forward_calls(
             raise RuntimeError(
                 f"{case.shape.name} {name}: output {y.shape} (torch {case.ref.shape}) or not finite"
             )
-        rel_err = float(np.linalg.norm(y - case.ref) / np.linalg.norm(case.ref))
-        if weight is w_full:
-            rel_err = float("nan")  # other weights than torch's
+        error = np.linalg.norm(y - case.ref) / np.linalg.norm(case.ref)
+        rel_err = float("nan") if weight is w_full else float(error)  # nan: not torch's weights
         call = functools.partial(variant.fn, x, weight, b, qp, fl)
         out.append(Timed(Row(case.shape.name, name, case.macs, rel_err), "forward", call))
     return out

@@ -44,6 +44,21 @@ def test_worst_case_accumulation_does_not_overflow(cls, wl, k, tmp_path, store):
     assert got[0, 0] == 2 ** (wl - 1) - 1  # saturates high, not wrapped to a negative value
 
 
+def assert_linear_exact(w_levels, b_level: int, x_levels, wl: int, fl: int, tmp_path, store) -> None:
+    """A Linear layer with these weight levels and one bias level, run at (wl, fl) on inputs at
+    these levels, equals the float64 reference."""
+    out_features, k = w_levels.shape
+    lin = nn.Linear(k, out_features, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w_levels * 2.0**-fl))
+        lin.bias.fill_(b_level * 2.0**-fl)
+    model = compiled(lin, torch.zeros(1, k), tmp_path, store)
+    model.set_precision(Precision(wl, fl))
+    x = (x_levels * 2.0**-fl).astype(np.float32)
+    exact = reference(nn.Sequential(lin), x, {"0": (wl, fl)})
+    np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+
+
 @pytest.mark.parametrize("fl", [0, 5, 10])
 def test_int16_at_its_int32_bound_requantizes_worst_case_sums_in_int32(fl, tmp_path, store):
     """K = 2047 at wl 11 (the int32 bound): every input and weight at the most negative level, so a
@@ -56,18 +71,12 @@ def test_int16_at_its_int32_bound_requantizes_worst_case_sums_in_int32(fl, tmp_p
     k, wl = 2047, 11
     assert int32_max_wl(k) == wl
     lo, hi = -(2 ** (wl - 1)), 2 ** (wl - 1) - 1
-    lin = nn.Linear(k, 3, bias=True)
-    with torch.no_grad():
-        lin.weight.fill_(lo * 2.0**-fl)
-        lin.weight[1, ::2] = hi * 2.0**-fl  # alternating signs: a sum near the clamp
-        lin.weight[2, 1::2] = hi * 2.0**-fl
-        lin.bias.fill_(hi * 2.0**-fl)
-    model = compiled(lin, torch.zeros(1, k), tmp_path, store)
-    model.set_precision(Precision(wl, fl))
-    x = np.full((2, k), lo * 2.0**-fl, dtype=np.float32)
-    x[1, ::3] = hi * 2.0**-fl
-    exact = reference(nn.Sequential(lin), x, {"0": (wl, fl)})
-    np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+    w = np.full((3, k), float(lo))
+    w[1, ::2] = hi  # alternating signs: a sum near the clamp
+    w[2, 1::2] = hi
+    x = np.full((2, k), float(lo))
+    x[1, ::3] = hi
+    assert_linear_exact(w, hi, x, wl, fl, tmp_path, store)
 
 
 @pytest.mark.parametrize("level", [1019, 1020, 1030])
@@ -80,18 +89,11 @@ def test_int16_above_the_worst_case_bound_takes_the_int32_kernel_only_while_the_
     over (float64 kernel); at 1030 the sum itself passes 2**31, so an int32 kernel would wrap. All
     must be exact, the first with a sum within 0.1% of int32's limit."""
     k, wl, fl = 64, 16, 8
-    lo, hi = -(2 ** (wl - 1)), 2 ** (wl - 1) - 1
-    lin = nn.Linear(k, 2, bias=True)
-    with torch.no_grad():
-        lin.weight.fill_(-level * 2.0**-fl)
-        lin.weight[1, ::2] = level * 2.0**-fl  # alternating signs: a sum inside the output range
-        lin.bias.fill_(hi * 2.0**-fl)
-    model = compiled(lin, torch.zeros(1, k), tmp_path, store)
-    model.set_precision(Precision(wl, fl))
-    x = np.full((2, k), lo * 2.0**-fl, dtype=np.float32)
-    x[1, ::3] = 5 * 2.0**-fl
-    exact = reference(nn.Sequential(lin), x, {"0": (wl, fl)})
-    np.testing.assert_array_equal(model(x), exact.astype(np.float32))
+    w = np.full((2, k), -float(level))
+    w[1, ::2] = level  # alternating signs: a sum inside the output range
+    x = np.full((2, k), -(2.0 ** (wl - 1)))
+    x[1, ::3] = 5
+    assert_linear_exact(w, 2 ** (wl - 1) - 1, x, wl, fl, tmp_path, store)
 
 
 @pytest.mark.parametrize("channels,size", [(16, 6), (32, 6), (16, 32)])
