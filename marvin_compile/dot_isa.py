@@ -1,7 +1,10 @@
 """x86 dot-product instructions as TVM tensor intrinsics, and which family a target has.
 
 Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of output channels
-(``lanes``) and a short reduction (``depth``): the shape of one instruction.
+(``lanes``) and a short reduction (``depth``): the shape of one instruction. An integer ``A`` (the
+broadcast activation) comes as one int32 word of its ``depth`` elements (``lane_of``), the way the
+instruction reads it: the packing then builds whole words in vectors instead of storing elements
+one by one.
 
 - ``avx512_vnni``: int8 ``vpdpbusd`` (u8 x s8, depth 4: the activation carries a +128 offset that
   the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
@@ -25,6 +28,7 @@ import platform
 from dataclasses import dataclass
 
 import tvm
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
@@ -58,10 +62,13 @@ class DotISA:
         """The dtype the instruction accumulates in."""
         return container if container in FLOATS else "int32"
 
-    def intrinsic(self, container: str) -> str:
-        """The registered tensor intrinsic's name (registered on first use)."""
+    def intrinsic(self, container: str, index: str = "int32") -> str:
+        """The registered tensor intrinsic's name (registered on first use) for a kernel whose
+        loops are ``index`` (int64 over a symbolic batch)."""
         suffix = "f64" if container == "float64" else self.depth(container)
         name = f"marvin_dot_{self.name}_{suffix}"
+        if container not in FLOATS:
+            name = f"{name}_{index}"
         _register(name)
         return name
 
@@ -114,20 +121,33 @@ def os_grants_amx() -> bool:
     return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
-def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str):
+def lane_of(word, p, a_dtype: str):
+    """Element ``p`` of an int32 ``word`` of ``a_dtype`` elements (element 0 in the low bits), as
+    int32: how a kernel reads its packed activation (``te_dot.pack_word``)."""
+    bits = tvm.DataType(a_dtype).bits
+    return tirx.Cast("int32", tirx.Cast(a_dtype, tirx.shift_right(word, p * bits)))
+
+
+def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str, index: str):
+    """``index``: the loops' dtype. A kernel over a symbolic batch has int64 loops, and TVM widens
+    the word to int64 for ``lane_of``'s shift there: the pattern has to say so to match."""
+
+    def widen(word):
+        return tirx.Cast("int64", word) if index == "int64" else word
+
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        A: T.Buffer((1,), "int32", offset_factor=1),
         B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, depth):
+            for i, k in T.grid(T.cast(lanes, index), T.cast(depth, index)):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                    C[vi] = C[vi] + lane_of(widen(A[0]), vk, a_dtype) * T.cast(B[vi, vk], "int32")
 
     return desc
 
@@ -173,48 +193,43 @@ def _impl_fma(lanes: int, dtype: str):
     return impl
 
 
-def _impl(lanes: int, depth: int, a_dtype: str, b_dtype: str, llvm_name: str, fused: bool):
+def _impl(lanes: int, depth: int, b_dtype: str, llvm_name: str, fused: bool):
     """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add.
 
     Operands are passed inline, not bound to names: a named vector becomes a stack slot that LLVM
     does not always promote back to a register."""
-    a_vec, b_vec = f"{a_dtype}x{depth}", f"{b_dtype}x{lanes * depth}"
-    acc_vec = f"int32x{lanes}"
+    b_vec, acc_vec = f"{b_dtype}x{lanes * depth}", f"int32x{lanes}"
     op_vec = f"int{32 // depth}x{lanes * depth}"  # LLVM 22 types the operands as i8/i16 vectors
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        A: T.Buffer((1,), "int32", offset_factor=1),
         B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_name),
                 C.vload([0], acc_vec),
-                T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=op_vec
-                ),
+                T.reinterpret(T.broadcast(A[0], lanes), dtype=op_vec),
                 T.reinterpret(B.vload([0, 0], b_vec), dtype=op_vec),
                 dtype=acc_vec,
             )
 
     @T.prim_func(s_tir=True)
     def impl_add(
-        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        A: T.Buffer((1,), "int32", offset_factor=1),
         B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_name),
-                T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], a_vec), dtype="int32"), lanes), dtype=op_vec
-                ),
+                T.reinterpret(T.broadcast(A[0], lanes), dtype=op_vec),
                 B.vload([0, 0], b_vec),
                 dtype=acc_vec,
             )
@@ -238,11 +253,13 @@ _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C i
 
 @functools.cache
 def _register(name: str) -> None:
-    lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[name]
+    """``name``: a ``_TABLE`` key, for an integer one followed by ``_int32`` or ``_int64``."""
+    key, _, index = name.rpartition("_") if name.endswith(("_int32", "_int64")) else (name, "", "")
+    lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[key]
     with fast_parsing():
         if depth == 1:
             desc, impl = _desc_fma(lanes, a_dtype), _impl_fma(lanes, a_dtype)
         else:
-            desc = _desc(lanes, depth, a_dtype, b_dtype)
-            impl = _impl(lanes, depth, a_dtype, b_dtype, llvm_name, fused)
+            desc = _desc(lanes, depth, a_dtype, b_dtype, index)
+            impl = _impl(lanes, depth, b_dtype, llvm_name, fused)
     TensorIntrin.register(name, desc, impl, override=True)

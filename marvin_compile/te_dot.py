@@ -2,12 +2,13 @@
 
 One PrimFunc per layer call, four stages:
 
-- ``dot_pack_x``: the quantized input in ``[N, C/d, H+pad, W+pad, d]`` (d = the intrinsic's
-  reduction depth), zero padding folded in (for vpdpbusd the operand is ``x + 128`` as uint8);
+- ``dot_pack_x``: the quantized input in ``[N, C/d, H+pad, W+pad]`` int32 words of ``d`` channels
+  each (d = the intrinsic's reduction depth; ``pack_word``), zero padding folded in (for vpdpbusd
+  the operand is ``x + 128`` as uint8); the float classes' depth is 1, their word the value;
 - ``dot_pack_w``: the weight in ``[O/L, C/d, KH, KW, L, d]`` (L = the intrinsic's lanes), so one
   instruction reads one contiguous 64-byte row.
   A conv whose channels leave the depth part-empty (``folds_taps``: LeNet-5's one-channel conv1)
-  packs (kernel column, channel) pairs into it instead: ``[N, C*KW/d, H+pad, W_out, d]`` and
+  packs (kernel column, channel) pairs into it instead: ``[N, C*KW/d, H+pad, W_out]`` and
   ``[O/L, C*KW/d, KH, 1, L, d]``, the input's columns unfolded over the taps of a kernel row.
   In training the weight changes every step and is packed in the kernel (O(weights) per call);
   a deployed kernel takes it packed (``PackedWeight``, from ``pack_weight`` on the constant
@@ -24,12 +25,13 @@ batch 1, is a block of its own size).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
 from tvm import te, tirx
 
-from marvin_compile.dot_isa import DotISA
+from marvin_compile.dot_isa import DotISA, lane_of
 
 DOT_BLOCK = "marvin_dot"
 ROW_BLOCK = 8  # matmul rows per register block
@@ -141,20 +143,44 @@ def pad_value(isa: DotISA, container: str) -> tirx.PrimExpr:
     return tirx.const(OFFSET if isa.operand_dtype(container) == "uint8" else 0, isa.operand_dtype(container))
 
 
-def _reduce(xp, wp, out_shape, stride, kh, kw, depth, dtype: str) -> te.Tensor:
+def pack_word(element: Callable[[int], tirx.PrimExpr], isa: DotISA, container: str) -> tirx.PrimExpr:
+    """The int32 word of the ``depth`` operand elements ``element(p)`` (already masked), element 0 in
+    the low bits, as ``dot_isa.lane_of`` reads it: built in registers from contiguous loads, stored
+    whole (storing elements into their slots one by one took 12% of a 16-channel conv). The top
+    element goes in sign-extended, so no shift leaves int32; a float class's word is its value."""
+    depth = isa.depth(container)
+    if depth == 1:
+        return element(0)
+    bits = tvm.DataType(isa.operand_dtype(container)).bits
+    word = tirx.Cast("int32", tirx.Cast(f"int{bits}", element(depth - 1))) << (bits * (depth - 1))
+    for p in range(depth - 1):
+        word = word | (tirx.Cast("int32", tirx.Cast(f"uint{bits}", element(p))) << (bits * p))
+    return word
+
+
+def _reduce(xp, wp, out_shape, stride, kh, kw, isa: DotISA, container: str) -> te.Tensor:
     cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
     i = te.reduce_axis((0, kh), name="kh")
     j = te.reduce_axis((0, kw), name="kw")
-    p = te.reduce_axis((0, depth), name="p")
+    p = te.reduce_axis((0, isa.depth(container)), name="p")
     sh, sw = stride
+    dtype = isa.product_dtype(container)
     return te.compute(
         out_shape,
         lambda n, ob, h, w, oi: te.sum(
-            cast_to(dtype, xp[n, cb, h * sh + i, w * sw + j, p]) * cast_to(dtype, wp[ob, cb, i, j, oi, p]),
+            operand_of(xp[n, cb, h * sh + i, w * sw + j], p, isa, container)
+            * cast_to(dtype, wp[ob, cb, i, j, oi, p]),
             axis=[cb, i, j, p],
         ),
         name=DOT_BLOCK,
     )
+
+
+def operand_of(word: tirx.PrimExpr, p: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
+    """Element ``p`` of a packed word in the product dtype (``pack_word``'s inverse)."""
+    if isa.depth(container) == 1:
+        return cast_to(isa.product_dtype(container), word)
+    return lane_of(word, p, isa.operand_dtype(container))
 
 
 def _correct(y: tirx.PrimExpr, wsum: te.Tensor | None, oc, acc: str) -> tirx.PrimExpr:
@@ -185,7 +211,7 @@ def conv2d(
     pad = pad_value(isa, container)
     fold = folds_taps(int(c), kw, depth)
 
-    def pack_x(b, cb, i, j, p):
+    def element(b, cb, i, j, p):
         cc, hi, wi = cb * depth + p, i - top, j - left
         if fold:  # j is the output column, cc a (kernel column, channel) pair
             pair = tirx.min(cc, c * kw - 1)
@@ -200,11 +226,13 @@ def conv2d(
         value = x[b, tirx.min(cc, c - 1), tirx.max(tirx.min(hi, h - 1), 0), wi]
         return masked(operand(value, isa, container), inside, pad)
 
+    def pack_x(b, cb, i, j):
+        return pack_word(lambda p: element(b, cb, i, j, p), isa, container)
+
     groups = int(wpk.data.shape[1])
-    xp = te.compute((n, groups, hp, ow if fold else wp_, depth), pack_x, name="dot_pack_x")
-    dtype = isa.product_dtype(container)
+    xp = te.compute((n, groups, hp, ow if fold else wp_), pack_x, name="dot_pack_x")
     out_shape = (n, ceil_div(o, lanes), oh, ow, lanes)
-    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, 1 if fold else kw, depth, dtype)
+    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, 1 if fold else kw, isa, container)
     return te.compute(
         (n, o, oh, ow),
         lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wpk.sums, oc, acc),
@@ -223,14 +251,16 @@ def matmul(x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: st
     blocks = (m + rows - 1) // rows
     pad = pad_value(isa, container)
 
-    def pack_x(b, cb, _i, j, p):
+    def element(b, cb, j, p):
         row, cc = b * rows + j, cb * depth + p
         inside = tirx.all(row < m, cc < k)
         return masked(operand(x[te.min(row, m - 1), te.min(cc, k - 1)], isa, container), inside, pad)
 
-    xp = te.compute((blocks, ceil_div(int(k), depth), 1, rows, depth), pack_x, name="dot_pack_x")
-    dtype = isa.product_dtype(container)
-    y = _reduce(xp, wpk.data, (blocks, ceil_div(o, lanes), 1, rows, lanes), (1, 1), 1, 1, depth, dtype)
+    def pack_x(b, cb, _i, j):
+        return pack_word(lambda p: element(b, cb, j, p), isa, container)
+
+    xp = te.compute((blocks, ceil_div(int(k), depth), 1, rows), pack_x, name="dot_pack_x")
+    y = _reduce(xp, wpk.data, (blocks, ceil_div(o, lanes), 1, rows, lanes), (1, 1), 1, 1, isa, container)
     return te.compute(
         (m, o),
         lambda row, oc: _correct(

@@ -37,8 +37,10 @@ def has_dot_block(func: tirx.PrimFunc) -> bool:
 
 
 def intrinsic_for(sch: Schedule, block, isa: DotISA) -> str:
-    a_dtype = sch.get(block).reads[0].source.dtype
-    return isa.intrinsic({"uint8": "int8"}.get(a_dtype, a_dtype))
+    """By the packed weight's dtype (the activation is an int32 word for every integer class) and
+    the loops' index dtype."""
+    stmt = sch.get(block)
+    return isa.intrinsic(stmt.reads[1].source.dtype, str(stmt.iter_vars[-1].var.ty.dtype))
 
 
 def accumulator_bytes(sch: Schedule, block) -> int:
@@ -125,21 +127,15 @@ def schedule_dot(
 
 def schedule_pack_x(sch: Schedule, block) -> None:
     """Parallel over images x channel groups; a conv's packing is vectorized along the row (each
-    of the ``d`` channels a contiguous load, the interleaving done in registers: 4.5x faster than
+    of the ``d`` channels a contiguous load, the words built in registers: 4.5x faster than
     element by element for ResNet-20's 16-channel int16 layer at batch 128). The input quantizer
-    (fused in) stays a stage of its own: inlined into the packing it would run scalar."""
+    (fused in) stays a stage of its own: inlined into the packing it measured no faster (it would
+    also quantize the padding, and each element again per word that holds it where ``folds_taps``)."""
     quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
-    n, cb, i, j, p = sch.get_loops(block)
+    n, cb, i, j = sch.get_loops(block)
     parallel(sch, sch.fuse(n, cb), block)
-    width = static_extent(sch.get(j).extent)
-    channels = static_extent(sch.get(block).reads[0].source.shape[1])
-    # Not for one channel in 4-byte groups (LeNet-5's conv1, kernel columns folded in): the four
-    # overlapping windows of a row become a chain of byte permutes, 1.3x slower than scalar code
-    window = channels == 1 and static_extent(sch.get(p).extent) == 4
-    if static_extent(sch.get(i).extent) != 1 and width is not None and not window:  # matmul: strided
-        sch.reorder(p, j)
-        sch.unroll(p)
-        vectorize_loop(sch, j)
+    if static_extent(sch.get(i).extent) != 1 and static_extent(sch.get(j).extent) is not None:
+        vectorize_loop(sch, j)  # not a matmul's rows: strided loads
     for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
         schedule_injective(sch, producer)
 

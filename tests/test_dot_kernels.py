@@ -3,7 +3,8 @@
 Every ISA the host can execute is checked, on operands that include the container's extreme
 values, for shapes with odd channel counts, strides, ragged output widths and ragged rows. The
 operands end right before an unreadable page (but a padded conv's input), so a load past their
-end faults the test.
+end faults the test. Every ISA is also compiled, whatever the host, to check that its kernels reach
+their dot-product instruction.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 import tvm
 from tvm import te
 
-from marvin_compile import te_dot
+from marvin_compile import te_dot, te_dot_grad
 from marvin_compile.dot_isa import ISAS, dot_isa
 from marvin_compile.passes.lower_integer import int32_max_wl
-from marvin_compile.passes.schedule_dot import schedule_dot_func
+from marvin_compile.passes.schedule_dot import schedule_dot_func, scheduled
+from marvin_compile.passes.schedule_dot_grad import schedule_dot_dw
 from marvin_compile.target import resolve_target
 from tests.guard_pages import at_page_end
 
@@ -129,6 +131,36 @@ def test_full_range_int16_conv_on_float64_is_exact(isa, shape):
     out = tvm.runtime.tensor(np.zeros(ref.shape, np.int64))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
     np.testing.assert_array_equal(out.numpy(), ref)
+
+
+INSTRUCTION = {  # (isa, container): the dot-product instruction its integer kernels are built on
+    ("avx2", "int8"): "vpmaddwd",
+    ("avx2", "int16"): "vpmaddwd",
+    ("avx512", "int8"): "vpmaddwd",
+    ("avx512", "int16"): "vpmaddwd",
+    ("avx512_vnni", "int8"): "vpdpbusd",
+    ("avx512_vnni", "int16"): "vpdpwssd",
+}
+
+
+@pytest.mark.parametrize(("isa", "container"), list(INSTRUCTION))
+def test_every_isa_tensorizes_onto_its_instruction(isa, container):
+    """Compiled, not run (the host may lack the ISA): a forward conv over a symbolic batch (int64
+    loops) and a dw over a static one (int32 loops) each tensorize their reduction, or schedule
+    raises, and the machine code holds the ISA's instruction."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[isa], "num-cores": 2})
+    nv = tvm.tirx.Var("n", "int64")
+    x, xs = te.placeholder((nv, 16, 8, 8), container, name="x"), te.placeholder((4, 16, 8, 8), container)
+    w, g = te.placeholder((32, 16, 3, 3), container, name="w"), te.placeholder((4, 32, 8, 8), container)
+    y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS[isa], container, "int32")
+    dw = te_dot_grad.conv2d_weight_grad(xs, g, (3, 3), (1, 1), (1,) * 4, ISAS[isa], container)
+    funcs = {
+        "conv": schedule_dot_func(te.create_prim_func([x, w, y]), target),
+        "dw": scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw),
+    }
+    for name, func in funcs.items():
+        asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
+        assert INSTRUCTION[isa, container] in asm, f"{isa} {container} {name}"
 
 
 @pytest.mark.parametrize("k", [1, 18, 144, 576, 4608])
