@@ -141,8 +141,10 @@ def conv2d_weight_grad(
     padding: tuple[int, int, int, int],
     isa: DotISA,
     container: str,
+    split: int = 0,
 ) -> te.Tensor:
-    """dw [O, C, KH, KW] (int64) of a conv2d (groups 1, dilation 1) from x [N, C, H, W], g [N, O, OH, OW]."""
+    """dw [O, C, KH, KW] (int64) of a conv2d (groups 1, dilation 1) from x [N, C, H, W], g [N, O, OH, OW]
+    (``split``: see ``_weight_grad``)."""
     n, c, h, w = x.shape
     o, oh, ow = (int(d) for d in g.shape[1:])
     kh, kw = kernel
@@ -157,16 +159,16 @@ def conv2d_weight_grad(
         padding[:2],
         isa,
         container,
+        split,
     )
-    lanes = isa.lanes
     return te.compute(
         (o, int(c), kh, kw),
-        lambda k, ci, i, j: acc[k // lanes, (ci * kh + i) * kw + j, k % lanes],
+        lambda k, ci, i, j: _joined(acc, k, (ci * kh + i) * kw + j, o, isa.lanes, split),
         name="dot_unpack",
     )
 
 
-def linear_weight_grad(x: te.Tensor, g: te.Tensor, isa: DotISA, container: str) -> te.Tensor:
+def linear_weight_grad(x: te.Tensor, g: te.Tensor, isa: DotISA, container: str, split: int = 0) -> te.Tensor:
     """dw [O, K] = g^T [O, M] @ x [M, K] (int64): the conv case with 1 x 1 images and kernel."""
     m, k = x.shape
     o = int(g.shape[1])
@@ -181,13 +183,31 @@ def linear_weight_grad(x: te.Tensor, g: te.Tensor, isa: DotISA, container: str) 
         (0, 0),
         isa,
         container,
+        split,
     )
     lanes = isa.lanes
-    return te.compute((o, int(k)), lambda oc, ci: acc[oc // lanes, ci, oc % lanes], name="dot_unpack")
+    return te.compute((o, int(k)), lambda oc, ci: _joined(acc, oc, ci, o, lanes, split), name="dot_unpack")
 
 
-def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa: DotISA, container: str):
+def _joined(acc: te.Tensor, k, r, o: int, lanes: int, split: int) -> tirx.PrimExpr:
+    """dw[k, r] from ``_weight_grad``'s int64 sums: with ``split``, the high part's sum shifted
+    back plus the low part's, ``ceil(O / L)`` lane blocks further on."""
+    out = acc[k // lanes, r, k % lanes]
+    if split:
+        out = (out << split) + acc[k // lanes + ceil_div(o, lanes), r, k % lanes]
+    return out
+
+
+def _weight_grad(
+    x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa: DotISA, container: str, split: int = 0
+):
     """int64 [O/L, C*KH*KW, L]: ``dot_fold`` over chunks of the int32 ``marvin_dot_dw`` sums.
+
+    ``split`` (bits): each gradient level g enters as two, ``g >> split`` and ``g & (2**split - 1)``
+    (``g = hi * 2**split + lo``), as twice the output channels (``[2 * ceil(O / L), ...]``): the
+    products shrink to about ``2**split`` times the input's levels, so int32 chunks of dw stay exact
+    at word lengths whose full products would not (the int16 class above its int32 bound; twice
+    the dot products, where the float64 kernel runs at a quarter of the int16 instruction's rate).
 
     Index clamps keep every load inside its tensor (``te_dot.masked`` clears the padding)."""
     n, c, o = sizes
@@ -215,12 +235,19 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     xp = te.compute((chunks * blocks, c, hp, wp), pack_x, name="dot_pack_x")
     gdtype = isa.weight_dtype(container)
 
+    half = ceil_div(o, lanes) * lanes  # where the low parts start, with ``split``
+
     def pack_g(q, ob, i, j, oi, p):
         b, k = q * depth + p, ob * lanes + oi
-        value = cast_to(gdtype, g_at(te.min(b, n - 1), te.min(k, o - 1), i, j))
-        return masked(value, tirx.all(b < n, k < o), tirx.const(0, gdtype))
+        src = tirx.floormod(k, half) if split else k
+        value = cast_to(gdtype, g_at(te.min(b, n - 1), te.min(src, o - 1), i, j))
+        if split:
+            low = tirx.const(2**split - 1, gdtype)
+            value = tirx.Select(k < half, value >> tirx.const(split, gdtype), value & low)
+        return masked(value, tirx.all(b < n, src < o), tirx.const(0, gdtype))
 
-    gp = te.compute((chunks * blocks, ceil_div(o, lanes), oh, ow, lanes, depth), pack_g, name="dot_pack_g")
+    lane_blocks = ceil_div(o, lanes) * (2 if split else 1)
+    gp = te.compute((chunks * blocks, lane_blocks, oh, ow, lanes, depth), pack_g, name="dot_pack_g")
     t = te.reduce_axis((0, blocks), name="t")
     i = te.reduce_axis((0, oh), name="oh")
     j = te.reduce_axis((0, ow), name="ow")
@@ -228,7 +255,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     dtype = isa.product_dtype(container)
     taps, kind = kh * kw, (isa, container)
     part = te.compute(
-        (chunks, ceil_div(o, lanes), c * taps, lanes),
+        (chunks, lane_blocks, c * taps, lanes),
         lambda qc, ob, r, oi: te.sum(
             operand_of(xp[qc * blocks + t, r // taps, r // kw % kh + i * sh, r % kw + j * sw], p, *kind)
             * cast_to(dtype, gp[qc * blocks + t, ob, i, j, oi, p]),
@@ -240,7 +267,7 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
     if isa.operand_dtype(container) == "uint8":
         t2, i2, j2, p2 = (te.reduce_axis((0, e), name=f"s{d}") for d, e in enumerate((blocks, oh, ow, depth)))
         gsum = te.compute(
-            (chunks, ceil_div(o, lanes), lanes),
+            (chunks, lane_blocks, lanes),
             lambda qc, ob, oi: te.sum(
                 tirx.Cast("int32", gp[qc * blocks + t2, ob, i2, j2, oi, p2]), axis=[t2, i2, j2, p2]
             ),
@@ -254,4 +281,4 @@ def _weight_grad(x_at, g_at, sizes, in_hw, out_hw, kernel, strides, padding, isa
             chunk = chunk - OFFSET * gsum[qc, ob, oi]
         return te.sum(tirx.Cast("int64", chunk), axis=qc)
 
-    return te.compute((ceil_div(o, lanes), c * taps, lanes), fold, name="dot_fold")
+    return te.compute((lane_blocks, c * taps, lanes), fold, name="dot_fold")

@@ -12,7 +12,9 @@ chunk of samples (then in int64 over the batch). Where the class's word lengths 
 int32 sum (the int16 class), the function branches at run time: dx on this call's weights
 (``te_ops.sums_fit_int32``, as the forward), dw on the operands' word lengths, the packed kernel
 while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31`` (both its operands are activations: a check of
-their levels would scan them); else the packed kernel on float64 FMAs, whose integer-valued sums
+their levels would scan them), then the packed kernel on the gradient split into ``g >> 7`` and
+``g & 127`` while those smaller products sum in int32 (``split_fits``: twice the int32 products,
+2x faster than float64 FMAs); else the packed kernel on float64 FMAs, whose integer-valued sums
 are exact there too. On AMX (``amx``) dx and conv dw run on
 tiles: int8 directly, int16 as byte products summed in int64, exact at every word length (dw
 always; dx of convs from 32 channels of g always, other dx above the int32 bound). The
@@ -38,6 +40,7 @@ from marvin_compile.passes.utils import layer_functions, param
 SALT_GRAD = 0x5BD1E995
 INT32_MAX = 2**31 - 1
 OFFSET_BITS = 8  # vpdpbusd's offset input x + 128 lies in [0, 2**8)
+SPLIT_BITS = 7  # int16 dw above its int32 bound: the gradient's levels as g >> 7 and g & 127
 
 
 def _core(func: relax.Function) -> tuple[relax.Call, dict]:
@@ -53,6 +56,17 @@ def product_bound(length: int) -> int:
     of magnitude at most P exactly (0 if not even products of 1)."""
     most = INT32_MAX // length
     return 0 if most == 0 else 2 ** (most.bit_length() - 1)
+
+
+def split_fits(a: relax.Expr, b: relax.Expr, length: int) -> relax.Expr:
+    """Whether ``length`` products of levels up to ``a`` by the two parts of levels up to ``b``
+    (``b >> SPLIT_BITS`` up to ``b / 2**SPLIT_BITS``, the low part up to ``2**SPLIT_BITS - 1``) sum
+    exactly in int32: ``length * a * max(...) < 2**31``, exact in float32 (powers of two times
+    an integer below 2**24)."""
+    high = relax.op.divide(b, relax.const(2.0**SPLIT_BITS))
+    part = relax.op.maximum(high, relax.const(2.0**SPLIT_BITS - 1))
+    most = relax.op.multiply(relax.op.multiply(a, part), relax.const(float(length)))
+    return relax.op.less(most, relax.const(2.0**31))
 
 
 def packed_kind(core: relax.Call, bindings: dict, isa: DotISA | None) -> str | None:
@@ -261,17 +275,20 @@ class AddGradientKernels:
                 )
             return bb.call_te(te_grad_ops.rescale, prod, qp_x, qp_g2)
 
-        def dw_packed(_bind: Callable[[relax.Expr], relax.Expr], wide: bool = False) -> relax.Expr:
+        def dw_packed(
+            _bind: Callable[[relax.Expr], relax.Expr], wide: bool = False, split: int = 0
+        ) -> relax.Expr:
+            """``split``: the gradient's levels in two parts (``te_dot_grad._weight_grad``)."""
             dot_container = "float64" if wide else container
 
             def kernel(xt, gt, qp_xt, qp_gt, seed_t):
                 xq = quant(xt, qp_xt, container)
                 gq = quant(gt, qp_gt, container, seed_t, SALT_GRAD)
                 if kind == "linear":
-                    prod = te_dot_grad.linear_weight_grad(xq, gq, isa, dot_container)
+                    prod = te_dot_grad.linear_weight_grad(xq, gq, isa, dot_container, split)
                 else:
                     prod = te_dot_grad.conv2d_weight_grad(
-                        xq, gq, tuple(w_shape[2:]), tuple(strides), tuple(padding), isa, dot_container
+                        xq, gq, tuple(w_shape[2:]), tuple(strides), tuple(padding), isa, dot_container, split
                     )
                 return te_grad_ops.rescale(prod, qp_xt, qp_gt)
 
@@ -309,6 +326,9 @@ class AddGradientKernels:
         def dw_float64(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
             return dw_packed(bind, wide=True)
 
+        def dw_split(bind: Callable[[relax.Expr], relax.Expr]) -> relax.Expr:
+            return dw_packed(bind, split=SPLIT_BITS)
+
         if dw_tiles_geometry is not None:
             dw_fast, offset = dw_tiles, False
             dw_length = amx.dw_images(dw_tiles_geometry) * dw_tiles_geometry.plane_for(amx.DW_STEP)[2]
@@ -327,6 +347,7 @@ class AddGradientKernels:
             offset,
             wide=dw_float64 if kind else None,
             exact=dw_tiles_geometry is not None,
+            split=dw_split if dw_fast is dw_packed and container == "int16" else None,
         )
         return bb.get()
 
@@ -343,6 +364,7 @@ class AddGradientKernels:
         wide: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None = None,
         exact: bool = False,
         fits: tuple[Callable, list] | None = None,
+        split: Callable[[Callable[[relax.Expr], relax.Expr]], relax.Expr] | None = None,
     ) -> None:
         """Define ``name``: the ``packed`` kernel (None: none) where its int32 sums of ``length`` products
         are exact for every word length of the class, the generic one where they never are, else an
@@ -353,7 +375,9 @@ class AddGradientKernels:
         of the int8 class only, checked here for its widest word length. ``exact``: the packed
         kernel is exact at every word length (AMX byte products), so it always runs. ``fits``: a TE
         function and its arguments that decide the ``R.If`` from this call's weights instead
-        (``te_ops.sums_fit_int32``: dx, whose one operand is the weight)."""
+        (``te_ops.sums_fit_int32``: dx, whose one operand is the weight). ``split``: the packed
+        kernel on the second operand's levels split in ``SPLIT_BITS`` (dw), a middle tier where
+        those smaller products still sum exactly in int32 (``split_fits``)."""
         bound = product_bound(length) if packed is not None else 0
         widest = self.kernel_class.max_wl - 1
         worst = 2 ** (OFFSET_BITS + widest) if offset else 4**widest
@@ -371,10 +395,15 @@ class AddGradientKernels:
                     )
                     fits = relax.op.less_equal(relax.op.multiply(a, b), relax.const(float(bound), "float32"))
                     cond = bb.emit_output(bb.emit(fits))
+                    if split is not None:
+                        split_cond = bb.emit_output(bb.emit(split_fits(a, b, length)))
                 else:
                     out = bb.emit_output(packed(bb.emit) if worst <= bound else generic(bb.emit))
             if branch:
-                out = bb.emit(relax.If(cond, packed(bb.normalize), (wide or generic)(bb.normalize)))
+                other = (wide or generic)(bb.normalize)
+                if split is not None:
+                    other = relax.If(split_cond, split(bb.normalize), other)
+                out = bb.emit(relax.If(cond, packed(bb.normalize), other))
             bb.emit_func_output(out)
 
 

@@ -4,8 +4,9 @@ Each compiled gradient module is checked bit for bit against float64 torch on in
 (fl = 0, so the quantizers pass them through): random values with the container's extremes, and
 every operand at the most negative level (the worst-case sums), for odd channel counts, strides 1
 and 2, ragged spatial sizes, batches of 1, odd and several int32 chunks. The int16 class is run at
-the widest word length whose sums stay exact in int32 (the packed kernels) and at wl 16 (the run-time
-branch to the int64 kernels).
+the widest word length whose sums stay exact in int32 (the packed kernels), at the widest that dw's
+split gradient serves (``gradient_kernels.SPLIT_BITS``) and at wl 16 (where the run-time branch
+takes the float64 kernels wherever the split does not fit).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CONVS = [  # (c, h, o, k, stride, pad)
     (2, 7, 3, 1, 2, 0),  # a 1x1 stride-2 shortcut on an odd size
     (3, 9, 5, 3, 2, 2),  # padding kernel - 1
     (2, 11, 3, 5, 3, 1),  # stride 3, a 5x5 kernel
+    (2, 16, 3, 3, 1, 1),  # dw chunks of 512 products: wl 16 past the split's bound (float64)
 ]
 LINEAR = (37, 21)  # (k, o)
 BATCHES = {"conv2d": (1, 3, 9), "linear": (1, 3, 130)}  # 9 and 130: several int32 chunks of dw
@@ -79,6 +81,14 @@ def _fast_wl(kind: str, shape: tuple, isa: str, container: str) -> int:
         dx_length, positions = o * k * k, ((h + 2 * pad - k) // stride + 1) ** 2
     bound = min(product_bound(dx_length), product_bound(dw_chunk(ISAS[isa], container, positions)))
     return (bound.bit_length() - 1) // 2 + 1
+
+
+def _split_wl(kind: str, shape: tuple, isa: str) -> int:
+    """The widest int16 word length whose dw chunks still sum exactly in int32 with g split into
+    ``g >> 7`` (up to 2**(wl-8)) and ``g & 127``."""
+    positions = 1 if kind == "linear" else ((shape[1] + 2 * shape[5] - shape[3]) // shape[4] + 1) ** 2
+    chunk = dw_chunk(ISAS[isa], "int16", positions)
+    return max(wl for wl in range(2, 17) if chunk * 2 ** (wl - 1) * max(127, 2 ** (wl - 8)) < 2**31)
 
 
 def _operands(rng, wl: int, shapes: list[tuple], extreme: bool) -> list[np.ndarray]:
@@ -135,7 +145,9 @@ def test_packed_gradients_exact(isa, container):
     for kind, shape in _cases(isa):
         vm = _build(isa, kind, shape, container)
         wls = [8] if container == "int8" else [_fast_wl(kind, shape, isa, container), 16]
-        assert container == "int8" or wls[0] < 16
+        if container == "int16":
+            wls.insert(1, _split_wl(kind, shape, isa))
+            assert wls[0] < wls[1] <= 16
         for wl in wls:
             for batch in BATCHES[kind]:
                 for extreme in (False, True):
@@ -178,3 +190,24 @@ def test_int16_dx_above_the_worst_case_bound_takes_the_int32_kernel_only_while_t
     seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
     dx = vm["dx"](tvm.runtime.tensor(g, dev), tvm.runtime.tensor(w, dev), qp, qp, seed).numpy()
     np.testing.assert_array_equal(dx, _reference("conv2d", shape, x, g, w)[0])
+
+
+@pytest.mark.parametrize(("wl", "level"), [(15, -1), (15, -(2**14)), (16, -1), (16, -(2**15))])
+def test_int16_dw_splits_the_gradient_while_both_parts_sum_in_int32(wl, level):
+    """A 16 x 16 conv's dw sums chunks of 512 products. Past the int32 bound, dw splits each gradient
+    level into ``g >> 7`` and ``g & 127``: at wl 15 with x at -2**14, g at -1 (low part 127) or
+    -2**14 (high part -128) makes either part's chunk sum about 2**30, exact in int32 (the split
+    kernel); at wl 16 the high part of -2**15 would reach 512 * 2**15 * 2**8 = 2**32 (an int32 split
+    kernel would wrap), so dw takes the float64 kernel there. Exact in every case."""
+    shape = (2, 16, 3, 3, 1, 1)
+    c, h, o, kk, _, _ = shape
+    vm = _build(RUNNABLE[-1], "conv2d", shape, "int16")
+    x = np.full((2, c, h, h), -(2.0 ** (wl - 1)), dtype=np.float32)
+    g = np.full((2, o, h, h), float(level), dtype=np.float32)
+    dev = tvm.cpu()
+    qp, _ = precision_args(Precision(wl, 0), dev)
+    seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
+    dw = vm["dw"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(g, dev), qp, qp, seed).numpy()
+    np.testing.assert_array_equal(
+        dw, _reference("conv2d", shape, x, g, np.zeros((o, c, kk, kk), np.float32))[1]
+    )
