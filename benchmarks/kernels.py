@@ -271,10 +271,10 @@ def gradient_precisions(shape: Shape, target: tvm.target.Target) -> list[tuple[s
     if isa is not None:
         out = shape.hw + 2 * shape.pad - shape.k + 1
         dx_length = shape.cout * shape.k * shape.k
-        positions = out * out if shape.kind == "conv" else 1
-        bound = min(product_bound(dx_length), product_bound(dw_chunk(isa, "int16", positions)))
+        out_hw = (out, out) if shape.kind == "conv" else (1, 1)
+        bound = min(product_bound(dx_length), product_bound(dw_chunk(isa, "int16", out_hw)))
         fast = min(16, (bound.bit_length() - 1) // 2 + 1)  # 4**(wl-1) <= bound
-        chunk = dw_chunk(isa, "int16", positions)
+        chunk = dw_chunk(isa, "int16", out_hw)
         split = max(  # gradient_kernels.split_fits: x up to 2**(wl-1), g's parts up to 127 or 2**(wl-8)
             (wl for wl in range(fast, 17) if chunk * 2 ** (wl - 1) * max(127, 2 ** (wl - 8)) < 2**31),
             default=fast,

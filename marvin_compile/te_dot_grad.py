@@ -126,11 +126,24 @@ def linear_input_grad(
     return te_dot.matmul(g, transposed(w), isa, container, acc)
 
 
-def dw_chunk(isa: DotISA, container: str, positions: int) -> int:
-    """Products in one int32 partial sum of dw: whole packed sample blocks (``depth`` samples) of
-    ``positions`` output positions each, about ``DW_CHUNK`` of them."""
-    depth = isa.depth(container)
-    return depth * positions * max(1, ceil_div(DW_CHUNK, depth * positions))
+def dw_rows(isa: DotISA, container: str, out_hw: tuple[int, int]) -> int:
+    """Output rows of one partial sum of dw. For the int16 container, the fewest that divide the
+    output's height and give a packed sample block (``depth`` samples) at least ``DW_CHUNK``
+    products: short int32 sums keep wide word lengths exact (ResNet-20's 32 x 32 maps in whole
+    images: 2048 products, exact to wl 10; in two rows, 128: to wl 13, and with the gradient split
+    to wl 16). Else whole images: int8 products sum exactly over far more, and each partial sum
+    costs a fold (10% of int8 dw at 16 channels)."""
+    depth, (oh, ow) = isa.depth(container), out_hw
+    if container != "int16":
+        return oh
+    return next((r for r in range(1, oh + 1) if oh % r == 0 and depth * r * ow >= DW_CHUNK), oh)
+
+
+def dw_chunk(isa: DotISA, container: str, out_hw: tuple[int, int]) -> int:
+    """Products in one int32 partial sum of dw: ``dw_rows`` rows of whole packed sample blocks,
+    about ``DW_CHUNK`` of them."""
+    per_block = isa.depth(container) * dw_rows(isa, container, out_hw) * out_hw[1]
+    return per_block * max(1, ceil_div(DW_CHUNK, per_block))
 
 
 def conv2d_weight_grad(
@@ -213,7 +226,8 @@ def _weight_grad(
     n, c, o = sizes
     (h, w), (oh, ow), (kh, kw), (sh, sw), (top, left) = in_hw, out_hw, kernel, strides, padding
     depth, lanes = isa.depth(container), isa.lanes
-    blocks = dw_chunk(isa, container, oh * ow) // (depth * oh * ow)  # sample blocks per chunk
+    rows = dw_rows(isa, container, (oh, ow))
+    blocks = dw_chunk(isa, container, (oh, ow)) // (depth * rows * ow)  # sample blocks per chunk
     chunks = (n + blocks * depth - 1) // (blocks * depth)
     hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw
     pad = pad_value(isa, container)
@@ -249,36 +263,41 @@ def _weight_grad(
     lane_blocks = ceil_div(o, lanes) * (2 if split else 1)
     gp = te.compute((chunks * blocks, lane_blocks, oh, ow, lanes, depth), pack_g, name="dot_pack_g")
     t = te.reduce_axis((0, blocks), name="t")
-    i = te.reduce_axis((0, oh), name="oh")
+    i = te.reduce_axis((0, rows), name="oh")
     j = te.reduce_axis((0, ow), name="ow")
     p = te.reduce_axis((0, depth), name="p")
     dtype = isa.product_dtype(container)
     taps, kind = kh * kw, (isa, container)
-    part = te.compute(
-        (chunks, lane_blocks, c * taps, lanes),
-        lambda qc, ob, r, oi: te.sum(
-            operand_of(xp[qc * blocks + t, r // taps, r // kw % kh + i * sh, r % kw + j * sw], p, *kind)
-            * cast_to(dtype, gp[qc * blocks + t, ob, i, j, oi, p]),
+    part = te.compute(  # per chunk: blocks sample blocks x rows output rows
+        (chunks, oh // rows, lane_blocks, c * taps, lanes),
+        lambda qc, hc, ob, r, oi: te.sum(
+            operand_of(
+                xp[qc * blocks + t, r // taps, r // kw % kh + (hc * rows + i) * sh, r % kw + j * sw], p, *kind
+            )
+            * cast_to(dtype, gp[qc * blocks + t, ob, hc * rows + i, j, oi, p]),
             axis=[t, i, j, p],
         ),
         name=DW_BLOCK,
     )
     gsum = None
     if isa.operand_dtype(container) == "uint8":
-        t2, i2, j2, p2 = (te.reduce_axis((0, e), name=f"s{d}") for d, e in enumerate((blocks, oh, ow, depth)))
+        extents = (blocks, rows, ow, depth)
+        t2, i2, j2, p2 = (te.reduce_axis((0, e), name=f"s{d}") for d, e in enumerate(extents))
         gsum = te.compute(
-            (chunks, lane_blocks, lanes),
-            lambda qc, ob, oi: te.sum(
-                tirx.Cast("int32", gp[qc * blocks + t2, ob, i2, j2, oi, p2]), axis=[t2, i2, j2, p2]
+            (chunks, oh // rows, lane_blocks, lanes),
+            lambda qc, hc, ob, oi: te.sum(
+                tirx.Cast("int32", gp[qc * blocks + t2, ob, hc * rows + i2, j2, oi, p2]),
+                axis=[t2, i2, j2, p2],
             ),
             name="dot_grad_sum",
         )
     qc = te.reduce_axis((0, chunks), name="qc")
+    hc = te.reduce_axis((0, oh // rows), name="hc")
 
     def fold(ob, r, oi):
-        chunk = part[qc, ob, r, oi]
+        chunk = part[qc, hc, ob, r, oi]
         if gsum is not None:  # the caller keeps the uncorrected sums in int32 too (TVM may widen first)
-            chunk = chunk - OFFSET * gsum[qc, ob, oi]
-        return te.sum(tirx.Cast("int64", chunk), axis=qc)
+            chunk = chunk - OFFSET * gsum[qc, hc, ob, oi]
+        return te.sum(tirx.Cast("int64", chunk), axis=[qc, hc])
 
     return te.compute((lane_blocks, c * taps, lanes), fold, name="dot_fold")

@@ -31,13 +31,13 @@ def schedule_dot_dw(sch: Schedule, isa: DotISA) -> None:
     """Schedule a ``te_dot_grad`` weight-gradient PrimFunc in place."""
     part, fold = sch.get_sblock(DW_BLOCK), sch.get_sblock("dot_fold")
     intrin = intrinsic_for(sch, part, isa)
-    ob, row, oi, qc = sch.get_loops(fold)
+    ob, row, oi, qc, hc = sch.get_loops(fold)
     extents = int(sch.get(ob).extent), int(sch.get(row).extent)
     ob_block, row_block = default_tiles(*extents, isa.lanes, accumulator_bytes(sch, part))
     obo, obi = sch.split(ob, [None, ob_block])
     ro, ri = sch.split(row, [None, row_block])
-    sch.reorder(obo, ro, qc, obi, ri, oi)
-    sch.compute_at(part, qc, preserve_unit_loops=True)
+    sch.reorder(obo, ro, qc, hc, obi, ri, oi)
+    sch.compute_at(part, hc, preserve_unit_loops=True)
     *_, pob, prow, poi, t, oh, ow, p = sch.get_loops(part)
     sch.reorder(t, oh, ow, pob, prow, poi, p)
     # Parallel and vectorized while both are still complete reductions (before the inits split off).
@@ -82,9 +82,9 @@ def _schedule_pack_g(sch: Schedule, block) -> None:
 
 def _schedule_sum(sch: Schedule, block) -> None:
     """The offset correction's gradient sums: parallel over chunks x channel blocks, lanes vectorized."""
-    qc, ob, oi, *reduce = sch.get_loops(block)
-    sch.reorder(qc, ob, *reduce, oi)
-    sch.parallel(sch.fuse(qc, ob))
+    qc, hc, ob, oi, *reduce = sch.get_loops(block)
+    sch.reorder(qc, hc, ob, *reduce, oi)
+    sch.parallel(sch.fuse(qc, hc, ob))
     sch.vectorize(oi)
     init = sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])

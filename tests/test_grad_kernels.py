@@ -36,7 +36,8 @@ CONVS = [  # (c, h, o, k, stride, pad)
     (2, 7, 3, 1, 2, 0),  # a 1x1 stride-2 shortcut on an odd size
     (3, 9, 5, 3, 2, 2),  # padding kernel - 1
     (2, 11, 3, 5, 3, 1),  # stride 3, a 5x5 kernel
-    (2, 16, 3, 3, 1, 1),  # dw chunks of 512 products: wl 16 past the split's bound (float64)
+    (2, 16, 3, 3, 1, 1),  # dw chunks of 4 output rows (128 products), 4 chunks an image
+    (2, 13, 3, 3, 1, 1),  # dw chunks of 338 products (13 rows): wl 16 past the split's bound (float64)
 ]
 LINEAR = (37, 21)  # (k, o)
 BATCHES = {"conv2d": (1, 3, 9), "linear": (1, 3, 130)}  # 9 and 130: several int32 chunks of dw
@@ -75,19 +76,19 @@ def _build(isa: str, kind: str, shape: tuple, container: str):
 def _fast_wl(kind: str, shape: tuple, isa: str, container: str) -> int:
     """The widest int16-class word length both packed products serve (per the kernels' int32 bound)."""
     if kind == "linear":
-        dx_length, positions = shape[1], 1
+        dx_length, out = shape[1], 1
     else:
         c, h, o, k, stride, pad = shape
-        dx_length, positions = o * k * k, ((h + 2 * pad - k) // stride + 1) ** 2
-    bound = min(product_bound(dx_length), product_bound(dw_chunk(ISAS[isa], container, positions)))
+        dx_length, out = o * k * k, (h + 2 * pad - k) // stride + 1
+    bound = min(product_bound(dx_length), product_bound(dw_chunk(ISAS[isa], container, (out, out))))
     return (bound.bit_length() - 1) // 2 + 1
 
 
 def _split_wl(kind: str, shape: tuple, isa: str) -> int:
     """The widest int16 word length whose dw chunks still sum exactly in int32 with g split into
     ``g >> 7`` (up to 2**(wl-8)) and ``g & 127``."""
-    positions = 1 if kind == "linear" else ((shape[1] + 2 * shape[5] - shape[3]) // shape[4] + 1) ** 2
-    chunk = dw_chunk(ISAS[isa], "int16", positions)
+    out = 1 if kind == "linear" else (shape[1] + 2 * shape[5] - shape[3]) // shape[4] + 1
+    chunk = dw_chunk(ISAS[isa], "int16", (out, out))
     return max(wl for wl in range(2, 17) if chunk * 2 ** (wl - 1) * max(127, 2 ** (wl - 8)) < 2**31)
 
 
@@ -194,12 +195,13 @@ def test_int16_dx_above_the_worst_case_bound_takes_the_int32_kernel_only_while_t
 
 @pytest.mark.parametrize(("wl", "level"), [(15, -1), (15, -(2**14)), (16, -1), (16, -(2**15))])
 def test_int16_dw_splits_the_gradient_while_both_parts_sum_in_int32(wl, level):
-    """A 16 x 16 conv's dw sums chunks of 512 products. Past the int32 bound, dw splits each gradient
-    level into ``g >> 7`` and ``g & 127``: at wl 15 with x at -2**14, g at -1 (low part 127) or
-    -2**14 (high part -128) makes either part's chunk sum about 2**30, exact in int32 (the split
-    kernel); at wl 16 the high part of -2**15 would reach 512 * 2**15 * 2**8 = 2**32 (an int32 split
-    kernel would wrap), so dw takes the float64 kernel there. Exact in every case."""
-    shape = (2, 16, 3, 3, 1, 1)
+    """A 13 x 13 conv's dw sums chunks of 338 products (whole images: 13 rows have no divisor).
+    Past the int32 bound, dw splits each gradient level into ``g >> 7`` and ``g & 127``: at wl 15
+    with x at -2**14, g at -1 (low part 127) or -2**14 (high part -128) keeps either part's chunk
+    sum below 2**30, exact in int32 (the split kernel); at wl 16 the high part of -2**15 would reach
+    338 * 2**15 * 2**8 > 2**31 (an int32 split kernel would wrap), so dw takes the float64 kernel
+    there. Exact in every case."""
+    shape = (2, 13, 3, 3, 1, 1)
     c, h, o, kk, _, _ = shape
     vm = _build(RUNNABLE[-1], "conv2d", shape, "int16")
     x = np.full((2, c, h, h), -(2.0 ** (wl - 1)), dtype=np.float32)
