@@ -259,9 +259,8 @@ def torch_calls(case: Case) -> dict[str, Callable]:
 
 def gradient_precisions(shape: Shape, target: tvm.target.Target) -> list[tuple[str, str, Precision]]:
     """(row label, kernel class, precision) of the backward rows: int8 at wl 8; int16 at the largest
-    wl whose dx and dw sums are exact in int32 on the target's packed kernels (when below 16), at the
-    largest whose dw sums are exact with the gradient split (``gradient_kernels.SPLIT_BITS``; when
-    between the two) and at wl 16."""
+    wl whose dx and dw sums are exact in int32 on the target's packed kernels (when below 16) and at
+    wl 16."""
     from marvin_compile.dot_isa import dot_isa
     from marvin_compile.passes.gradient_kernels import product_bound
     from marvin_compile.te_dot_grad import dw_chunk
@@ -274,12 +273,8 @@ def gradient_precisions(shape: Shape, target: tvm.target.Target) -> list[tuple[s
         out_hw = (out, out) if shape.kind == "conv" else (1, 1)
         bound = min(product_bound(dx_length), product_bound(dw_chunk(isa, "int16", out_hw)))
         fast = min(16, (bound.bit_length() - 1) // 2 + 1)  # 4**(wl-1) <= bound
-        chunk = dw_chunk(isa, "int16", out_hw)
-        split = max(  # gradient_kernels.split_fits: x up to 2**(wl-1), g's parts up to 127 or 2**(wl-8)
-            (wl for wl in range(fast, 17) if chunk * 2 ** (wl - 1) * max(127, 2 ** (wl - 8)) < 2**31),
-            default=fast,
-        )
-        rows += [(f"int16 wl{n}", "int16", Precision(n, n // 2)) for n in sorted({fast, split}) if n < 16]
+        if fast < 16:
+            rows.append((f"int16 wl{fast}", "int16", Precision(fast, fast // 2)))
     return [*rows, ("int16 wl16", "int16", Precision(16, 8))]
 
 
@@ -556,12 +551,12 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             "",
             "Backward products of the lowbit training step: our integer dx / dw kernels (the incoming "
             "gradient quantized stochastically; on the kernels named above, dw summed in int32 over "
-            "chunks of the batch and in int64 over the chunks; int16 wlN as above, for the dx and dw "
-            "worst-case bounds together; above them dx checks the call's weights (torch's init: its "
-            "int32 kernel) and dw, both of whose operands are activations, branches on the word "
-            "lengths: the second int16 wlN row is the widest at which dw splits the gradient into "
-            "g >> 7 and g & 127 (twice the int32 products), wl16 splits where the chunk allows it, else "
-            "takes the float64 kernel) against `torch.nn.grad.conv2d_input` / "
+            "chunks of the batch (int16: of a few output rows) and in int64 over the chunks; int16 wlN "
+            "as above, for the dx and dw worst-case bounds together; wl16 = above them, where dx checks "
+            "the call's weights (torch's init: its int32 kernel) and dw, both of whose operands are "
+            "activations, branches on the word lengths: the int32 kernel on the gradient split into "
+            "g >> 7 and g & 127 (twice the products) while both parts' chunk sums fit int32, which "
+            "they do for every shape here, else float64 FMAs) against `torch.nn.grad.conv2d_input` / "
             "`conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, same MAC count as the forward.",
             "",
             markdown_table(grad_rows),

@@ -7,7 +7,8 @@
   Linear is ``g @ w`` (``te_dot.matmul`` of the weight transposed). On AMX machines the same
   rearranged operands feed the tile kernel (``amx``) instead.
 - ``conv2d_weight_grad`` / ``linear_weight_grad`` (dw) reduce over the (symbolic) batch and the
-  output positions: ``marvin_dot_dw`` sums one chunk of samples in int32 on the dot instructions
+  output positions: ``marvin_dot_dw`` sums one chunk of samples (int16: of ``dw_rows`` output
+  rows) in int32 on the dot instructions
   (lanes = output channels of the gradient, rows = the im2col rows C*KH*KW of the input, read in
   place from the packed input, depth = samples), ``dot_fold`` adds the chunks up in int64. The
   chunk length (``dw_chunk``) is what has to keep int32 exact; the caller checks that bound.

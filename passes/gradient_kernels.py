@@ -8,8 +8,9 @@ operands.
 
 Given an x86 dot-product family (``dot_isa``), conv2d (groups 1, dilation 1) and Linear products
 run as packed kernels (``te_dot_grad``) that sum in int32: dx over ``O * KH * KW`` products, dw per
-chunk of samples (then in int64 over the batch). Where the class's word lengths can overflow that
-int32 sum (the int16 class), the function branches at run time: dx on this call's weights
+chunk of samples, for int16 of a few output rows (then in int64 over the batch). Where the class's
+word lengths can overflow that int32 sum (the int16 class), the function branches at run time: dx
+on this call's weights
 (``te_ops.sums_fit_int32``, as the forward), dw on the operands' word lengths, the packed kernel
 while ``length * 2**(wl_a-1) * 2**(wl_b-1) < 2**31`` (both its operands are activations: a check of
 their levels would scan them), then the packed kernel on the gradient split into ``g >> 7`` and

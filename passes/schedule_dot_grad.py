@@ -1,7 +1,8 @@
 """Schedule of the packed weight-gradient kernel (``te_dot_grad``): tiled, tensorized, parallel.
 
 One parallel task per register tile of dw (``ob_block`` output-channel vectors x ``row_block``
-im2col rows, the forward's tile shapes). Inside a task, every chunk of samples is summed into the
+im2col rows, the forward's tile shapes). Inside a task, every chunk (of samples, and for int16 of
+output rows: ``te_dot_grad.dw_rows``) is summed into the
 tile in int32 on the dot instructions (the tile stays in registers, as in ``schedule_dot``), then
 folded into the int64 result; tasks never share an output, so the batch reduction needs no atomics.
 """
