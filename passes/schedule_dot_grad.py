@@ -67,12 +67,15 @@ def schedule_dot_dw(sch: Schedule, isa: DotISA) -> None:
 
 def _schedule_pack_g(sch: Schedule, block) -> None:
     """The gradient quantizer inlined into the packing, vectorized along the gradient's contiguous
-    axis (output columns; channels for a Linear): one pass over g, its hash computed in vectors."""
+    axis (output columns; channels for a Linear): one pass over g, its hash computed in vectors.
+    A conv's gradient is read a whole channel plane at a time, one contiguous stream (row by row
+    across a block's lanes x depth planes at once, the loads missed: AVX2 int8 dw at 16 channels
+    took 15% longer)."""
     for producer in sch.get_producers(block):
         sch.compute_inline(producer)
     q, ob, i, j, oi, p = sch.get_loops(block)
     if int(sch.get(j).extent) > 1:
-        sch.reorder(q, ob, i, oi, p, j)
+        sch.reorder(q, ob, oi, p, i, j)
         inner = j
     else:
         sch.reorder(q, ob, i, j, p, oi)
