@@ -378,8 +378,9 @@ class AddGradientKernels:
         kernel is exact at every word length (AMX byte products), so it always runs. ``fits``: a TE
         function and its arguments that decide the ``R.If`` from this call's weights instead
         (``te_ops.sums_fit_int32``: dx, whose one operand is the weight). ``split``: the packed
-        kernel on the second operand's levels split in ``SPLIT_BITS`` (dw), a middle tier where
-        those smaller products still sum exactly in int32 (``split_fits``)."""
+        kernel on the second operand's levels split in ``SPLIT_BITS`` (dw), a middle tier of the
+        word-length branch (not of ``fits``) where those smaller products still sum exactly in
+        int32 (``split_fits``)."""
         bound = product_bound(length) if packed is not None else 0
         widest = self.kernel_class.max_wl - 1
         worst = 2 ** (OFFSET_BITS + widest) if offset else 4**widest
