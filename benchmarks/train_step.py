@@ -195,8 +195,8 @@ def float_results(
 
 
 # The float32 eager step in a child process whose libgomp keeps its default wait policy (idle
-# workers spin before they sleep): torch loads before marvin_compile there, so OMP_WAIT_POLICY stays
-# unset. Prints the median step ms.
+# workers spin before they sleep): torch loads before marvin_compile there, so OMP_WAIT_POLICY and
+# GOMP_SPINCOUNT stay unset. Prints the median step ms.
 _DEFAULT_POLICY_CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -213,7 +213,7 @@ print(ts.time_steps(lambda: ts.torch_step(model, opt, x, y), steps, False, warmu
 
 def default_policy_eager(name: str, steps: int, warmup: int) -> Result:
     """float32 eager with libgomp's default wait policy (a child process, see above)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     args = [
         sys.executable,
         "-c",
@@ -227,7 +227,7 @@ def default_policy_eager(name: str, steps: int, warmup: int) -> Result:
     label = "float32 eager, libgomp default wait policy"
     if done.returncode != 0:
         return Result(label, None, f"failed: {done.stderr.strip().splitlines()[-1][:120]}")
-    return Result(label, float(done.stdout.split()[-1]), "child process, OMP_WAIT_POLICY unset")
+    return Result(label, float(done.stdout.split()[-1]), "child process, libgomp variables unset")
 
 
 def marvin_optimizer(model: nn.Module, handle: MarvinHandle, **precision_source: Any) -> MSGD:
@@ -373,7 +373,8 @@ def section(
         "innermost region only.",
         "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "
         "affinity TVM's thread pool narrows before timing them.",
-        f"- Threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for every row but "
+        f"- Threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')} for every row but "
         "the `libgomp default wait policy` one (importing marvin_compile before torch sets it, as the "
         "CLI does: torch's idle OpenMP workers otherwise spin on the cores TVM's kernels need); "
         "TVM_THREAD_POOL_SPIN_COUNT=0 from `quantize_` on (TVM's idle workers sleep too). Ratios are "
