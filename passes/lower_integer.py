@@ -206,7 +206,9 @@ class LowerToIntegerKernels:
         tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa, narrow)
         on_tiles_only = amx.always(tiles)
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
-        branch = branch and not exact_int32
+        # a deployed layer's weights are constants: its sums fit int32 (exact_int32) or never do
+        wide_only = branch and frozen is not None and not exact_int32
+        branch = branch and frozen is None
         # int16 on tiles in training: its byte products' sums combined in the kernel (a third of the
         # output) while the word length keeps the product in int32, three int32 sums above
         tiles_branch = on_tiles_only and frozen is None and tiles.sums > 1 and acc != "int32"
@@ -331,10 +333,19 @@ class LowerToIntegerKernels:
                 return [data]
             return [data, bb.emit_te(lambda t: te_dot.weight_sums(t, isa, container), wq)]
 
+        def wide_kernel(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
+            """Above the int32 bound: AMX byte products, else packed float64 (K < 2**23), else generic."""
+            if tiles is not None:
+                return on_tiles(bind, bi, None)
+            if reduction < FLOAT64_EXACT_K:
+                return fast(bi, None, wide=True)
+            return generic(bind, bi)
+
         with bb.function(name, params, attrs=attrs):
             with bb.dataflow():
                 bi = None if b is None else bb.emit_te(te_ops.quantize_to_int, b, qp, acc, seed, SALTS[2])
-                weight = packed_weight() if packed is not None and frozen is not None else None
+                packs_weight = packed is not None and frozen is not None and not wide_only
+                weight = packed_weight() if packs_weight else None
                 if branch:  # int16 class: the int32 kernel while this call's weights and wl allow
                     cond = bb.emit_output(bb.emit_te(te_ops.sums_fit_int32, w, qp, primfunc_name_hint="fits"))
                 elif tiles_branch:  # int16 on tiles: the sums combined in int32 while the wl allows
@@ -347,16 +358,12 @@ class LowerToIntegerKernels:
                     weight = None if weight is None else [bb.emit_output(v) for v in weight]
                 elif on_tiles_only:
                     out = bb.emit_output(on_tiles(bb.emit, bi, weight[0] if weight else None))
+                elif wide_only:
+                    out = bb.emit_output(wide_kernel(bb.emit, bi))
                 else:
                     out = bb.emit_output(fast(bi, weight) if packed is not None else generic(bb.emit, bi))
-            if branch:  # above the int32 bound: AMX byte products, else packed float64 (K < 2**23)
-                if tiles is not None:
-                    wide = on_tiles(bb.normalize, bi, None)
-                elif reduction < FLOAT64_EXACT_K:
-                    wide = fast(bi, None, wide=True)
-                else:
-                    wide = generic(bb.normalize, bi)
-                out = bb.emit(relax.If(cond, fast(bi, weight, sums="int32"), wide))
+            if branch:
+                out = bb.emit(relax.If(cond, fast(bi, weight, sums="int32"), wide_kernel(bb.normalize, bi)))
             elif tiles_branch:  # both branches read one packing of x and w
                 packed = (
                     bb.emit(pack_tile_input(bb, tiles, x_q, OPAQUE)),

@@ -377,6 +377,50 @@ def test_requantize_stays_exact_where_only_the_bias_leaves_int32(tmp_path):
     np.testing.assert_array_equal(got, ref)
 
 
+def test_frozen_int16_layer_past_the_int32_bound_takes_the_wide_kernel_without_a_run_time_check(tmp_path):
+    """Weight levels at the clamp (wl 16) over K = 64 put the sums past int32 (``weight_bound``):
+    the deployed layer's weights are constants, so it takes the exact wide kernel (AMX byte
+    products, else float64) outright: no run-time branch (whose int32 side, and its packed weight,
+    the library would carry dead), and it stays exact at the extreme input."""
+    from tvm import relax
+
+    from marvin_compile.fixed_point import quantize_np
+    from marvin_compile.frontend import import_onnx, load_onnx
+    from marvin_compile.passes import pipeline
+    from marvin_compile.passes.lower_integer import INT32_MAX, weight_bound
+    from marvin_compile.target import resolve_target
+
+    p = Precision(16, 8)
+    top = (2**15 - 1) / 2**p.fl
+    model = nn.Sequential(nn.Linear(64, 4)).eval()  # with a bias: the layer keeps its module's name
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[0].weight.fill_(-top)
+        model[0].weight[1::2] = top
+    weight = model[0].weight.detach().numpy()
+    assert weight_bound(weight, p) > INT32_MAX
+    deploy(model, torch.randn(2, 64), {"0": p}, tmp_path / "d", batches=())
+    imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
+    frozen = pipeline.freeze(
+        pipeline.partition(imported.mod), {"0": p}, imported.params, resolve_target("cpu")
+    )
+    branches = [
+        b.value
+        for func in frozen.functions.values()
+        if isinstance(func, relax.Function)
+        for block in func.body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.If)
+    ]
+    assert not branches
+    x = np.full((2, 64), -(2.0**15) / 2**p.fl, np.float32)
+    x[1, ::3] = top
+    got = load(tmp_path / "d")(x)
+    q = quantize_np(weight.astype(np.float64), p.wl, p.fl)
+    ref = quantize_np(quantize_np(x.astype(np.float64), p.wl, p.fl) @ q.T, p.wl, p.fl)
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_deployed_weights_are_stored_in_integer_containers():
     """Freezing folds each weight's quantization (and, on the packed kernels, its packing) into
     an integer constant: the only float32 constants left are the 4-element precision vectors."""
