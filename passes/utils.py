@@ -108,16 +108,14 @@ def vectorize_row(sch: Schedule, loop) -> bool:
     return True
 
 
-def vectorize_loop(sch: Schedule, loop) -> bool:
+def vectorize_loop(sch: Schedule, loop) -> None:
     """Vectorize ``loop``: as one vector (``vectorize_row``), else split by the widest vector that
-    divides its static extent; whether it did."""
+    divides its static extent (left scalar where none does)."""
     if vectorize_row(sch, loop):
-        return True
+        return
     lanes = lanes_for(static_extent(sch.get(loop).extent) or 1)
-    if lanes is None:
-        return False
-    sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
-    return True
+    if lanes is not None:
+        sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
 
 
 def static_extent(extent: tirx.PrimExpr) -> int | None:
