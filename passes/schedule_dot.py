@@ -133,9 +133,17 @@ def schedule_pack_x(sch: Schedule, block) -> None:
     also quantize the padding, and each element again per word that holds it where ``folds_taps``)."""
     quantizers = [p for p in sch.get_producers(block) if sch.get(p).name_hint != "root"]
     n, cb, i, j = sch.get_loops(block)
-    parallel(sch, sch.fuse(n, cb), block)
-    if static_extent(sch.get(i).extent) != 1 and static_extent(sch.get(j).extent) is not None:
-        vectorize_loop(sch, j)  # not a matmul's rows: strided loads
+    if static_extent(sch.get(i).extent) == 1:
+        # a matmul: along each row's words (stores strided by the row block), not across the block's
+        # rows, whose loads LLVM gathered byte by byte (AMD's insertq) where the batch was static:
+        # LeNet-5's fc1 at batch 64 took 0.127 ms (0.048 over a symbolic batch), now 0.040
+        sch.reorder(n, i, j, cb)
+        parallel(sch, sch.fuse(n, i, j), block)
+        vectorize_loop(sch, cb)
+    else:
+        parallel(sch, sch.fuse(n, cb), block)
+        if static_extent(sch.get(j).extent) is not None:
+            vectorize_loop(sch, j)
     for producer in quantizers:  # at root, over the whole input: contiguous, vectorized
         schedule_injective(sch, producer)
 
