@@ -58,18 +58,24 @@ FLOAT32 = Precision(24, 12)
 
 
 FULL_RANGE = " full-range w"  # row suffix: weights scaled to the clamp, past every int32 bound
+RELU_FED = " ReLU-fed"  # row suffix: the input is a ReLU's output (every ResNet-20 conv but the stem)
 
 
 def precisions(shape: Shape) -> list[tuple[str, str, Precision]]:
-    """(row label, kernel class, precision) per row: int8 at wl 8; int16 at the largest wl whose
-    products sum exactly in int32 for this reduction whatever the weights (the worst-case bound)
-    and, when that is below 16, at wl 16 twice: with the layer's weights (the variant checks each
-    call's weights and takes the int32 kernel where they allow) and with weights scaled to the
+    """(row label, kernel class, precision) per row: int8 at wl 8, on a signed input and on a
+    ReLU's output (``RELU_FED``: byte products, ``passes/nonneg_inputs``); int16 at the largest wl
+    whose products sum exactly in int32 for this reduction whatever the weights (the worst-case
+    bound) and, when that is below 16, at wl 16 twice: with the layer's weights (the variant checks
+    each call's weights and takes the int32 kernel where they allow) and with weights scaled to the
     clamp (``FULL_RANGE``: the int64 kernel); float32 at wl 24."""
     from marvin_compile.passes.lower_integer import int32_max_wl
 
     fast = min(16, int32_max_wl(shape.reduction))
-    rows = [("int8", "int8", Precision(8, 4)), (f"int16 wl{fast}", "int16", Precision(fast, fast // 2))]
+    rows = [
+        ("int8", "int8", Precision(8, 4)),
+        ("int8" + RELU_FED, "int8", Precision(8, 4)),
+        (f"int16 wl{fast}", "int16", Precision(fast, fast // 2)),
+    ]
     if fast < 16:
         rows.append(("int16 wl16", "int16", Precision(16, 8)))
         rows.append(("int16 wl16" + FULL_RANGE, "int16", Precision(16, 8)))
@@ -243,9 +249,9 @@ def prepare(shape: Shape, batch: int, workdir: str) -> Case:
     return case
 
 
-def torch_forward(case: Case) -> Callable[[], torch.Tensor]:
-    """torch float32 ``F.conv2d`` / ``F.linear`` on the case's data."""
-    x, w, b = torch.from_numpy(case.x), torch.from_numpy(case.w), torch.from_numpy(case.b)
+def torch_forward(case: Case, x: np.ndarray | None = None) -> Callable[[], torch.Tensor]:
+    """torch float32 ``F.conv2d`` / ``F.linear`` on the case's data (``x``: another input)."""
+    x, w, b = torch.from_numpy(case.x if x is None else x), torch.from_numpy(case.w), torch.from_numpy(case.b)
     if case.shape.kind == "conv":
         return functools.partial(F.conv2d, x, w, b, padding=case.shape.pad)
     return functools.partial(F.linear, x, w, b)
@@ -326,27 +332,34 @@ def forward_calls(
 ) -> list[Timed]:
     """The compiled variant of each kernel class on the case's data, checked against torch
     (``classes``: only these; ``suffix`` marks the rows, e.g. " tuned")."""
+    from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
     from marvin_compile.runtime.compiled_model import precision_args
 
     dev = store.device
     x, w, b = (tvm.runtime.tensor(a, dev) for a in (case.x, case.w, case.b))
+    x_relu = np.maximum(case.x, 0)
+    with torch.inference_mode():
+        ref_relu = torch_forward(case, x_relu)().numpy()
     w_full = tvm.runtime.tensor(case.w / np.abs(case.w).max() * 127.0, dev)  # levels at the wl16 clamp
     out = []
     for label, class_name, precision in precisions(case.shape):
         if classes and class_name not in classes:
             continue
         name = label + suffix
-        variant = store.get(case.layer, CLASS_BY_NAME[class_name], "nearest")
+        relu_fed = label.endswith(RELU_FED)
+        layer = case.layer.with_attr(NONNEG_ATTR, True) if relu_fed else case.layer
+        variant = store.get(layer, CLASS_BY_NAME[class_name], "nearest")
         qp, fl = precision_args(precision, dev)
         weight = w_full if label.endswith(FULL_RANGE) else w
-        y = variant.fn(x, weight, b, qp, fl).numpy()
-        if y.shape != case.ref.shape or not np.all(np.isfinite(y)):
+        xin, ref = (tvm.runtime.tensor(x_relu, dev), ref_relu) if relu_fed else (x, case.ref)
+        y = variant.fn(xin, weight, b, qp, fl).numpy()
+        if y.shape != ref.shape or not np.all(np.isfinite(y)):
             raise RuntimeError(
-                f"{case.shape.name} {name}: output {y.shape} (torch {case.ref.shape}) or not finite"
+                f"{case.shape.name} {name}: output {y.shape} (torch {ref.shape}) or not finite"
             )
-        error = np.linalg.norm(y - case.ref) / np.linalg.norm(case.ref)
+        error = np.linalg.norm(y - ref) / np.linalg.norm(ref)
         rel_err = float("nan") if weight is w_full else float(error)  # nan: not torch's weights
-        call = functools.partial(variant.fn, x, weight, b, qp, fl)
+        call = functools.partial(variant.fn, xin, weight, b, qp, fl)
         out.append(Timed(Row(case.shape.name, name, case.macs, rel_err), "forward", call))
     return out
 
@@ -447,8 +460,10 @@ def kernel_families(target_text: str) -> str:
     if isa is None:
         return "none (TVM's generic integer kernels)"
     packed = f"packed `{isa.name}` dot products"
+    vnni = isa.name == "avx512_vnni"
+    relu_fed = "`vpdpbusd` without its +128 offset" if vnni else "`vpmaddubsw` + `vpmaddwd`"
     if not isa.amx:
-        return f"int8, int16 and the backward products on {packed}"
+        return f"int8, int16 and the backward products on {packed}; int8 ReLU-fed on {relu_fed}"
     return (
         f"AMX tiles where a layer has >= 8 input channels (an int8 conv of fewer, in fractional "
         f"4-channel groups, over its kernel windows where they fit 64 bytes: LeNet-5's conv1 forward), "
@@ -515,7 +530,10 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             f"- torch {torch.__version__}, threads: {torch.get_num_threads()}; TVM {tvm.__version__}, "
             f"threads: {tvm_threads()}; target `{info.target}`",
             f"- Batch {info.batch} (GEMM rows = batch except {gemm_m}); all layers with bias; nearest "
-            "rounding; int8 = Precision(8,4); int16 wlN = Precision(N,N/2) at the largest N whose "
+            "rounding; int8 = Precision(8,4) on the signed random input, int8 ReLU-fed = the same on "
+            "that input's ReLU (the layer marked as a ReLU's consumer, as every ResNet-20 layer but the "
+            "stem and every LeNet-5 layer but conv1 is: byte products, `passes/nonneg_inputs`; torch "
+            "runs the same call); int16 wlN = Precision(N,N/2) at the largest N whose "
             "products sum exactly in int32 for the shape's reduction whatever the weights (the packed "
             "int32 kernel); above it the int16 class checks each call's weights: wl16 = Precision(16,8) "
             "with the layer's weights (torch's init: the int32 kernel), wl16 full-range w = with "

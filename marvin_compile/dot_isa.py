@@ -10,6 +10,11 @@ one by one.
   the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
 - ``avx512``: int16 ``vpmaddwd`` + add, 16 lanes (int8 runs widened to int16);
 - ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16);
+- every integer family: int8 weights against a *non-negative* int8 activation (a ReLU's output,
+  container ``"uint8"``), depth 4, with no offset: ``vpdpbusd`` on VNNI, elsewhere ``vpmaddubsw``
+  (u8 x s8 pairs into int16) then ``vpmaddwd`` by ones (pairs into int32) and an add. The int16
+  pair sums cannot saturate: 2 * 127 * 128 < 2**15. On Zen 3 this chain measured 95 GMAC/s a core
+  against 75 for ``vpmaddwd`` + add and 44 for float32 FMA (broadcast operand from memory);
 - every family: float32 ``vfmadd`` (depth 1) for the float32 class, and float64 ``vfmadd`` for
   int16 products above the int32 bound: integer-valued float64 sums are exact below 2**53, i.e.
   for any reduction shorter than 2**23 of products of at most 2**30.
@@ -46,13 +51,18 @@ class DotISA:
 
     def depth(self, container: str) -> int:
         """Reduction elements per lane per instruction for a container (``float64``: the exact
-        wide product of int16 operands)."""
+        wide product of int16 operands; ``uint8``: a non-negative int8 activation)."""
         if container in FLOATS:
             return 1
-        return 4 if self.name == "avx512_vnni" and container == "int8" else 2
+        return 4 if container == "uint8" or self.offset(container) else 2
+
+    def offset(self, container: str) -> bool:
+        """Whether the packed activation is ``x + 128``: vpdpbusd's unsigned operand for a signed
+        int8 activation (the kernel subtracts ``128 * sum(w)`` again)."""
+        return self.name == "avx512_vnni" and container == "int8"
 
     def operand_dtype(self, container: str) -> str:
-        """The dtype the packed activation holds (uint8 with offset for vpdpbusd)."""
+        """The dtype the packed activation holds (uint8: offset for vpdpbusd, or non-negative)."""
         return container if container in FLOATS else {2: "int16", 4: "uint8"}[self.depth(container)]
 
     def weight_dtype(self, container: str) -> str:
@@ -193,6 +203,35 @@ def _impl_fma(lanes: int, dtype: str):
     return impl
 
 
+def _impl_bytes(lanes: int, llvm_names: tuple[str, str]):
+    """u8 x s8 on ``vpmaddubsw`` (pairs into int16), ``vpmaddwd`` by ones (into int32), an add."""
+    bytes_vec, pairs_vec, acc_vec = f"int8x{lanes * 4}", f"int16x{lanes * 2}", f"int32x{lanes}"
+    ubsw, wd = llvm_names
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((1,), "int32", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(wd),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(ubsw),
+                    T.reinterpret(T.broadcast(A[0], lanes), dtype=bytes_vec),
+                    B.vload([0, 0], bytes_vec),
+                    dtype=pairs_vec,
+                ),
+                T.broadcast(T.int16(1), lanes * 2),
+                dtype=acc_vec,
+            )
+
+    return impl
+
+
 def _impl(lanes: int, depth: int, b_dtype: str, llvm_name: str, fused: bool):
     """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add.
 
@@ -237,6 +276,10 @@ def _impl(lanes: int, depth: int, b_dtype: str, llvm_name: str, fused: bool):
     return impl if fused else impl_add
 
 
+BYTES = {  # u8 x s8 without VNNI: (vpmaddubsw, vpmaddwd)
+    "marvin_dot_avx512_4": (16, ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")),
+    "marvin_dot_avx2_4": (8, ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")),
+}
 _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C itself)
     "marvin_dot_avx512_vnni_4": (16, 4, "uint8", "int8", "llvm.x86.avx512.vpdpbusd.512", True),
     "marvin_dot_avx512_vnni_2": (16, 2, "int16", "int16", "llvm.x86.avx512.vpdpwssd.512", True),
@@ -253,8 +296,14 @@ _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C i
 
 @functools.cache
 def _register(name: str) -> None:
-    """``name``: a ``_TABLE`` key, for an integer one followed by ``_int32`` or ``_int64``."""
+    """``name``: a ``_TABLE`` or ``BYTES`` key, for an integer one followed by ``_int32`` or ``_int64``."""
     key, _, index = name.rpartition("_") if name.endswith(("_int32", "_int64")) else (name, "", "")
+    if key in BYTES:
+        lanes, llvm_names = BYTES[key]
+        with fast_parsing():
+            desc, impl = _desc(lanes, 4, "uint8", "int8", index), _impl_bytes(lanes, llvm_names)
+        TensorIntrin.register(name, desc, impl, override=True)
+        return
     lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[key]
     with fast_parsing():
         if depth == 1:

@@ -4,7 +4,8 @@ One PrimFunc per layer call, four stages:
 
 - ``dot_pack_x``: the quantized input in ``[N, C/d, H+pad, W+pad]`` int32 words of ``d`` channels
   each (d = the intrinsic's reduction depth; ``pack_word``), zero padding folded in (for vpdpbusd
-  the operand is ``x + 128`` as uint8); the float classes' depth is 1, their word the value;
+  the operand is ``x + 128`` as uint8, a non-negative int8 input, container ``uint8``, is its own
+  unsigned byte); the float classes' depth is 1, their word the value;
 - ``dot_pack_w``: the weight in ``[O/L, C/d, KH, KW, L, d]`` (L = the intrinsic's lanes), so one
   instruction reads one contiguous 64-byte row.
   A conv whose channels leave the depth part-empty (``folds_taps``: LeNet-5's one-channel conv1)
@@ -96,7 +97,7 @@ def pack_weight(w: te.Tensor, isa: DotISA, container: str) -> PackedWeight:
 
 def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
     """``sum_k w[o, k]`` when the operand is offset (vpdpbusd's x + 128), else None."""
-    if isa.operand_dtype(container) != "uint8":
+    if not isa.offset(container):
         return None
     r = [te.reduce_axis((0, n), name=f"r{i}") for i, n in enumerate(w.shape[1:])]
     return te.compute(
@@ -105,9 +106,14 @@ def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
 
 
 def operand(value: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
+    """The packed activation element: ``x + 128`` for vpdpbusd's signed int8, the byte itself for a
+    non-negative int8 (``max`` keeps a negative level, which the layer's ReLU-fed input cannot
+    hold, from reading as 256 minus it)."""
     dtype = isa.operand_dtype(container)
-    if dtype == "uint8":
+    if isa.offset(container):
         return tirx.Cast("uint8", tirx.Cast("int32", value) + OFFSET)
+    if dtype == "uint8":
+        return tirx.Cast("uint8", tirx.max(value, tirx.const(0, dtype_of(value))))
     return cast_to(dtype, value)
 
 
@@ -140,7 +146,7 @@ def masked(value: tirx.PrimExpr, inside: tirx.PrimExpr, pad: tirx.PrimExpr) -> t
 
 
 def pad_value(isa: DotISA, container: str) -> tirx.PrimExpr:
-    return tirx.const(OFFSET if isa.operand_dtype(container) == "uint8" else 0, isa.operand_dtype(container))
+    return tirx.const(OFFSET if isa.offset(container) else 0, isa.operand_dtype(container))
 
 
 def pack_word(element: Callable[[int], tirx.PrimExpr], isa: DotISA, container: str) -> tirx.PrimExpr:

@@ -281,7 +281,7 @@ def _weight_grad(
         name=DW_BLOCK,
     )
     gsum = None
-    if isa.operand_dtype(container) == "uint8":
+    if isa.offset(container):
         extents = (blocks, rows, ow, depth)
         t2, i2, j2, p2 = (te.reduce_axis((0, e), name=f"s{d}") for d, e in enumerate(extents))
         gsum = te.compute(

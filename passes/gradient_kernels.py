@@ -335,7 +335,7 @@ class AddGradientKernels:
             dw_length = amx.dw_images(dw_tiles_geometry) * dw_tiles_geometry.plane_for(amx.DW_STEP)[2]
         else:
             dw_fast = dw_packed if kind else None
-            offset = kind is not None and isa.operand_dtype(container) == "uint8"
+            offset = kind is not None and isa.offset(container)
             out_hw = (out_spatial[0], out_spatial[1]) if kind == "conv2d" else (1, 1)
             dw_length = 0 if kind is None else te_dot_grad.dw_chunk(isa, container, out_hw)
         self._product(

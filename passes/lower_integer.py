@@ -37,6 +37,7 @@ from marvin_compile.fixed_point import Precision, quantize_np
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
+from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
 from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param, static_extent
 
 ACC_ATTR = "marvin.accumulator"
@@ -196,6 +197,9 @@ class LowerToIntegerKernels:
         if bound is not None and requantize_fits_int32(bound, frozen[1]):
             acc = "int32"
         container = kernel_class.container
+        # a ReLU-fed int8 input: unsigned bytes on the byte-product instructions (``NONNEG_ATTR``)
+        relu_fed = bool(func.attrs.get(NONNEG_ATTR, False))
+        dot_container = "uint8" if container == "int8" and relu_fed else container
         w_bound = bindings[w_arg].value if w_arg in bindings else None
         w_perm = w_bound if op_name(w_bound) == "relax.permute_dims" else None
         packed = packed_core(core.value, w, w_perm, self.isa)
@@ -240,7 +244,7 @@ class LowerToIntegerKernels:
                 getattr(te_dot, kind),
                 **kwargs,
                 isa=self.isa,
-                container="float64" if wide else container,
+                container="float64" if wide else dot_container,
                 acc=sums,
             )
             optional = {"bias": bi, "seed": seed}
@@ -328,10 +332,10 @@ class LowerToIntegerKernels:
             isa = self.isa
             if on_tiles_only:
                 return [bb.emit_te(lambda t: amx.pack_weight(t, tiles), wq)]
-            data = bb.emit_te(lambda t: te_dot.pack_weight(t, isa, container).data, wq)
-            if isa.operand_dtype(container) != "uint8":
+            data = bb.emit_te(lambda t: te_dot.pack_weight(t, isa, dot_container).data, wq)
+            if not isa.offset(dot_container):
                 return [data]
-            return [data, bb.emit_te(lambda t: te_dot.weight_sums(t, isa, container), wq)]
+            return [data, bb.emit_te(lambda t: te_dot.weight_sums(t, isa, dot_container), wq)]
 
         def wide_kernel(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
             """Above the int32 bound: AMX byte products, else packed float64 (K < 2**23), else generic."""

@@ -1,6 +1,7 @@
 """The compile pipeline, in named phases (mlc-llm style: small passes, one place that orders them).
 
-- partition: split each quantizable layer out of ``main`` (model level, once per model);
+- partition: split each quantizable layer out of ``main`` (model level, once per model), marking
+             those fed by a ReLU (``nonneg_inputs``: int8 runs them on byte products);
 - quantize:  insert runtime-precision fixed-point quantize nodes (per layer, per rounding);
 - lower:     integer kernels of the layer's kernel class (packed dot-product kernels on x86;
              the float32 class's product on the packed FMA kernel), then dead-code cleanup;
@@ -37,13 +38,14 @@ from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, input_quantizer
 from marvin_compile.passes.lower_float_dot import LowerFloatDotKernels
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
+from marvin_compile.passes.nonneg_inputs import MarkNonNegativeInputs
 from marvin_compile.passes.schedule_cpu import ScheduleCPU
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 41  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 42  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
@@ -65,8 +67,9 @@ def bind_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
 
 
 def partition(mod: tvm.IRModule) -> tvm.IRModule:
-    """Phase partition: main plus one float Relax function per quantizable layer."""
-    return tvm.transform.Sequential([ExtractLayers()], name="partition")(mod)
+    """Phase partition: main plus one float Relax function per quantizable layer, those fed by a ReLU
+    marked (``NONNEG_ATTR``)."""
+    return tvm.transform.Sequential([ExtractLayers(), MarkNonNegativeInputs()], name="partition")(mod)
 
 
 def layer_module(func: relax.Function) -> tvm.IRModule:

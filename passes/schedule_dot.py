@@ -37,10 +37,11 @@ def has_dot_block(func: tirx.PrimFunc) -> bool:
 
 
 def intrinsic_for(sch: Schedule, block, isa: DotISA) -> str:
-    """By the packed weight's dtype (the activation is an int32 word for every integer class) and
-    the loops' index dtype."""
+    """By the packed weight's dtype (the activation is an int32 word for every integer class; int8
+    weights are the four-deep byte products') and the loops' index dtype."""
     stmt = sch.get(block)
-    return isa.intrinsic(stmt.reads[1].source.dtype, str(stmt.iter_vars[-1].var.ty.dtype))
+    weight = str(stmt.reads[1].source.dtype)
+    return isa.intrinsic("uint8" if weight == "int8" else weight, str(stmt.iter_vars[-1].var.ty.dtype))
 
 
 def accumulator_bytes(sch: Schedule, block) -> int:

@@ -50,6 +50,23 @@ def _operands(rng, container: str, shape):
     return v.astype(container)
 
 
+def _inputs(rng, container: str, x_shape, w_shape):
+    """x and w for a kernel of ``container``, in the dtypes its placeholders take. ``uint8`` is the
+    non-negative int8 activation (a ReLU's output) against full-range int8 weights: the first
+    image all 127 against output channels all -128 and all 127 (vpmaddubsw's pair sums at their
+    extremes, -32512 and 32258, still inside int16), the rest random in [0, 127]."""
+    if container != "uint8":
+        return _operands(rng, container, x_shape), _operands(rng, container, w_shape)
+    x, w = np.maximum(_operands(rng, "int8", x_shape), 0), _operands(rng, "int8", w_shape)
+    x[0], w[0], w[-1] = 127, -128, 127
+    return x, w
+
+
+def _dtype(container: str) -> str:
+    """The placeholders' dtype: a non-negative activation is quantized into int8 like any other."""
+    return "int8" if container == "uint8" else container
+
+
 def _scale(v: np.ndarray, wl: int) -> np.ndarray:
     """Restrict values to wl bits (the int16 class's fast path runs only where int32 suffices)."""
     return np.clip(v, -(2 ** (wl - 1)), 2 ** (wl - 1) - 1).astype(v.dtype)
@@ -65,18 +82,18 @@ CONVS = [  # (n, c, h, o, k, stride, pad); few channels fold kernel columns into
 
 
 @pytest.mark.parametrize("isa", isa_params())
-@pytest.mark.parametrize("container", ["int8", "int16"])
+@pytest.mark.parametrize("container", ["int8", "int16", "uint8"])
 @pytest.mark.parametrize("shape", CONVS, ids=lambda s: "n{}c{}h{}o{}k{}s{}p{}".format(*s))
 def test_conv2d_exact(isa, container, shape):
     n, c, h, o, k, stride, pad = shape
     rng = np.random.default_rng(sum(shape))
-    x, w = _operands(rng, container, (n, c, h, h)), _operands(rng, container, (o, c, k, k))
+    x, w = _inputs(rng, container, (n, c, h, h), (o, c, k, k))
     if container == "int16":
         wl = int32_max_wl(c * k * k)
         x, w = _scale(x, wl), _scale(w, wl)
     nv = tvm.tirx.Var("n", "int64")
-    xp = te.placeholder((nv, c, h, h), container, name="x")
-    wp = te.placeholder((o, c, k, k), container, name="w")
+    xp = te.placeholder((nv, c, h, h), _dtype(container), name="x")
+    wp = te.placeholder((o, c, k, k), _dtype(container), name="w")
 
     def make(xt, wt, isa_):
         return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, container, "int32")
@@ -93,16 +110,17 @@ def test_conv2d_exact(isa, container, shape):
 
 
 @pytest.mark.parametrize("isa", isa_params())
-@pytest.mark.parametrize("container", ["int8", "int16"])
+@pytest.mark.parametrize("container", ["int8", "int16", "uint8"])
 @pytest.mark.parametrize("rows", [1, 7, 8, 13])
 def test_matmul_exact(isa, container, rows):
     k, o = 37, 21
     rng = np.random.default_rng(rows)
-    x, w = _operands(rng, container, (rows, k)), _operands(rng, container, (o, k))
+    x, w = _inputs(rng, container, (rows, k), (o, k))
     if container == "int16":
         x, w = _scale(x, int32_max_wl(k)), _scale(w, int32_max_wl(k))
     mv = tvm.tirx.Var("m", "int64")
-    xp, wp = te.placeholder((mv, k), container, name="x"), te.placeholder((o, k), container, name="w")
+    dtype = _dtype(container)
+    xp, wp = te.placeholder((mv, k), dtype, name="x"), te.placeholder((o, k), dtype, name="w")
     lib = _build(isa, lambda xt, wt, isa_: te_dot.matmul(xt, wt, isa_, container, "int64"), xp, wp)
     out = tvm.runtime.tensor(np.zeros((rows, o), np.int64))
     lib["main"](at_page_end(x), at_page_end(w), out)
@@ -140,6 +158,9 @@ INSTRUCTION = {  # (isa, container): the dot-product instruction its integer ker
     ("avx512", "int16"): "vpmaddwd",
     ("avx512_vnni", "int8"): "vpdpbusd",
     ("avx512_vnni", "int16"): "vpdpwssd",
+    ("avx2", "uint8"): "vpmaddubsw",
+    ("avx512", "uint8"): "vpmaddubsw",
+    ("avx512_vnni", "uint8"): "vpdpbusd",
 }
 
 
@@ -150,14 +171,14 @@ def test_every_isa_tensorizes_onto_its_instruction(isa, container):
     raises, and the machine code holds the ISA's instruction."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[isa], "num-cores": 2})
     nv = tvm.tirx.Var("n", "int64")
-    x, xs = te.placeholder((nv, 16, 8, 8), container, name="x"), te.placeholder((4, 16, 8, 8), container)
-    w, g = te.placeholder((32, 16, 3, 3), container, name="w"), te.placeholder((4, 32, 8, 8), container)
+    dtype = _dtype(container)
+    x, xs = te.placeholder((nv, 16, 8, 8), dtype, name="x"), te.placeholder((4, 16, 8, 8), dtype)
+    w, g = te.placeholder((32, 16, 3, 3), dtype, name="w"), te.placeholder((4, 32, 8, 8), dtype)
     y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS[isa], container, "int32")
-    dw = te_dot_grad.conv2d_weight_grad(xs, g, (3, 3), (1, 1), (1,) * 4, ISAS[isa], container)
-    funcs = {
-        "conv": schedule_dot_func(te.create_prim_func([x, w, y]), target),
-        "dw": scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw),
-    }
+    funcs = {"conv": schedule_dot_func(te.create_prim_func([x, w, y]), target)}
+    if container != "uint8":  # gradients are signed: the backward keeps the signed classes
+        dw = te_dot_grad.conv2d_weight_grad(xs, g, (3, 3), (1, 1), (1,) * 4, ISAS[isa], container)
+        funcs["dw"] = scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw)
     for name, func in funcs.items():
         asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
         assert INSTRUCTION[isa, container] in asm, f"{isa} {container} {name}"

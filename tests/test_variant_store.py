@@ -58,7 +58,8 @@ def test_identical_layers_share_a_variant(tmp_path, store):
 
     from marvin_compile.frontend import export_onnx
 
-    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    # both layers ReLU-fed: a layer fed by a ReLU compiles apart from one that is not (nonneg_inputs)
+    net = nn.Sequential(nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     export_onnx(net, torch.zeros(1, 8), tmp_path / "m.onnx")
     model = CompiledModel(import_onnx(load_onnx(tmp_path / "m.onnx")), store)
     before = VariantStore.compilations
