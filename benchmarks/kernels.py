@@ -264,14 +264,14 @@ def torch_calls(case: Case) -> dict[str, Callable]:
 
 
 def gradient_precisions(shape: Shape, target: tvm.target.Target) -> list[tuple[str, str, Precision]]:
-    """(row label, kernel class, precision) of the backward rows: int8 at wl 8; int16 at the largest
-    wl whose dx and dw sums are exact in int32 on the target's packed kernels (when below 16) and at
-    wl 16."""
+    """(row label, kernel class, precision) of the backward rows: int8 at wl 8 (and its dw on a
+    ReLU's output, ``RELU_FED``); int16 at the largest wl whose dx and dw sums are exact in int32 on
+    the target's packed kernels (when below 16) and at wl 16."""
     from marvin_compile.dot_isa import dot_isa
     from marvin_compile.passes.gradient_kernels import product_bound
     from marvin_compile.te_dot_grad import dw_chunk
 
-    rows = [("int8", "int8", Precision(8, 4))]
+    rows = [("int8", "int8", Precision(8, 4)), ("int8" + RELU_FED, "int8", Precision(8, 4))]
     isa = dot_isa(target)
     if isa is not None:
         out = shape.hw + 2 * shape.pad - shape.k + 1
@@ -306,21 +306,28 @@ class Timed:
 
 
 def gradient_calls(case: Case, store: VariantStore) -> list[Timed]:
-    """The lowbit backward's integer dx / dw kernels of each integer class (stochastic rounding)."""
+    """The lowbit backward's integer dx / dw kernels of each integer class (stochastic rounding);
+    a ReLU-fed layer differs only in dw (x by g), so its row times dw alone, on the input's ReLU."""
+    from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
     from marvin_compile.runtime.compiled_model import precision_args
 
     dev = store.device
     x, w = tvm.runtime.tensor(case.x, dev), tvm.runtime.tensor(case.w, dev)
+    x_relu = tvm.runtime.tensor(np.maximum(case.x, 0), dev)
     g_np = np.random.default_rng(1).standard_normal(case.ref.shape, dtype=np.float32)
     g, seed = tvm.runtime.tensor(g_np, dev), tvm.runtime.tensor(np.array(7, np.uint32), dev)
     out = []
     for name, class_name, precision in gradient_precisions(case.shape, store.target):
-        vm = store.get_gradients(case.layer, CLASS_BY_NAME[class_name]).fn
+        relu_fed = name.endswith(RELU_FED)
+        layer = case.layer.with_attr(NONNEG_ATTR, True) if relu_fed else case.layer
+        vm = store.get_gradients(layer, CLASS_BY_NAME[class_name]).fn
         qp, _ = precision_args(precision, dev)
         calls = {
             "dx": functools.partial(vm["dx"], g, w, qp, qp, seed),
-            "dw": functools.partial(vm["dw"], x, g, qp, qp, seed),
+            "dw": functools.partial(vm["dw"], x_relu if relu_fed else x, g, qp, qp, seed),
         }
+        if relu_fed:
+            del calls["dx"]
         for product, call in calls.items():
             row = Row(case.shape.name, f"{name} {product}", case.macs, float("nan"))
             out.append(Timed(row, product, call))

@@ -36,6 +36,7 @@ from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K, packed_core, tile_product
+from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
 from marvin_compile.passes.utils import layer_functions, param
 
 SALT_GRAD = 0x5BD1E995
@@ -119,6 +120,9 @@ class AddGradientKernels:
         bb = relax.BlockBuilder(mod)
         quant = te_ops.quantize_to_int
         container = k.container
+        # dw multiplies x by g: a ReLU-fed int8 x is an unsigned byte (byte products, ``NONNEG_ATTR``)
+        relu_fed = bool(func.attrs.get(NONNEG_ATTR, False))
+        dw_container = "uint8" if container == "int8" and relu_fed else container
 
         g, w, qp_g, qp_w, seed = (
             param("g", y_ty.shape, "float32"),
@@ -280,7 +284,7 @@ class AddGradientKernels:
             _bind: Callable[[relax.Expr], relax.Expr], wide: bool = False, split: int = 0
         ) -> relax.Expr:
             """``split``: the gradient's levels in two parts (``te_dot_grad._weight_grad``)."""
-            dot_container = "float64" if wide else container
+            dot_container = "float64" if wide else dw_container
 
             def kernel(xt, gt, qp_xt, qp_gt, seed_t):
                 xq = quant(xt, qp_xt, container)
@@ -335,9 +339,9 @@ class AddGradientKernels:
             dw_length = amx.dw_images(dw_tiles_geometry) * dw_tiles_geometry.plane_for(amx.DW_STEP)[2]
         else:
             dw_fast = dw_packed if kind else None
-            offset = kind is not None and isa.offset(container)
+            offset = kind is not None and isa.offset(dw_container)
             out_hw = (out_spatial[0], out_spatial[1]) if kind == "conv2d" else (1, 1)
-            dw_length = 0 if kind is None else te_dot_grad.dw_chunk(isa, container, out_hw)
+            dw_length = 0 if kind is None else te_dot_grad.dw_chunk(isa, dw_container, out_hw)
         self._product(
             bb,
             "dw",

@@ -22,6 +22,7 @@ from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import CLASS_BY_NAME
 from marvin_compile.passes import pipeline
 from marvin_compile.passes.gradient_kernels import product_bound
+from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
 from marvin_compile.passes.utils import LAYER_ATTR, param
 from marvin_compile.runtime.compiled_model import precision_args
 from marvin_compile.te_dot_grad import dw_chunk
@@ -43,8 +44,9 @@ LINEAR = (37, 21)  # (k, o)
 BATCHES = {"conv2d": (1, 3, 9), "linear": (1, 3, 130)}  # 9 and 130: several int32 chunks of dw
 
 
-def _layer(kind: str, shape: tuple) -> relax.Function:
-    """A float layer function as ``ExtractLayers`` outlines it (symbolic batch)."""
+def _layer(kind: str, shape: tuple, relu_fed: bool = False) -> relax.Function:
+    """A float layer function as ``ExtractLayers`` outlines it (symbolic batch); ``relu_fed``: as
+    ``MarkNonNegativeInputs`` marks a layer whose input is a ReLU's output."""
     n = tirx.Var("n", "int64")
     if kind == "linear":
         k, o = shape
@@ -62,12 +64,13 @@ def _layer(kind: str, shape: tuple) -> relax.Function:
                 y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=pad))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    return bb.get()["layer"].without_attr("global_symbol")
+    func = bb.get()["layer"].without_attr("global_symbol")
+    return func.with_attr(NONNEG_ATTR, True) if relu_fed else func
 
 
-def _build(isa: str, kind: str, shape: tuple, container: str):
+def _build(isa: str, kind: str, shape: tuple, container: str, relu_fed: bool = False):
     target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[isa], "num-cores": 2})
-    mod = pipeline.gradient_module(_layer(kind, shape), CLASS_BY_NAME[container], target)
+    mod = pipeline.gradient_module(_layer(kind, shape, relu_fed), CLASS_BY_NAME[container], target)
     kernels = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     assert {"marvin_dot_dx", "marvin_dot_dw"} <= kernels  # the packed kernels, not a silent fallback
     return relax.VirtualMachine(pipeline.build(mod, target), tvm.cpu())
@@ -114,7 +117,9 @@ def _reference(kind: str, shape: tuple, x, g, w) -> tuple[np.ndarray, np.ndarray
     return dx.numpy().astype(np.float32), dw.numpy().astype(np.float32)  # one rounding of the exact sums
 
 
-def _check(vm, kind: str, shape: tuple, wl: int, batch: int, extreme: bool) -> None:
+def _check(vm, kind: str, shape: tuple, wl: int, batch: int, extreme: bool, relu_fed: bool = False) -> None:
+    """``relu_fed``: x in [0, 2**(wl-1) - 1], at its top where ``extreme`` (against g and w at the
+    bottom: dw's byte products at their most negative pair sums)."""
     if kind == "linear":
         k, o = shape
         x_shape, w_shape, g_shape = (batch, k), (o, k), (batch, o)
@@ -124,6 +129,8 @@ def _check(vm, kind: str, shape: tuple, wl: int, batch: int, extreme: bool) -> N
         x_shape, w_shape, g_shape = (batch, c, h, h), (o, c, kk, kk), (batch, o, oh, oh)
     rng = np.random.default_rng(batch * wl)
     x, g, w = _operands(rng, wl, [x_shape, g_shape, w_shape], extreme)
+    if relu_fed:
+        x = np.full_like(x, 2 ** (wl - 1) - 1) if extreme else np.abs(x).clip(max=2 ** (wl - 1) - 1)
     dev = tvm.cpu()
     qp, _ = precision_args(Precision(wl, 0), dev)
     seed = tvm.runtime.tensor(np.array(5, np.uint32), dev)
@@ -141,10 +148,12 @@ def _cases(isa: str) -> list[tuple[str, tuple]]:
 
 
 @pytest.mark.parametrize("isa", isa_params())
-@pytest.mark.parametrize("container", ["int8", "int16"])
+@pytest.mark.parametrize("container", ["int8", "int16", "int8 ReLU-fed"])
 def test_packed_gradients_exact(isa, container):
+    relu_fed = container.endswith("ReLU-fed")
+    container = container.split()[0]
     for kind, shape in _cases(isa):
-        vm = _build(isa, kind, shape, container)
+        vm = _build(isa, kind, shape, container, relu_fed)
         wls = [8] if container == "int8" else [_fast_wl(kind, shape, isa, container), 16]
         if container == "int16":  # the split's widest wl, where it is below 16 (else wl 16 splits)
             wls = sorted({*wls, _split_wl(kind, shape, isa)})
@@ -152,7 +161,7 @@ def test_packed_gradients_exact(isa, container):
         for wl in wls:
             for batch in BATCHES[kind]:
                 for extreme in (False, True):
-                    _check(vm, kind, shape, wl, batch, extreme)
+                    _check(vm, kind, shape, wl, batch, extreme, relu_fed)
 
 
 def test_grouped_conv_keeps_the_generic_kernels():
