@@ -522,13 +522,14 @@ def kernel_note() -> str:
         )
     if isa is not None and isa.name == "avx2":
         return (
-            "On this AVX2 host every layer runs the packed kernel on vpmaddwd (int16 pairs into int32: "
-            "16 MACs per instruction, plus a vpaddd), int8 layers widened to int16: AVX2 has no exact "
-            "8-bit product that sums in int32 (vpmaddubsw saturates its int16 pair sums for full-range "
-            "signed operands), so both classes share one instruction, at most 2x the MACs of float32's "
-            "FMA. ORT int8 runs every layer on vpmaddubsw (uint8 activations x int8 weights, 32 MACs "
-            "per instruction, its pair sums saturating); see the kernels section for per-layer "
-            "throughput."
+            "On this AVX2 host every layer runs the packed kernel. int16 layers, and int8 layers whose "
+            "input may be negative (LeNet-5's conv1, ResNet-20's stem), run on vpmaddwd (int16 pairs "
+            "into int32: 16 MACs per instruction, plus a vpaddd), int8 widened to int16 "
+            "(vpmaddubsw saturates its int16 pair sums for full-range signed operands). The other int8 "
+            "layers take a ReLU's output, levels in [0, 127], and run on vpmaddubsw (unsigned x signed "
+            "bytes, 32 MACs, pair sums exact at 2 * 127 * 128) then vpmaddwd by ones and a vpaddd. "
+            "ORT int8 runs every layer on vpmaddubsw (uint8 activations x int8 weights, its pair sums "
+            "saturating); see the kernels section for per-layer throughput."
         )
     return "ORT int8 runs every layer in int8; see the kernels section for per-layer throughput."
 

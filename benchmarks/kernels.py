@@ -582,7 +582,9 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             "activations, branches on the word lengths: the int32 kernel on the gradient split into "
             "g >> 7 and g & 127 (twice the products) while both parts' chunk sums fit int32, which "
             "they do for every shape here, else float64 FMAs) against `torch.nn.grad.conv2d_input` / "
-            "`conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, same MAC count as the forward.",
+            "`conv2d_weight` (GEMM: `g @ W`, `g.T @ x`) in float32, same MAC count as the forward. "
+            "int8 ReLU-fed dw: the same dw for a layer whose input is a ReLU's output (x by g on byte "
+            "products, x the unsigned operand), on the input's ReLU; its dx is the int8 row's.",
             "",
             markdown_table(grad_rows),
             END,
