@@ -13,6 +13,7 @@ from marvin_compile.passes import pipeline
 from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
 from marvin_compile.passes.utils import layer_functions
 from marvin_compile.runtime.compiled_model import CompiledModel
+from marvin_compile.runtime.variant_store import signature
 from tests.test_semantics import reference
 
 
@@ -41,6 +42,21 @@ def test_layers_fed_by_a_relu_are_marked(tmp_path):
         str(f.attrs["marvin.layer"]): bool(f.attrs.get(NONNEG_ATTR, False)) for _, f in layer_functions(mod)
     }
     assert marked == {"stem": False, "pooled": True, "after_add": False, "fc": True}
+
+
+def test_a_relu_fed_layer_and_its_signed_twin_never_share_a_variant(tmp_path, store):
+    """The mark is part of the variant's key: a signed input must never reach the byte kernel,
+    which would read its negative levels as zeros."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    export_onnx(net.eval(), torch.zeros(1, 8), tmp_path / "m.onnx")
+    compiled = CompiledModel(import_onnx(load_onnx(tmp_path / "m.onnx")), store)
+    compiled.set_precision(Precision(8, 4))
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(compiled(x), reference(net, x, {"0": (8, 4), "2": (8, 4)}))
+    first, second = (
+        f for _, f in layer_functions(pipeline.partition(import_onnx(load_onnx(tmp_path / "m.onnx")).mod))
+    )
+    assert signature(first) != signature(second)
 
 
 def test_relu_fed_int8_conv_matches_the_float64_reference(tmp_path, store):
