@@ -8,8 +8,8 @@ one by one.
 
 - ``avx512_vnni``: int8 ``vpdpbusd`` (u8 x s8, depth 4: the activation carries a +128 offset that
   the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
-- ``avx512``: int16 ``vpmaddwd`` + add, 16 lanes (int8 runs widened to int16);
-- ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (int8 runs widened to int16);
+- ``avx512``: int16 ``vpmaddwd`` + add, 16 lanes (signed int8 runs widened to int16);
+- ``avx2``: int16 ``vpmaddwd`` + add, 8 lanes (signed int8 runs widened to int16);
 - every integer family: int8 weights against a *non-negative* int8 activation (a ReLU's output,
   container ``"uint8"``), depth 4, with no offset: ``vpdpbusd`` on VNNI, elsewhere ``vpmaddubsw``
   (u8 x s8 pairs into int16) then ``vpmaddwd`` by ones (pairs into int32) and an add. The int16
