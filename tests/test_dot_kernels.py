@@ -175,10 +175,11 @@ def test_every_isa_tensorizes_onto_its_instruction(isa, container):
     x, xs = te.placeholder((nv, 16, 8, 8), dtype, name="x"), te.placeholder((4, 16, 8, 8), dtype)
     w, g = te.placeholder((32, 16, 3, 3), dtype, name="w"), te.placeholder((4, 32, 8, 8), dtype)
     y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS[isa], container, "int32")
-    funcs = {"conv": schedule_dot_func(te.create_prim_func([x, w, y]), target)}
-    if container != "uint8":  # gradients are signed: the backward keeps the signed classes
-        dw = te_dot_grad.conv2d_weight_grad(xs, g, (3, 3), (1, 1), (1,) * 4, ISAS[isa], container)
-        funcs["dw"] = scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw)
+    dw = te_dot_grad.conv2d_weight_grad(xs, g, (3, 3), (1, 1), (1,) * 4, ISAS[isa], container)
+    funcs = {
+        "conv": schedule_dot_func(te.create_prim_func([x, w, y]), target),
+        "dw": scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw),
+    }
     for name, func in funcs.items():
         asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
         assert INSTRUCTION[isa, container] in asm, f"{isa} {container} {name}"
