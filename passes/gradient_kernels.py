@@ -36,7 +36,7 @@ from marvin_compile.dot_isa import DotISA
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.lower_integer import FLOAT64_EXACT_K, packed_core, tile_product
-from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
+from marvin_compile.passes.nonneg_inputs import operand_container
 from marvin_compile.passes.utils import layer_functions, param
 
 SALT_GRAD = 0x5BD1E995
@@ -120,9 +120,7 @@ class AddGradientKernels:
         bb = relax.BlockBuilder(mod)
         quant = te_ops.quantize_to_int
         container = k.container
-        # dw multiplies x by g: a ReLU-fed int8 x is an unsigned byte (byte products, ``NONNEG_ATTR``)
-        relu_fed = bool(func.attrs.get(NONNEG_ATTR, False))
-        dw_container = "uint8" if container == "int8" and relu_fed else container
+        dw_container = operand_container(func, container)  # dw multiplies x by g: x may be a byte
 
         g, w, qp_g, qp_w, seed = (
             param("g", y_ty.shape, "float32"),

@@ -37,7 +37,7 @@ from marvin_compile.fixed_point import Precision, quantize_np
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
-from marvin_compile.passes.nonneg_inputs import NONNEG_ATTR
+from marvin_compile.passes.nonneg_inputs import operand_container
 from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param, static_extent
 
 ACC_ATTR = "marvin.accumulator"
@@ -197,9 +197,7 @@ class LowerToIntegerKernels:
         if bound is not None and requantize_fits_int32(bound, frozen[1]):
             acc = "int32"
         container = kernel_class.container
-        # a ReLU-fed int8 input: unsigned bytes on the byte-product instructions (``NONNEG_ATTR``)
-        relu_fed = bool(func.attrs.get(NONNEG_ATTR, False))
-        dot_container = "uint8" if container == "int8" and relu_fed else container
+        dot_container = operand_container(func, container)  # a ReLU-fed int8 input: unsigned bytes
         w_bound = bindings[w_arg].value if w_arg in bindings else None
         w_perm = w_bound if op_name(w_bound) == "relax.permute_dims" else None
         packed = packed_core(core.value, w, w_perm, self.isa)

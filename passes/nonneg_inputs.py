@@ -32,6 +32,12 @@ KEEPS_SIGN = {
 }
 
 
+def operand_container(func: relax.Function, container: str) -> str:
+    """The ``te_dot`` container of a layer's activation operand: ``uint8`` for an int8 layer that
+    ``MarkNonNegativeInputs`` marked (its forward's input, its dw's x), else the class's own."""
+    return "uint8" if container == "int8" and bool(func.attrs.get(NONNEG_ATTR, False)) else container
+
+
 def non_negative(e: relax.Expr, values: dict[relax.Var, relax.Expr]) -> bool:
     """Whether ``e`` (an expression of main, whose bindings are ``values``) is >= 0 by construction."""
     while isinstance(e, relax.Var) and e in values:
