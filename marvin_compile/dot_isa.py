@@ -4,7 +4,8 @@ Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for one vector of outpu
 (``lanes``) and a short reduction (``depth``): the shape of one instruction. An integer ``A`` (the
 broadcast activation) comes as one int32 word of its ``depth`` elements (``lane_of``), the way the
 instruction reads it: the packing then builds whole words in vectors instead of storing elements
-one by one.
+one by one. Each also has a pixel-lane form (name suffix ``ROWS``), ``C[i] += sum_k A[i, k] *
+B[k]``: a vector of ``lanes`` activation words (one pixel each) against one broadcast weight word.
 
 - ``avx512_vnni``: int8 ``vpdpbusd`` (u8 x s8, depth 4: the activation carries a +128 offset that
   the kernel subtracts again) and int16 ``vpdpwssd`` (depth 2), 16 lanes;
@@ -72,13 +73,15 @@ class DotISA:
         """The dtype the instruction accumulates in."""
         return container if container in FLOATS else "int32"
 
-    def intrinsic(self, container: str, index: str = "int32") -> str:
+    def intrinsic(self, container: str, index: str = "int32", rows: bool = False) -> str:
         """The registered tensor intrinsic's name (registered on first use) for a kernel whose
-        loops are ``index`` (int64 over a symbolic batch)."""
+        loops are ``index`` (int64 over a symbolic batch); ``rows``: its pixel-lane form."""
         suffix = "f64" if container == "float64" else self.depth(container)
         name = f"marvin_dot_{self.name}_{suffix}"
         if container not in FLOATS:
             name = f"{name}_{index}"
+        if rows:
+            name = f"{name}{ROWS}"
         _register(name)
         return name
 
@@ -138,64 +141,77 @@ def lane_of(word, p, a_dtype: str):
     return tirx.Cast("int32", tirx.Cast(a_dtype, tirx.shift_right(word, p * bits)))
 
 
-def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str, index: str):
+def _shapes(lanes: int, depth: int, rows: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (A, B) buffer shapes of an intrinsic: the channel-lane form broadcasts one word of A
+    against ``lanes`` rows of B; the pixel-lane form (``rows``) reads a word of A per lane (one
+    pixel each) against B's one broadcast word (one output channel)."""
+    return ((lanes,), (depth,)) if rows else ((1,), (lanes, depth))
+
+
+def _whole(buffer: tirx.Buffer) -> tirx.BufferRegion:
+    return tirx.BufferRegion(buffer, [tvm.ir.Range(0, d) for d in buffer.shape])
+
+
+def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str, index: str, rows: bool):
     """``index``: the loops' dtype. A kernel over a symbolic batch has int64 loops, and TVM widens
     the word to int64 for ``lane_of``'s shift there: the pattern has to say so to match."""
+    a_shape, b_shape = _shapes(lanes, depth, rows)
 
     def widen(word):
         return tirx.Cast("int64", word) if index == "int64" else word
 
+    def product(A, B, i, k):
+        a, b = (A[i], B[k]) if rows else (A[0], B[i, k])
+        return lane_of(widen(a), k, a_dtype) * T.cast(b, "int32")
+
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((1,), "int32", offset_factor=1),
-        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        A: T.Buffer(a_shape, "int32", offset_factor=1),
+        B: T.Buffer(b_shape, b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:depth])
+            T.reads(C[0:lanes], _whole(A), _whole(B))
             T.writes(C[0:lanes])
             for i, k in T.grid(T.cast(lanes, index), T.cast(depth, index)):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + lane_of(widen(A[0]), vk, a_dtype) * T.cast(B[vi, vk], "int32")
+                    C[vi] = C[vi] + product(A, B, vi, vk)
 
     return desc
 
 
-def _desc_fma(lanes: int, dtype: str):
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((1,), dtype, offset_factor=1),
-        B: T.Buffer((lanes, 1), dtype, offset_factor=1),
-        C: T.Buffer((lanes,), dtype, offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
-            T.writes(C[0:lanes])
-            for i, _k in T.grid(lanes, 1):  # TVM drops a unit reduction axis from the kernel's block
-                with T.sblock("update"):
-                    vi = T.axis.spatial(lanes, i)
-                    C[vi] = C[vi] + A[0] * B[vi, 0]
+def _operands(A, B, lanes: int, depth: int, dtype: str, rows: bool):
+    """The activation and the weight as one instruction's operand vectors of ``lanes * depth``
+    ``dtype`` elements: one of them a broadcast word. Passed inline, not bound to names: a named
+    vector becomes a stack slot that LLVM does not always promote back to a register."""
+    vec = f"{dtype}x{lanes * depth}"
 
-    return desc
+    def as_vec(v):
+        return v if str(v.ty) == vec else T.reinterpret(v, dtype=vec)
+
+    if rows:
+        word = B[0] if depth == 1 else T.reinterpret(B.vload([0], f"{B.dtype}x{depth}"), dtype="int32")
+        return as_vec(A.vload([0], f"{A.dtype}x{lanes}")), as_vec(T.broadcast(word, lanes))
+    return as_vec(T.broadcast(A[0], lanes)), as_vec(B.vload([0, 0], f"{B.dtype}x{lanes * depth}"))
 
 
-def _impl_fma(lanes: int, dtype: str):
+def _impl_fma(lanes: int, dtype: str, rows: bool):
     vec = f"{dtype}x{lanes}"  # float64 x 16 lanes: LLVM splits it into two (zmm) or four (ymm) FMAs
+    a_shape, b_shape = _shapes(lanes, 1, rows)
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((1,), dtype, offset_factor=1),
-        B: T.Buffer((lanes, 1), dtype, offset_factor=1),
+        A: T.Buffer(a_shape, dtype, offset_factor=1),
+        B: T.Buffer(b_shape, dtype, offset_factor=1),
         C: T.Buffer((lanes,), dtype, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.reads(C[0:lanes], _whole(A), _whole(B))
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.fma"),
-                T.broadcast(A[0], lanes),
-                B.vload([0, 0], vec),
+                *_operands(A, B, lanes, 1, dtype, rows),
                 C.vload([0], vec),
                 dtype=vec,
             )
@@ -203,26 +219,49 @@ def _impl_fma(lanes: int, dtype: str):
     return impl
 
 
-def _impl_bytes(lanes: int, llvm_names: tuple[str, str]):
+def _desc_fma(lanes: int, dtype: str, rows: bool):
+    a_shape, b_shape = _shapes(lanes, 1, rows)
+
+    def product(A, B, i):
+        return A[i] * B[0] if rows else A[0] * B[i, 0]
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer(a_shape, dtype, offset_factor=1),
+        B: T.Buffer(b_shape, dtype, offset_factor=1),
+        C: T.Buffer((lanes,), dtype, offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], _whole(A), _whole(B))
+            T.writes(C[0:lanes])
+            for i, _k in T.grid(lanes, 1):  # TVM drops a unit reduction axis from the kernel's block
+                with T.sblock("update"):
+                    vi = T.axis.spatial(lanes, i)
+                    C[vi] = C[vi] + product(A, B, vi)
+
+    return desc
+
+
+def _impl_bytes(lanes: int, llvm_names: tuple[str, str], rows: bool):
     """u8 x s8 on ``vpmaddubsw`` (pairs into int16), ``vpmaddwd`` by ones (into int32), an add."""
-    bytes_vec, pairs_vec, acc_vec = f"int8x{lanes * 4}", f"int16x{lanes * 2}", f"int32x{lanes}"
+    pairs_vec, acc_vec = f"int16x{lanes * 2}", f"int32x{lanes}"
     ubsw, wd = llvm_names
+    a_shape, b_shape = _shapes(lanes, 4, rows)
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((1,), "int32", offset_factor=1),
-        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        A: T.Buffer(a_shape, "int32", offset_factor=1),
+        B: T.Buffer(b_shape, "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], _whole(A), _whole(B))
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(wd),
                 T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(ubsw),
-                    T.reinterpret(T.broadcast(A[0], lanes), dtype=bytes_vec),
-                    B.vload([0, 0], bytes_vec),
+                    *_operands(A, B, lanes, 4, "int8", rows),
                     dtype=pairs_vec,
                 ),
                 T.broadcast(T.int16(1), lanes * 2),
@@ -232,44 +271,40 @@ def _impl_bytes(lanes: int, llvm_names: tuple[str, str]):
     return impl
 
 
-def _impl(lanes: int, depth: int, b_dtype: str, llvm_name: str, fused: bool):
-    """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add.
-
-    Operands are passed inline, not bound to names: a named vector becomes a stack slot that LLVM
-    does not always promote back to a register."""
-    b_vec, acc_vec = f"{b_dtype}x{lanes * depth}", f"int32x{lanes}"
-    op_vec = f"int{32 // depth}x{lanes * depth}"  # LLVM 22 types the operands as i8/i16 vectors
+def _impl(lanes: int, depth: int, b_dtype: str, llvm_name: str, fused: bool, rows: bool):
+    """``fused``: the instruction adds into C itself (VNNI); otherwise a separate vector add."""
+    acc_vec = f"int32x{lanes}"
+    op_dtype = f"int{32 // depth}"  # LLVM 22 types the operands as i8/i16 vectors
+    a_shape, b_shape = _shapes(lanes, depth, rows)
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((1,), "int32", offset_factor=1),
-        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        A: T.Buffer(a_shape, "int32", offset_factor=1),
+        B: T.Buffer(b_shape, b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:depth])
+            T.reads(C[0:lanes], _whole(A), _whole(B))
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_name),
                 C.vload([0], acc_vec),
-                T.reinterpret(T.broadcast(A[0], lanes), dtype=op_vec),
-                T.reinterpret(B.vload([0, 0], b_vec), dtype=op_vec),
+                *_operands(A, B, lanes, depth, op_dtype, rows),
                 dtype=acc_vec,
             )
 
     @T.prim_func(s_tir=True)
     def impl_add(
-        A: T.Buffer((1,), "int32", offset_factor=1),
-        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        A: T.Buffer(a_shape, "int32", offset_factor=1),
+        B: T.Buffer(b_shape, b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:depth])
+            T.reads(C[0:lanes], _whole(A), _whole(B))
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_name),
-                T.reinterpret(T.broadcast(A[0], lanes), dtype=op_vec),
-                B.vload([0, 0], b_vec),
+                *_operands(A, B, lanes, depth, op_dtype, rows),
                 dtype=acc_vec,
             )
 
@@ -294,21 +329,25 @@ _TABLE = {  # name: (lanes, depth, operand dtypes, LLVM intrinsic, adds into C i
 }
 
 
+ROWS = "_rows"  # the pixel-lane form's suffix
+
+
 @functools.cache
 def _register(name: str) -> None:
-    """``name``: a ``_TABLE`` or ``BYTES`` key, for an integer one followed by ``_int32`` or ``_int64``."""
-    key, _, index = name.rpartition("_") if name.endswith(("_int32", "_int64")) else (name, "", "")
-    if key in BYTES:
-        lanes, llvm_names = BYTES[key]
-        with fast_parsing():
-            desc, impl = _desc(lanes, 4, "uint8", "int8", index), _impl_bytes(lanes, llvm_names)
-        TensorIntrin.register(name, desc, impl, override=True)
-        return
-    lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[key]
+    """``name``: a ``_TABLE`` or ``BYTES`` key, for an integer one followed by ``_int32`` or
+    ``_int64``, then ``ROWS`` for the pixel-lane form."""
+    rows = name.endswith(ROWS)
+    key = name.removesuffix(ROWS)
+    key, _, index = key.rpartition("_") if key.endswith(("_int32", "_int64")) else (key, "", "")
     with fast_parsing():
-        if depth == 1:
-            desc, impl = _desc_fma(lanes, a_dtype), _impl_fma(lanes, a_dtype)
+        if key in BYTES:
+            lanes, llvm_names = BYTES[key]
+            desc, impl = _desc(lanes, 4, "uint8", "int8", index, rows), _impl_bytes(lanes, llvm_names, rows)
         else:
-            desc = _desc(lanes, depth, a_dtype, b_dtype, index)
-            impl = _impl(lanes, depth, b_dtype, llvm_name, fused)
+            lanes, depth, a_dtype, b_dtype, llvm_name, fused = _TABLE[key]
+            if depth == 1:
+                desc, impl = _desc_fma(lanes, a_dtype, rows), _impl_fma(lanes, a_dtype, rows)
+            else:
+                desc = _desc(lanes, depth, a_dtype, b_dtype, index, rows)
+                impl = _impl(lanes, depth, b_dtype, llvm_name, fused, rows)
     TensorIntrin.register(name, desc, impl, override=True)

@@ -15,9 +15,13 @@ One PrimFunc per layer call, four stages:
   a deployed kernel takes it packed (``PackedWeight``, from ``pack_weight`` on the constant
   weight, folded at build time);
 - ``marvin_dot``: the reduction (int32; float32 for the float32 class), tensorized by
-  ``passes/schedule_dot``;
+  ``passes/schedule_dot``. Its lanes hold output channels (``[N, O/L, OH, OW, L]``, one broadcast
+  input word against a row of L weights), or, for a conv read at unit stride whose rows fill whole
+  vectors (``pixel_lanes``: ResNet-20's stride-1 layers), output pixels (``[N, O, OH, OW]``, L
+  input words of a row against one broadcast weight word): the same packed operands either way;
 - ``dot_unpack``: back to NCHW (or rows x features) in the class's accumulator dtype, minus the
-  ``128 * sum(w)`` offset correction for vpdpbusd.
+  ``128 * sum(w)`` offset correction for vpdpbusd: a transpose of the tile for channel lanes, an
+  element-wise pass for pixel lanes.
 
 A matmul ``[M, K] x [K, O]`` is the same kernel with rows as the width axis, blocked by
 ``ROW_BLOCK`` (a symbolic batch pads rows up to a whole block; a static batch below one block,
@@ -164,6 +168,34 @@ def pack_word(element: Callable[[int], tirx.PrimExpr], isa: DotISA, container: s
     return word
 
 
+def pixel_lanes(out_channels: int, out_width: int, stride: int, lanes: int) -> bool:
+    """Whether a conv puts output pixels on the vector lanes (one broadcast weight word per output
+    channel against a row of packed input words) rather than output channels: where the packed
+    input is read at unit stride and rows fill whole vectors. Its sums are then NCHW rows already,
+    where the channel-lane tile had to be transposed to store them (17% of ResNet-20's deployed
+    16-channel layer)."""
+    return stride == 1 and out_width % lanes == 0
+
+
+def _reduce_rows(xp, wp, out_shape, stride_h, kh, kw, isa: DotISA, container: str) -> te.Tensor:
+    """The pixel-lane reduction: ``[N, O, OH, OW]`` from ``xp`` read along its rows."""
+    lanes = isa.lanes
+    cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
+    i = te.reduce_axis((0, kh), name="kh")
+    j = te.reduce_axis((0, kw), name="kw")
+    p = te.reduce_axis((0, isa.depth(container)), name="p")
+    dtype = isa.product_dtype(container)
+    return te.compute(
+        out_shape,
+        lambda n, oc, h, w: te.sum(
+            operand_of(xp[n, cb, h * stride_h + i, w + j], p, isa, container)
+            * cast_to(dtype, wp[oc // lanes, cb, i, j, oc % lanes, p]),
+            axis=[cb, i, j, p],
+        ),
+        name=DOT_BLOCK,
+    )
+
+
 def _reduce(xp, wp, out_shape, stride, kh, kw, isa: DotISA, container: str) -> te.Tensor:
     cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
     i = te.reduce_axis((0, kh), name="kh")
@@ -237,8 +269,12 @@ def conv2d(
 
     groups = int(wpk.data.shape[1])
     xp = te.compute((n, groups, hp, ow if fold else wp_), pack_x, name="dot_pack_x")
+    taps = 1 if fold else kw
+    if pixel_lanes(o, ow, 1 if fold else sw, lanes):
+        y = _reduce_rows(xp, wpk.data, (n, o, oh, ow), sh, kh, taps, isa, container)
+        return te.compute((n, o, oh, ow), lambda *i: _correct(y[i], wpk.sums, i[1], acc), name="dot_unpack")
     out_shape = (n, ceil_div(o, lanes), oh, ow, lanes)
-    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, 1 if fold else kw, isa, container)
+    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, taps, isa, container)
     return te.compute(
         (n, o, oh, ow),
         lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wpk.sums, oc, acc),

@@ -2,8 +2,9 @@
 
 A task is one packed kernel (``te_dot``) of one (layer, kernel class); layers with the same shapes
 share it. The design space is ``schedule_dot(tune=True)``: the register tile (output-channel
-blocks x output columns) over static loops only. A build looks the tile up by the kernel's dot
-block (``dot_signature``), so the tile measured at the tuning batch applies to the symbolic-batch
+blocks x output columns; for a pixel-lane conv, channels x rows x row vectors) over static loops
+only. A build looks the tile up by the kernel's dot block (``dot_signature``), so the tile
+measured at the tuning batch applies to the symbolic-batch
 kernels of the variants and the training driver, and to deployed kernels (packed constant
 weight, ReLU / residual add fused in) whose dot block is the same.
 The untuned default schedule is measured first, so the database's best is never a schedule slower
@@ -85,7 +86,7 @@ class TuningDatabase:
         self.path.mkdir(parents=True, exist_ok=True)
         self.target = target
         self._db = ms.database.JSONDatabase(work_dir=str(self.path), module_equality="structural")
-        self._tile_table: dict[str, tuple[tuple[int, int] | None]] | None = None
+        self._tile_table: dict[str, tuple[tuple[int, ...] | None]] | None = None
 
     @property
     def digest(self) -> str:
@@ -96,15 +97,15 @@ class TuningDatabase:
     def __len__(self) -> int:
         return len(self._db)
 
-    def tiles_for(self, func: tirx.PrimFunc) -> tuple[tuple[int, int] | None] | None:
+    def tiles_for(self, func: tirx.PrimFunc) -> tuple[tuple[int, ...] | None] | None:
         """``(tile,)`` of the fastest record for ``func``'s dot block (tile None: the default
         schedule won), or None when the database has no record for it."""
         if self._tile_table is None:
             self._tile_table = self._best_tiles()
         return self._tile_table.get(dot_signature(func))
 
-    def _best_tiles(self) -> dict[str, tuple[tuple[int, int] | None]]:
-        best: dict[str, tuple[float, tuple[int, int] | None]] = {}
+    def _best_tiles(self) -> dict[str, tuple[tuple[int, ...] | None]]:
+        best: dict[str, tuple[float, tuple[int, ...] | None]] = {}
         for record in self._db.get_all_tuning_records():
             secs = _mean_secs(record.run_secs)
             key = dot_signature(record.workload.mod["main"])
@@ -132,14 +133,15 @@ class TuningDatabase:
         )
 
 
-def _tile_of(trace: tirx.Trace) -> tuple[int, int] | None:
-    """The (ob_block, w_block) a ``schedule_dot(tune=True)`` trace sampled; None for the default."""
-    values = [
+def _tile_of(trace: tirx.Trace) -> tuple[int, ...] | None:
+    """The register tile a ``schedule_dot(tune=True)`` trace sampled ((ob_block, w_block), or a
+    pixel-lane kernel's (o_block, h_block, v_block)); None for the default."""
+    values = tuple(
         int(inst.attrs[0][int(trace.decisions[inst])])
         for inst in trace.insts
         if inst.kind.name == "SampleCategorical"
-    ]
-    return (values[0], values[1]) if len(values) == 2 else None
+    )
+    return values or None
 
 
 def open_database(db: str | os.PathLike | None, target: tvm.target.Target) -> TuningDatabase | None:

@@ -74,6 +74,9 @@ def _scale(v: np.ndarray, wl: int) -> np.ndarray:
 
 CONVS = [  # (n, c, h, o, k, stride, pad); few channels fold kernel columns into the depth (folds_taps)
     (2, 3, 9, 10, 3, 1, 1),
+    (2, 5, 8, 11, 3, 1, 1),  # rows of 8 at stride 1: pixels on AVX2's lanes (te_dot.pixel_lanes)
+    (2, 9, 16, 7, 3, 1, 1),  # rows of 16: pixels on every ISA's lanes
+    (2, 1, 16, 6, 5, 1, 2),  # folded taps, pixels on the lanes
     (2, 1, 12, 6, 5, 2, 2),
     (3, 16, 16, 32, 3, 2, 1),
     (1, 6, 14, 16, 5, 1, 0),
@@ -166,20 +169,23 @@ INSTRUCTION = {  # (isa, container): the dot-product instruction its integer ker
 
 @pytest.mark.parametrize(("isa", "container"), list(INSTRUCTION))
 def test_every_isa_tensorizes_onto_its_instruction(isa, container):
-    """Compiled, not run (the host may lack the ISA): a forward conv over a symbolic batch (int64
-    loops) and a dw over a static one (int32 loops) each tensorize their reduction, or schedule
-    raises, and the machine code holds the ISA's instruction."""
+    """Compiled, not run (the host may lack the ISA): forward convs over a symbolic batch (int64
+    loops), one with channels and one with pixels on the lanes, and a dw over a static batch
+    (int32 loops) each tensorize their reduction, or schedule raises, and the machine code holds
+    the ISA's instruction."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[isa], "num-cores": 2})
     nv = tvm.tirx.Var("n", "int64")
     dtype = _dtype(container)
-    x, xs = te.placeholder((nv, 16, 8, 8), dtype, name="x"), te.placeholder((4, 16, 8, 8), dtype)
-    w, g = te.placeholder((32, 16, 3, 3), dtype, name="w"), te.placeholder((4, 32, 8, 8), dtype)
-    y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS[isa], container, "int32")
+    xs, g = te.placeholder((4, 16, 8, 8), dtype), te.placeholder((4, 32, 8, 8), dtype)
+    w = te.placeholder((32, 16, 3, 3), dtype, name="w")
+    funcs = {}
+    for form, size in (("channel lanes", 6), ("pixel lanes", 16)):
+        x = te.placeholder((nv, 16, size, size), dtype, name="x")
+        y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS[isa], container, "int32")
+        assert te_dot.pixel_lanes(32, size, 1, ISAS[isa].lanes) == (form == "pixel lanes")
+        funcs[form] = schedule_dot_func(te.create_prim_func([x, w, y]), target)
     dw = te_dot_grad.conv2d_weight_grad(xs, g, (3, 3), (1, 1), (1,) * 4, ISAS[isa], container)
-    funcs = {
-        "conv": schedule_dot_func(te.create_prim_func([x, w, y]), target),
-        "dw": scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw),
-    }
+    funcs["dw"] = scheduled(te.create_prim_func([xs, g, dw]), target, schedule_dot_dw)
     for name, func in funcs.items():
         asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
         assert INSTRUCTION[isa, container] in asm, f"{isa} {container} {name}"
@@ -192,8 +198,9 @@ def test_int32_max_wl_is_the_exact_bound(k):
 
 
 @pytest.mark.parametrize("isa", isa_params())
-def test_float32_conv_matches_float64(isa):
-    n, c, h, o, k = 2, 5, 9, 20, 3
+@pytest.mark.parametrize(("h", "stride"), [(9, 2), (16, 1)], ids=["channel-lanes", "pixel-lanes"])
+def test_float32_conv_matches_float64(isa, h, stride):
+    n, c, o, k = 2, 5, 20, 3
     rng = np.random.default_rng(7)
     x, w = (
         rng.standard_normal((n, c, h, h)).astype(np.float32),
@@ -206,11 +213,11 @@ def test_float32_conv_matches_float64(isa):
     )
 
     def make(xt, wt, isa_):
-        return te_dot.conv2d(xt, wt, (2, 2), (1,) * 4, isa_, "float32", "float32")
+        return te_dot.conv2d(xt, wt, (stride, stride), (1,) * 4, isa_, "float32", "float32")
 
     lib = _build(isa, make, xp, wp)
     ref = torch.nn.functional.conv2d(
-        torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=2, padding=1
+        torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=stride, padding=1
     )
     out = tvm.runtime.tensor(np.zeros(ref.shape, np.float32))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
