@@ -171,10 +171,12 @@ def pack_word(element: Callable[[int], tirx.PrimExpr], isa: DotISA, container: s
 def pixel_lanes(out_channels: int, out_width: int, stride: int, lanes: int) -> bool:
     """Whether a conv puts output pixels on the vector lanes (one broadcast weight word per output
     channel against a row of packed input words) rather than output channels: where the packed
-    input is read at unit stride and rows fill whole vectors. Its sums are then NCHW rows already,
-    where the channel-lane tile had to be transposed to store them (17% of ResNet-20's deployed
-    16-channel layer)."""
-    return stride == 1 and out_width % lanes == 0
+    input is read at unit stride and rows padded to whole vectors waste no more lanes than channels
+    padded to them would (LeNet-5's 6-channel conv1: rows of 28 in 32 lanes rather than 6 channels
+    in 8). Its sums are then NCHW rows already, where the channel-lane tile had to be transposed to
+    store them (17% of ResNet-20's deployed 16-channel layer)."""
+    padded_rows = ceil_div(out_width, lanes) * lanes * out_channels
+    return stride == 1 and padded_rows <= ceil_div(out_channels, lanes) * lanes * out_width
 
 
 def _reduce_rows(xp, wp, out_shape, stride_h, kh, kw, isa: DotISA, container: str) -> te.Tensor:
@@ -268,10 +270,14 @@ def conv2d(
         return pack_word(lambda p: element(b, cb, i, j, p), isa, container)
 
     groups = int(wpk.data.shape[1])
-    xp = te.compute((n, groups, hp, ow if fold else wp_), pack_x, name="dot_pack_x")
     taps = 1 if fold else kw
-    if pixel_lanes(o, ow, 1 if fold else sw, lanes):
-        y = _reduce_rows(xp, wpk.data, (n, o, oh, ow), sh, kh, taps, isa, container)
+    rows = pixel_lanes(o, ow, 1 if fold else sw, lanes)
+    # rows padded to whole vectors read past each packed row into the next (sums of padding
+    # columns, never unpacked), past the last one into a spare row
+    spare = int(rows and ow % lanes != 0)
+    xp = te.compute((n, groups, hp + spare, ow if fold else wp_), pack_x, name="dot_pack_x")
+    if rows:
+        y = _reduce_rows(xp, wpk.data, (n, o, oh, ceil_div(ow, lanes) * lanes), sh, kh, taps, isa, container)
         return te.compute((n, o, oh, ow), lambda *i: _correct(y[i], wpk.sums, i[1], acc), name="dot_unpack")
     out_shape = (n, ceil_div(o, lanes), oh, ow, lanes)
     y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, taps, isa, container)

@@ -125,13 +125,19 @@ def _tile_rows(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, tiles
     lanes = isa.lanes
     extents = [int(sch.get(o).extent), int(sch.get(h).extent), int(sch.get(w).extent) // lanes]
     budget = max_accumulators(lanes, accumulator_bytes(sch, block))
+    # rows padded to whole vectors: a tile holds whole rows, so that its unpacking covers whole
+    # output rows (a part of one would be a loop of a tile-dependent extent, not a vector)
+    padded = int(sch.get(sch.get_sblock("dot_unpack")).iter_vars[-1].dom.extent) != extents[2] * lanes
     limits = (MAX_OB_BLOCK, budget, budget)
+    choices = [_divisors(e, limit) for e, limit in zip(extents, limits, strict=True)]
+    if padded:
+        choices[2] = [extents[2]]
     if tune:
-        factors = [_sampled(sch, _divisors(e, limit)) for e, limit in zip(extents, limits, strict=True)]
+        factors = [_sampled(sch, c) for c in choices]
     else:
-        factors = list(tiles or default_row_tiles(*extents, budget))
-        if len(factors) != 3 or any(e % f for e, f in zip(extents, factors, strict=True)):
-            raise ValueError(f"row tile {factors} does not divide the loops {extents}")
+        factors = list(tiles or default_row_tiles(*choices, budget))
+        if len(factors) != 3 or any(f not in c for f, c in zip(factors, choices, strict=True)):
+            raise ValueError(f"row tile {factors} is not one of {choices}")
     # unit loops out of the bindings, or a row of one vector (v_w = vo * 8 + vi * 8 + lane) cannot be
     # blockized for tensorize
     oo, oi = sch.split(o, [None, factors[0]], preserve_unit_iters=False)
@@ -155,16 +161,11 @@ def _tile_rows(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, tiles
     return cache, vo
 
 
-def default_row_tiles(o: int, h: int, v: int, budget: int) -> tuple[int, int, int]:
-    """(o_block, h_block, v_block): the most accumulators that fit, then the fewest operand loads
-    per step (o_block broadcasts + h_block * v_block vectors), then whole rows."""
-    triples = [
-        (a, b, c)
-        for a in _divisors(o, MAX_OB_BLOCK)
-        for b in _divisors(h, budget)
-        for c in _divisors(v, budget)
-        if a * b * c <= budget
-    ]
+def default_row_tiles(o: list[int], h: list[int], v: list[int], budget: int) -> tuple[int, int, int]:
+    """(o_block, h_block, v_block) from their choices: the most accumulators that fit, then the
+    fewest operand loads per step (o_block broadcasts + h_block * v_block vectors), then whole
+    rows."""
+    triples = [(a, b, c) for a in o for b in h for c in v if a * b * c <= budget] or [(1, 1, min(v))]
     return max(triples, key=lambda t: (t[0] * t[1] * t[2], -(t[0] + t[1] * t[2]), t[2]))
 
 

@@ -77,10 +77,11 @@ CONVS = [  # (n, c, h, o, k, stride, pad); few channels fold kernel columns into
     (2, 5, 8, 11, 3, 1, 1),  # rows of 8 at stride 1: pixels on AVX2's lanes (te_dot.pixel_lanes)
     (2, 9, 16, 7, 3, 1, 1),  # rows of 16: pixels on every ISA's lanes
     (2, 1, 16, 6, 5, 1, 2),  # folded taps, pixels on the lanes
+    (2, 1, 32, 6, 5, 1, 0),  # LeNet-5's conv1: rows of 28 padded to whole vectors, x at a page end
+    (2, 5, 7, 20, 1, 1, 0),  # rows of 7 padded, unfolded
     (2, 1, 12, 6, 5, 2, 2),
     (3, 16, 16, 32, 3, 2, 1),
     (1, 6, 14, 16, 5, 1, 0),
-    (2, 5, 7, 20, 1, 1, 0),
 ]
 
 
