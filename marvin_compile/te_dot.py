@@ -16,9 +16,10 @@ One PrimFunc per layer call, four stages:
   weight, folded at build time);
 - ``marvin_dot``: the reduction (int32; float32 for the float32 class), tensorized by
   ``passes/schedule_dot``. Its lanes hold output channels (``[N, O/L, OH, OW, L]``, one broadcast
-  input word against a row of L weights), or, for a conv read at unit stride whose rows fill whole
-  vectors (``pixel_lanes``: ResNet-20's stride-1 layers), output pixels (``[N, O, OH, OW]``, L
-  input words of a row against one broadcast weight word): the same packed operands either way;
+  input word against a row of L weights), or, for a conv read at unit stride whose rows pad to
+  whole vectors with few lanes wasted (``pixel_lanes``: ResNet-20's stride-1 layers, LeNet-5's
+  conv1), output pixels (``[N, O, OH, OW]`` with OW padded, L input words of a row against one
+  broadcast weight word): the same packed operands either way;
 - ``dot_unpack``: back to NCHW (or rows x features) in the class's accumulator dtype, minus the
   ``128 * sum(w)`` offset correction for vpdpbusd: a transpose of the tile for channel lanes, an
   element-wise pass for pixel lanes.
