@@ -380,9 +380,12 @@ def bench_model(
             result.ours_vs_qdq, float(np.abs(outputs[OURS] - outputs["ORT our QDQ"]).max()) / last_step
         )
         rounds: list[dict[str, Timing]] = []
-        for _ in range(n_rounds):  # every engine once per round: drifts in machine speed hit all
+        for r in range(n_rounds):  # every engine once per round: drifts in machine speed hit all
             rounds.append({})
-            for name in ENGINES:
+            # the order turns by one each round: a round's first engine measured slower (model.so
+            # timed first: LeNet-5 b1 0.101 ms against 0.055 in second place), so no engine is
+            # always first
+            for name in ENGINES[r % len(ENGINES) :] + ENGINES[: r % len(ENGINES)]:
                 if name not in (OURS, OURS_GENERIC):
                     result.pinned |= restore_affinity()
                 rounds[-1][name] = median_time(calls[name], repeat, CASE_BUDGET_S / n_rounds)
@@ -587,7 +590,8 @@ def section(
             "torch fp32 = "
             "the original (unfolded) model in eager mode, `no_grad`.",
             "- Inputs: digits test images (32x32, repeated to fill batch 64). Timed in "
-            f"{n_rounds} rounds, each engine once per round (median of timed calls after 2-3 warm-up "
+            f"{n_rounds} rounds, each engine once per round, the order turned by one engine each round "
+            "(median of timed calls after 2-3 warm-up "
             f"calls, repeats chosen so a case times ~{CASE_BUDGET_S:.0f} s over all rounds, at least 3 "
             "a round); the table gives the median of the round medians. Ratios are median "
             "times (lower = faster). rel. err = ||y - y_torch|| / ||y_torch|| on the timed batch; for ours "
