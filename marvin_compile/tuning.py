@@ -4,9 +4,9 @@ A task is one packed kernel (``te_dot``) of one (layer, kernel class); layers wi
 share it. The design space is ``schedule_dot(tune=True)``: the register tile (output-channel
 blocks x output columns; for a pixel-lane conv, channels x rows x row vectors) over static loops
 only. A build looks the tile up by the kernel's dot block (``dot_signature``), so the tile
-measured at the tuning batch applies to the symbolic-batch
-kernels of the variants and the training driver, and to deployed kernels (packed constant
-weight, ReLU / residual add fused in) whose dot block is the same.
+measured at the tuning batch applies to the symbolic-batch kernels of the variants and the
+training driver, and to deployed kernels (packed constant weight, ReLU / residual add fused in)
+whose dot block is the same.
 The untuned default schedule is measured first, so the database's best is never a schedule slower
 than the default on this device.
 

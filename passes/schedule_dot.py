@@ -38,13 +38,14 @@ def has_dot_block(func: tirx.PrimFunc) -> bool:
     return find_block(Schedule(func), DOT_BLOCK) is not None
 
 
-def intrinsic_for(sch: Schedule, block, isa: DotISA) -> str:
+def intrinsic_for(sch: Schedule, block, isa: DotISA, rows: bool = False) -> str:
     """By the packed weight's dtype (the activation is an int32 word for every integer class; int8
-    weights are the four-deep byte products'), the loops' index dtype and the lanes' form."""
+    weights are the four-deep byte products') and the loops' index dtype; ``rows``: the pixel-lane
+    form."""
     stmt = sch.get(block)
     weight = str(stmt.reads[1].source.dtype)
     container = "uint8" if weight == "int8" else weight
-    return isa.intrinsic(container, str(stmt.iter_vars[-1].var.ty.dtype), rows=pixel_lanes_block(sch, block))
+    return isa.intrinsic(container, str(stmt.iter_vars[-1].var.ty.dtype), rows=rows)
 
 
 def pixel_lanes_block(sch: Schedule, block) -> bool:
@@ -98,8 +99,9 @@ def schedule_dot(
     (o_block, h_block, v_block) for pixel lanes), else the default; ``tune`` samples it instead
     (the meta_schedule design space)."""
     block = sch.get_sblock(DOT_BLOCK)
-    intrin = intrinsic_for(sch, block, isa)
-    if pixel_lanes_block(sch, block):
+    rows = pixel_lanes_block(sch, block)
+    intrin = intrinsic_for(sch, block, isa, rows)
+    if rows:
         cache, tile_loop = _tile_rows(sch, block, intrin, isa, tune, tiles)
     else:
         cache, tile_loop = _tile_channels(sch, block, intrin, isa, tune, tiles)
