@@ -165,10 +165,11 @@ def _tile_rows(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, tiles
 
 def default_row_tiles(o: list[int], h: list[int], v: list[int], budget: int) -> tuple[int, int, int]:
     """(o_block, h_block, v_block) from their choices: the most accumulators that fit, then the
-    fewest operand loads per step (o_block broadcasts + h_block * v_block vectors), then whole
-    rows."""
+    fewest operand loads per step (o_block broadcasts + h_block * v_block vectors), then the most
+    channels (each row vector loaded serves them all; at ResNet-20's shapes 4 x 1 x 2 / 4 x 2 x 1
+    ran int16 3-5% and int8 0-5% faster than 2 x 1 x 4 / 2 x 2 x 2 / 2 x 4 x 1), then whole rows."""
     triples = [(a, b, c) for a in o for b in h for c in v if a * b * c <= budget] or [(1, 1, min(v))]
-    return max(triples, key=lambda t: (t[0] * t[1] * t[2], -(t[0] + t[1] * t[2]), t[2]))
+    return max(triples, key=lambda t: (t[0] * t[1] * t[2], -(t[0] + t[1] * t[2]), t[0], t[2]))
 
 
 def _tile_channels(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, tiles: tuple[int, ...] | None):
