@@ -82,6 +82,8 @@ CONVS = [  # (n, c, h, o, k, stride, pad); few channels fold kernel columns into
     (2, 1, 12, 6, 5, 2, 2),
     (3, 16, 16, 32, 3, 2, 1),
     (1, 6, 14, 16, 5, 1, 0),
+    (2, 16, 16, 32, 1, 2, 0),  # a strided 1x1 (ResNet's shortcut): only every other row and column packed
+    (2, 5, 9, 7, 1, 2, 1),  # the same, padded, odd: packed rows and columns outside x are padding
 ]
 
 

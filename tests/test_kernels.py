@@ -145,6 +145,20 @@ def test_int8_conv_of_few_channels_on_kernel_windows(channels, kernel, stride, t
     np.testing.assert_array_equal(model(x), reference(net, x, {"0": (8, 4)}).astype(np.float32))
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("wl", [8, 12])
+def test_strided_1x1_conv_exact(padding, wl, tmp_path, store):
+    """ResNet's shortcut: a 1x1 conv at stride 2 packs only the rows and columns it reads, with
+    its input quantizer inlined into that packing (``te_dot.conv2d``, ``schedule_pack_x``)."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, padding=padding)).eval()
+    model = compiled(net, torch.zeros(1, 16, 9, 9), tmp_path, store)
+    fl = wl // 2
+    model.set_precision(Precision(wl, fl))
+    x = (np.random.default_rng(wl).standard_normal((3, 16, 9, 9)) * 2.0 ** (wl - fl - 2)).astype(np.float32)
+    np.testing.assert_array_equal(model(x), reference(net, x, {"0": (wl, fl)}).astype(np.float32))
+
+
 @pytest.mark.parametrize("layer", ["conv16", "conv64", "linear"])
 def test_int16_levels_requantized_in_the_tile_kernel_match_the_packed_kernel(
     layer, tmp_path, store, monkeypatch
