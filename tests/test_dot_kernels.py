@@ -81,6 +81,8 @@ CONVS = [  # (n, c, h, o, k, stride, pad); few channels fold kernel columns into
     (2, 5, 7, 20, 1, 1, 0),  # rows of 7 padded, unfolded
     (2, 1, 12, 6, 5, 2, 2),
     (3, 16, 16, 32, 3, 2, 1),
+    (2, 3, 21, 9, 3, 2, 0),  # strided, odd: folded taps where the depth holds 2 or 4
+    (2, 4, 19, 6, 5, 3, 2),  # stride 3, 5 taps
     (1, 6, 14, 16, 5, 1, 0),
     (2, 16, 16, 32, 1, 2, 0),  # a strided 1x1 (ResNet's shortcut): only every other row and column packed
     (2, 5, 9, 7, 1, 2, 1),  # the same, padded, odd: packed rows and columns outside x are padding
