@@ -320,11 +320,11 @@ def gradient_calls(case: Case, store: VariantStore) -> list[Timed]:
     for name, class_name, precision in gradient_precisions(case.shape, store.target):
         relu_fed = name.endswith(RELU_FED)
         layer = case.layer.with_attr(NONNEG_ATTR, True) if relu_fed else case.layer
-        vm = store.get_gradients(layer, CLASS_BY_NAME[class_name]).fn
+        vm = store.get_gradients(layer, CLASS_BY_NAME[class_name], "stochastic").fn
         qp, _ = precision_args(precision, dev)
-        calls = {
+        calls = {  # dw quantizes x as a stochastic forward did: a seed for g, one for x
             "dx": functools.partial(vm["dx"], g, w, qp, qp, seed),
-            "dw": functools.partial(vm["dw"], x_relu if relu_fed else x, g, qp, qp, seed),
+            "dw": functools.partial(vm["dw"], x_relu if relu_fed else x, g, qp, qp, seed, seed),
         }
         if relu_fed:
             del calls["dx"]
@@ -575,7 +575,8 @@ def section(rows: list[Row], grad_rows: list[Row], info: RunInfo) -> str:
             markdown_table(rows),
             "",
             "Backward products of the lowbit training step: our integer dx / dw kernels (the incoming "
-            "gradient quantized stochastically; on the kernels named above, dw summed in int32 over "
+            "gradient quantized stochastically, and in dw the layer's input as the forward did; on "
+            "the kernels named above, dw summed in int32 over "
             "chunks of the batch (int16: of a few output rows) and in int64 over the chunks; int16 wlN "
             "as above, for the dx and dw worst-case bounds together; wl16 = above them, where dx checks "
             "the call's weights (torch's init: its int32 kernel) and dw, both of whose operands are "

@@ -113,7 +113,7 @@ def quantize_(
             cls = CLASS_BY_NAME[name]
             store.get(layer.func, cls, config.rounding)
             if config.backward == "lowbit" and cls.is_integer:
-                store.get_gradients(layer.func, cls)
+                store.get_gradients(layer.func, cls, config.rounding)
         store.get_input_quantizer(layer.func, config.rounding)
         cl.set_precision(config.initial)
         bridge(module, cl, generator)

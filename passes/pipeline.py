@@ -45,7 +45,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 48  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 49  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
@@ -100,12 +100,19 @@ def input_quantizer_module(func: relax.Function, rounding: str) -> tvm.IRModule:
 
 
 def gradient_module(
-    func: relax.Function, kernel_class: KernelClass, target: tvm.target.Target | None = None
+    func: relax.Function,
+    kernel_class: KernelClass,
+    target: tvm.target.Target | None = None,
+    rounding: str = "nearest",
 ) -> tvm.IRModule:
     """Phase lower for the low-bit backward: the layer's integer ``dx`` and ``dw`` products (packed
-    kernels where ``target`` has integer dot-product instructions)."""
+    kernels where ``target`` has integer dot-product instructions); ``dw`` quantizes the layer's
+    input as the forward at ``rounding`` did (taking its seed last where stochastic)."""
     seq = tvm.transform.Sequential(
-        [AddGradientKernels(kernel_class, _isa(target)), relax.transform.DeadCodeElimination(["dx", "dw"])],
+        [
+            AddGradientKernels(kernel_class, _isa(target), rounding),
+            relax.transform.DeadCodeElimination(["dx", "dw"]),
+        ],
         name="gradient_lower",
     )
     return seq(layer_module(func))

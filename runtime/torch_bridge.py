@@ -59,7 +59,7 @@ class CompiledLayer:
         if self.variant is None or self.variant.kernel_class != cls.name:
             self.variant = self.store.get(self.layer.func, cls, self.rounding)
             lowbit = self.backward == "lowbit" and cls.is_integer
-            self.gradients = self.store.get_gradients(self.layer.func, cls) if lowbit else None
+            self.gradients = self.store.get_gradients(self.layer.func, cls, self.rounding) if lowbit else None
         self.precision = p
         self._args = precision_args(p, self.store.device)
 
@@ -72,28 +72,38 @@ class CompiledLayer:
         return torch.from_dlpack(self.input_quantizer.fn(to_tvm(x), *self._precision_args(seed)))
 
     def _precision_args(self, seed: int) -> list:
-        extra = list(self._args)
-        if self.rounding == "stochastic":
-            extra.append(tvm.runtime.tensor(np.array(seed, dtype=np.uint32), self.store.device))
-        return extra
+        return [*self._args, *self._seed_args(seed)]
+
+    def _seed_args(self, seed: int) -> list:
+        """A stochastic variant's last argument: the seed of its draws (none for nearest)."""
+        if self.rounding != "stochastic":
+            return []
+        return [tvm.runtime.tensor(np.array(seed, dtype=np.uint32), self.store.device)]
 
     def run_gradients(
-        self, g: torch.Tensor, xq: torch.Tensor, w: torch.Tensor, seed: int, input_grad: bool = True
+        self,
+        g: torch.Tensor,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        seeds: tuple[int, int],
+        input_grad: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(dx, dw) in integer kernels; g is scaled so its largest magnitude fills the word length.
-        ``input_grad=False`` (the input needs no gradient, e.g. the first layer) skips dx: None."""
+        ``x`` is the forward's input, quantized by dw as ``run(x, ..., seeds[0])`` did; ``seeds[1]``
+        draws g's stochastic rounding. ``input_grad=False`` (the input needs no gradient, e.g. the
+        first layer) skips dx: None."""
         p = self.precision
         lo, hi = torch.aminmax(g)  # one pass, no |g| temporary (abs().max() cost ~0.6 ms a call here)
         amax = max(-float(lo), float(hi))
         if amax == 0.0:
-            return (torch.zeros_like(xq) if input_grad else None), torch.zeros_like(w)
+            return (torch.zeros_like(x) if input_grad else None), torch.zeros_like(w)
         scale = min(max(math.floor(math.log2(p.int_max / amax)), -126), 126)
         dev = self.store.device
         qp_g = tvm.runtime.tensor(np.array([2.0**scale, 2.0**-scale, p.int_min, p.int_max], np.float32), dev)
-        qp, seed_t = self._args[0], tvm.runtime.tensor(np.array(seed, dtype=np.uint32), dev)
+        qp, seed_g = self._args[0], tvm.runtime.tensor(np.array(seeds[1], dtype=np.uint32), dev)
         vm, gt = self.gradients.fn, to_tvm(g)
-        gx = torch.from_dlpack(vm["dx"](gt, to_tvm(w), qp_g, qp, seed_t)) if input_grad else None
-        gw = vm["dw"](to_tvm(xq), gt, qp, qp_g, seed_t)
+        gx = torch.from_dlpack(vm["dx"](gt, to_tvm(w), qp_g, qp, seed_g)) if input_grad else None
+        gw = vm["dw"](to_tvm(x), gt, qp, qp_g, seed_g, *self._seed_args(seeds[0]))
         return gx, torch.from_dlpack(gw)
 
 
@@ -104,8 +114,8 @@ class _QuantizedLayerFn(torch.autograd.Function):
         p = layer.precision
         gen = module.marvin_generator
         # Q(w) is an operand of the straight-through gradients: quantize the (small) parameters here
-        # (a no-op in the kernel, where quantizing on-grid values is exact). Q(x) is recomputed in the
-        # backward, bit for bit, from x and the same seed.
+        # (a no-op in the kernel, where quantizing on-grid values is exact). The backward quantizes x
+        # again, bit for bit, from x and the same seed (in dw's kernel on the low-bit path).
         wq = quantize(weight.detach(), p.wl, p.fl, layer.rounding, gen)
         bq = None if bias is None else quantize(bias.detach(), p.wl, p.fl, layer.rounding, gen)
         x = x.detach().contiguous()
@@ -125,12 +135,13 @@ class _QuantizedLayerFn(torch.autograd.Function):
         layer: CompiledLayer = module.marvin
         if layer.precision != ctx.precision:
             raise RuntimeError(f"layer {layer.layer.name}: precision changed between forward and backward")
-        xq = layer.quantize_input(x, ctx.seeds[0])
         need_x = ctx.needs_input_grad[0]  # False for a first layer: skip its input gradient
         if layer.gradients is not None:
-            gx, gw = layer.run_gradients(grad, xq, weight, ctx.seeds[1], need_x)
+            gx, gw = layer.run_gradients(grad, x, weight, ctx.seeds, need_x)
             gb = grad.sum(dim=[0, *range(2, grad.dim())]) if ctx.has_bias else None
-        elif isinstance(module, nn.Linear):
+            return gx, gw, gb, None, None, None
+        xq = layer.quantize_input(x, ctx.seeds[0])
+        if isinstance(module, nn.Linear):
             gx = grad @ weight if need_x else None
             gw = grad.reshape(-1, grad.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
             gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None

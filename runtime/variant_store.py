@@ -121,14 +121,15 @@ class VariantStore:
         key = self._key(signature(func), "unquantized", "none")
         return self._cached(key, "unquantized", "none", lambda: pipeline.layer_module(func))
 
-    def get_gradients(self, func: relax.Function, kernel_class: KernelClass) -> Variant:
-        """The low-bit backward products of a layer; ``fn`` is the VM, with entries ``dx`` and ``dw``."""
-        key = self._key(signature(func), kernel_class.name, "gradients")
+    def get_gradients(self, func: relax.Function, kernel_class: KernelClass, rounding: str) -> Variant:
+        """The low-bit backward products of a layer whose forward rounds its input at ``rounding``;
+        ``fn`` is the VM, with entries ``dx`` and ``dw``."""
+        key = self._key(signature(func), kernel_class.name, f"gradients-{rounding}")
         return self._cached(
             key,
             kernel_class.name,
-            "stochastic",
-            lambda: pipeline.gradient_module(func, kernel_class, self.target),
+            rounding,
+            lambda: pipeline.gradient_module(func, kernel_class, self.target, rounding),
             entry=None,
         )
 

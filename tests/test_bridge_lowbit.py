@@ -101,3 +101,32 @@ def test_backward_input_quantizer_matches_the_kernel_bit_for_bit(wl, fl, cache_d
         y = layer.run(x, net[0].weight.detach(), None, seed)
         torch.testing.assert_close(layer.quantize_input(x, seed), y, rtol=0, atol=0)
     assert not torch.equal(layer.quantize_input(x, 1), layer.quantize_input(x, 2))
+
+
+@pytest.mark.parametrize("kind", ["conv2d_dense", "linear"])
+def test_stochastic_dw_quantizes_the_input_as_the_forward_did(kind, cache_dir):
+    """Under stochastic rounding dw takes the layer's raw input and draws Q(x) from the forward's
+    seed: it equals the float64 weight gradient of the forward's Q(x) (``quantize_input``, which
+    matches the kernel's bit for bit) and an on-grid g, for each seed."""
+    torch.manual_seed(2)
+    layer, shape = _net(kind)
+    wl, fl = 8, 4
+    initial = Precision(wl, fl)
+    cfg = MarvinConfig(
+        rounding="stochastic", backward="lowbit", initial=initial, cache_dir=cache_dir, precompile=()
+    )
+    compiled = next(iter(quantize_(layer, torch.zeros(shape), cfg).layers.values()))
+    x = torch.randn(shape)
+    w = quantize(layer.weight.detach(), wl, fl)
+    g = torch.randint(-5, 6, layer(x).shape).float()
+    draws = []
+    for seed in (1, 2):
+        _, dw = compiled.run_gradients(g, x, w, (seed, 9), input_grad=False)
+        xq, g64 = compiled.quantize_input(x, seed).double(), g.double()
+        if kind == "linear":
+            want = g64.t() @ xq
+        else:
+            want = torch.nn.grad.conv2d_weight(xq, w.shape, g64, stride=2, padding=1)
+        torch.testing.assert_close(dw.double(), want, rtol=0, atol=0)
+        draws.append(dw)
+    assert not torch.equal(*draws)  # x really drawn from each seed
