@@ -2,7 +2,8 @@
 
 The incoming gradient is quantized stochastically into the class's integer container with a
 dynamic scale ``qp_g`` chosen per call by the runtime (gradients span many octaves, so a fixed fl
-would flush them to zero); the weight and the saved input are already on the layer's grid. The
+would flush them to zero); the weight is already on the layer's grid, and dw quantizes the saved
+raw input exactly as the forward did (same seed and hash site under stochastic rounding). The
 products accumulate in integers and are rescaled once, so they are exact given the quantized
 operands.
 

@@ -69,8 +69,9 @@ class InsertFixedPointQuantize:
 def input_quantizer(func: relax.Function, rounding: str) -> tvm.IRModule:
     """``Q(x)`` of a layer's input exactly as its variants compute it (same hash site and seed).
 
-    The straight-through backward needs the quantized input; recomputing it here, bit for bit,
-    saves quantizing every activation a second time in the forward pass.
+    The float straight-through backward needs the quantized input; recomputing it here, bit for
+    bit, saves quantizing every activation a second time in the forward pass (the low-bit backward's
+    dw quantizes it inside its kernel instead).
     """
     x = param("x", func.params[0].ty.shape, func.params[0].ty.dtype)
     extra = precision_params(rounding)

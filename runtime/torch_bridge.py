@@ -43,7 +43,7 @@ class CompiledLayer:
     precision: Precision | None = None
     variant: Variant | None = None
     gradients: Variant | None = None  # integer dx/dw kernels (lowbit backward, integer classes)
-    input_quantizer: Variant | None = None  # Q(x) as the variants compute it, for the backward
+    input_quantizer: Variant | None = None  # Q(x) as the variants compute it, for the float backward
     swaps: int = 0
     _args: tuple = field(default=(), repr=False)
 
