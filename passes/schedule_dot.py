@@ -55,8 +55,9 @@ def pixel_lanes_block(sch: Schedule, block) -> bool:
 
 
 def one_tap(sch: Schedule, block) -> bool:
-    """Whether a ``te_dot`` conv reduction has a 1x1 window (its last reduction axes are the
-    kernel's rows, columns and the word's depth): its packing reads each input element once."""
+    """Whether a ``te_dot`` reduction has a 1x1 window (its last reduction axes are the kernel's
+    rows, columns and the word's depth): a conv's packing then reads each input element once (a
+    matmul's always does; ``schedule_pack_x`` keeps its quantizer a stage of its own regardless)."""
     rows, cols = sch.get(block).iter_vars[-3:-1]
     return int(rows.dom.extent) == 1 and int(cols.dom.extent) == 1
 
