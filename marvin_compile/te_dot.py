@@ -268,8 +268,11 @@ def conv2d(
         # Channel and row are clamped into x, the column is not, so that a row stays one vector
         # load: only at the two ends of x do the loads leave it, by at most ``left`` / ``right``
         # elements, bytes glibc's allocator keeps mapped around every block (the column clamp
-        # made the loads gathers: LeNet-5 at batch 64 took 0.63 -> 0.78 ms)
-        value = x[b, tirx.min(cc, c - 1), tirx.max(tirx.min(hi, h - 1), 0), wi]
+        # made the loads gathers: LeNet-5 at batch 64 took 0.63 -> 0.78 ms). A 1x1 conv's column
+        # is clamped too: its packing reads the caller's input itself (the quantizer inlined,
+        # ``schedule_pack_x``), and unpadded (ResNet's shortcuts) the clamp simplifies away
+        col = tirx.max(tirx.min(wi, wd - 1), 0) if kh == kw == 1 else wi
+        value = x[b, tirx.min(cc, c - 1), tirx.max(tirx.min(hi, h - 1), 0), col]
         return masked(operand(value, isa, container), inside, pad)
 
     def pack_x(b, cb, i, j):
