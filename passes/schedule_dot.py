@@ -154,7 +154,11 @@ def _tile_rows(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, tiles
     oo, oi = sch.split(o, [None, factors[0]], preserve_unit_iters=False)
     ho, hi = sch.split(h, [None, factors[1]], preserve_unit_iters=False)
     vo, vi, lane = sch.split(w, [None, factors[2], lanes], preserve_unit_iters=False)
-    sch.reorder(n, oo, ho, vo, cb, kh, kw, oi, hi, vi, lane, p)
+    # kernel taps outside the channel groups: LLVM unrolled the taps of a group and summed products
+    # of different taps before accumulating them, spilling accumulators; over channel groups it
+    # keeps one chain per accumulator (ResNet-20 int16 at 32 / 64 channels 10% / 8% faster, LeNet-5's
+    # conv1 8%, the rest unchanged)
+    sch.reorder(n, oo, ho, vo, kh, kw, cb, oi, hi, vi, lane, p)
     cache = sch.cache_write(block, 0, "global")  # a stack buffer LLVM keeps in registers (below)
     sch.reverse_compute_at(cache, vo, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(cache)[-1])
@@ -164,7 +168,7 @@ def _tile_rows(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, tiles
     # tasks: 5.1 ms instead of 3.1)
     instruction = sch.blockize(lane)
     parallel(sch, sch.fuse(n, oo, ho), instruction)
-    init = sch.decompose_reduction(instruction, cb)
+    init = sch.decompose_reduction(instruction, kh)
     sch.vectorize(sch.get_loops(sch.get_child_blocks(init)[0])[-1])  # a row vector of zeros
     sch.tensorize(instruction, intrin)
     for loop in (oi, hi, vi):
