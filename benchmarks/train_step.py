@@ -8,9 +8,11 @@ backward, as the driver runs it); the same model's float32 eager step (torch.opt
 ``torch.compile`` step (reported unavailable when it fails or its warm-up passes 120 s).
 
 A MARViN step's time is split into compiled kernels (inside ``CompiledLayer.run`` /
-``run_gradients``), torch-side ``quantize`` calls, ``opt.step`` (optimizer + controller, less the
-quantize calls it makes) and the rest (torch glue: batch norm, activations, autograd, float
-backward of the bridged layers). The regions are timed by wrappers this script monkeypatches in;
+``run_gradients``), batch norm's compiled statistics and backward (``BatchNormKernels``), torch-side
+``quantize`` calls, ``opt.step`` (optimizer + controller, less the quantize calls it makes) and the
+rest (torch glue: batch norm's normalization, activations, autograd, float backward of the bridged
+layers). A float32 eager step whose batch norms run as MARViN's do shows how much of the gap is
+batch norm's. The regions are timed by wrappers this script monkeypatches in;
 nested time is charged to the innermost region only.
 
 Usage::
@@ -46,10 +48,13 @@ import marvin_compile.runtime.torch_bridge as bridge_mod
 from marvin_compile.api import MarvinConfig, MarvinHandle, quantize_
 from marvin_compile.fixed_point import Precision
 from marvin_compile.models import lenet5, resnet20
+from marvin_compile.runtime.batch_norm import BatchNormKernels, route_batch_norms
 from marvin_compile.runtime.controller import PrecisionController
 from marvin_compile.runtime.driver import DIGITS_CONTROLLER
 from marvin_compile.runtime.optimizer import MSGD, quantizable_layers
 from marvin_compile.runtime.torch_bridge import CompiledLayer
+from marvin_compile.runtime.variant_store import VariantStore
+from marvin_compile.target import resolve_target
 
 from common import REPO, busy_cpu_s, command_line, machine, markers, restore_affinity, write_section
 
@@ -68,7 +73,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]
     "lenet5": (lenet5, (1, 32, 32), 10, WARMUP),
     "resnet20": (resnet20, (3, 32, 32), 5, 1),
 }
-REGIONS = ("kernels", "quantize", "optimizer")
+REGIONS = ("kernels", "batch_norm", "quantize", "optimizer")
 
 
 # ---------------------------------------------------------------- region timing
@@ -104,9 +109,12 @@ REGION_TIMER = Regions()
 
 
 def instrument() -> None:
-    """Wrap the compiled-kernel calls, every imported ``quantize`` and ``MSGD.step`` (benchmark only)."""
+    """Wrap the compiled-kernel calls (layers, batch norm), every imported ``quantize`` and
+    ``MSGD.step`` (benchmark only)."""
     CompiledLayer.run = REGION_TIMER.wrap("kernels", CompiledLayer.run)
     CompiledLayer.run_gradients = REGION_TIMER.wrap("kernels", CompiledLayer.run_gradients)
+    BatchNormKernels.stats = REGION_TIMER.wrap("batch_norm", BatchNormKernels.stats)
+    BatchNormKernels.backward = REGION_TIMER.wrap("batch_norm", BatchNormKernels.backward)
     for mod in (bridge_mod, optimizer_mod, controller_mod):
         mod.quantize = REGION_TIMER.wrap("quantize", mod.quantize)
     MSGD.step = REGION_TIMER.wrap("optimizer", MSGD.step)
@@ -249,8 +257,14 @@ def marvin_optimizer(model: nn.Module, handle: MarvinHandle, **precision_source:
 def marvin_results(
     base: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
 ) -> list[Result]:
-    """MARViN steps: fixed precision per class and backward, then the live controller."""
-    results: list[Result] = []
+    """float32 eager with batch norm as MARViN runs it, MARViN steps at a fixed precision per class
+    and backward, then the live controller."""
+    model = copy.deepcopy(base).train()
+    route_batch_norms(model, BatchNormKernels(VariantStore(resolve_target("cpu"))))
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    ms, parts = time_steps(lambda: torch_step(model, opt, x, y), steps, True, warmup)
+    results = [Result("float32 eager, MARViN's batch norm", ms, "torch.optim.SGD", parts)]
+    print(f"  {results[-1].name}: {ms:.1f} ms", flush=True)
     for backward in ("float", "lowbit"):
         model = copy.deepcopy(base).train()
         t0 = time.perf_counter()
@@ -312,9 +326,9 @@ def bench_model(name: str, steps: int, warmup: int, try_compile: bool) -> list[R
 
 def table(per_model: dict[str, list[Result]]) -> str:
     lines = [
-        "| model | step | median ms | ratio vs float32 eager | kernels ms | quantize ms "
-        "| optimizer+controller ms | rest (torch glue) ms | note |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+        "| model | step | median ms | ratio vs float32 eager | kernels ms | batch-norm kernels ms "
+        "| quantize ms | optimizer+controller ms | rest (torch glue) ms | note |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for model, results in per_model.items():
         eager = results[0].median_ms
@@ -325,7 +339,7 @@ def table(per_model: dict[str, list[Result]]) -> str:
             parts = (
                 [f"{b[k]:.1f} ({100 * b[k] / sum(b.values()):.0f}%)" for k in (*REGIONS, "rest")]
                 if b
-                else ["", "", "", ""]
+                else [""] * (len(REGIONS) + 1)
             )
             lines.append(f"| {model} | {r.name} | {ms} | {ratio} | " + " | ".join(parts) + f" | {r.note} |")
     return "\n".join(lines)
@@ -365,10 +379,15 @@ def section(
         "Live controller: MSGD + PrecisionController(DIGITS_CONTROLLER), float backward, as "
         "`runtime/driver.py` sets it up. float32: torch.optim.SGD with the same hyperparameters; "
         "torch.compile compiles the model (the optimizer stays eager), timed after its warm-up step.",
+        "- Batch norm: `quantize_` routes a model's batch norms through compiled kernels for their "
+        "training statistics and backward (`runtime/batch_norm.py`; PyTorch's CPU kernel sums each "
+        "channel one element at a time), normalizing with PyTorch's inference kernel. The float32 "
+        "eager rows run PyTorch's own batch norm, except `float32 eager, MARViN's batch norm`.",
         "- Breakdown (median ms per region, share of their sum): kernels = inside `CompiledLayer.run` "
-        "/ `run_gradients`; quantize = `fixed_point.quantize` calls (bridge, optimizer, controller); "
-        "optimizer+controller = `MSGD.step` less its quantize calls; rest = step time less the three "
-        "(torch glue: batch norm, activations, pooling, autograd, float backward of the bridged "
+        "/ `run_gradients`; batch-norm kernels = `BatchNormKernels.stats` / `backward`; quantize = "
+        "`fixed_point.quantize` calls (bridge, optimizer, controller); optimizer+controller = "
+        "`MSGD.step` less its quantize calls; rest = step time less the four (torch glue: batch "
+        "norm's normalization, activations, pooling, autograd, float backward of the bridged "
         "layers). Timed with wrappers this script monkeypatches in; nested time counts in the "
         "innermost region only.",
         "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "

@@ -3,8 +3,10 @@
     handle = marvin_compile.quantize_(model, example_input, MarvinConfig(target="cpu"))
     handle.set_precision({"conv1": Precision(8, 4), ...})   # or let the MSGD optimizer decide
 
-Conv and Linear modules then run compiled fixed-point variants; everything else (batch norm,
-activations, pooling, residual adds) stays plain PyTorch and trains as written.
+Conv and Linear modules then run compiled fixed-point variants; everything else (activations,
+pooling, residual adds) stays plain PyTorch and trains as written, batch norm too, except that on
+the CPU its training statistics come from a compiled kernel (``runtime/batch_norm``: PyTorch's
+took a tenth of a ResNet-20 step).
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ from marvin_compile.fixed_point import Precision, check_rounding
 from marvin_compile.frontend import export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import CLASS_BY_NAME, KERNEL_CLASSES
 from marvin_compile.passes import pipeline
+from marvin_compile.runtime.batch_norm import BatchNormKernels, onnx_batch_norm_shapes, route_batch_norms
 from marvin_compile.runtime.compiled_model import layers_of
-from marvin_compile.runtime.torch_bridge import BACKWARDS, BRIDGED, CompiledLayer, bridge
+from marvin_compile.runtime.torch_bridge import (
+    BACKWARDS,
+    BRIDGED,
+    CompiledLayer,
+    bridge,
+    interleave_with_torch,
+)
 from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.target import resolve_target
 from marvin_compile.tuning import open_database
@@ -88,16 +97,14 @@ def quantize_(
 ) -> MarvinHandle:
     """Compile every Conv/Linear layer of ``model`` and route its forward through the variants."""
     config = config or MarvinConfig()
-    # Training interleaves TVM kernels with torch ops: TVM's idle workers must not spin against
-    # torch's (read when TVM's pool starts, at the first parallel kernel; deployed inference, whose
-    # kernels run back to back, keeps TVM's spinning default).
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    interleave_with_torch()
     target = resolve_target(config.target)
     store = VariantStore(target, config.cache_dir, open_database(config.tuning_db, target))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export_onnx(model, example_input[:2], path, fold_batchnorm=False)
-        layers = layers_of(pipeline.partition(import_onnx(load_onnx(path)).mod))
+        graph = load_onnx(path)
+        layers = layers_of(pipeline.partition(import_onnx(graph).mod))
     modules = dict(model.named_modules())
     device = "cuda" if store.device.dlpack_device_type() == DLPACK_CUDA else "cpu"
     generator = torch.Generator(device=device).manual_seed(config.seed)  # rounds tensors of that device
@@ -118,6 +125,11 @@ def quantize_(
         cl.set_precision(config.initial)
         bridge(module, cl, generator)
         compiled[layer.name] = cl
+    if target.kind.name == "llvm":
+        kernels = BatchNormKernels(store)
+        for shape in onnx_batch_norm_shapes(graph):
+            kernels.entries(*shape)
+        route_batch_norms(model, kernels)
     missing = [n for n, m in modules.items() if isinstance(m, BRIDGED) and n not in compiled]
     if missing:
         raise ValueError(

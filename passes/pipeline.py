@@ -6,6 +6,8 @@
 - lower:     integer kernels of the layer's kernel class (packed dot-product kernels on x86;
              the float32 class's product on the packed FMA kernel), then dead-code cleanup;
 - lower (backward): integer input- and weight-gradient products for ``backward="lowbit"``;
+- batch norm: training's statistics and gradients over ``[N, C, plane]`` (``te_norm``, scheduled by
+             ``schedule_norm``), which ``runtime/batch_norm`` runs in place of PyTorch's;
 - freeze:    deployment: precisions and weights become constants, folded into integer containers
              (packed for the dot-product kernels), and layers are inlined into ``main`` so TVM's
              fusion appends each layer's ReLU / residual add to its kernel (a ReLU and max pool
@@ -23,9 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from marvin_compile import te_norm
 from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import layer_name
@@ -40,7 +43,7 @@ from marvin_compile.passes.lower_float_dot import LowerFloatDotKernels
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.nonneg_inputs import MarkNonNegativeInputs
 from marvin_compile.passes.schedule_cpu import ScheduleCPU
-from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
+from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, param
 
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
@@ -97,6 +100,40 @@ def variant_module(
 def input_quantizer_module(func: relax.Function, rounding: str) -> tvm.IRModule:
     """The layer's input quantizer alone (``quantize_input``), for the straight-through backward."""
     return input_quantizer(func, rounding)
+
+
+def batch_norm_module(channels: int, plane: int) -> tvm.IRModule:
+    """Batch norm in training over ``[N, channels, plane]`` (``te_norm``): ``batch_stats(x)`` and
+    ``backward(g, x, mean, invstd, weight)`` -> (input gradient, [bias; weight] gradients)."""
+    bb = relax.BlockBuilder()
+    n = tirx.Var("n", "int64")
+
+    def planes(name: str) -> relax.Var:
+        return param(name, (n, channels, plane), "float32")
+
+    x = planes("x")
+    with bb.function("batch_stats", [x]):
+        bb.emit_func_output(bb.emit(bb.call_te(te_norm.batch_stats, x, primfunc_name_hint="marvin_bn_stats")))
+    g, x = planes("g"), planes("x")
+    mean, invstd, weight = (param(name, (channels,), "float32") for name in ("mean", "invstd", "weight"))
+    with bb.function("backward", [g, x, mean, invstd, weight]):
+        sums = bb.emit(
+            bb.call_te(te_norm.grad_sums, g, x, mean, invstd, primfunc_name_hint="marvin_bn_grad_sums")
+        )
+        dx = bb.emit(
+            bb.call_te(
+                te_norm.input_grad,
+                g,
+                x,
+                mean,
+                invstd,
+                weight,
+                sums,
+                primfunc_name_hint="marvin_bn_input_grad",
+            )
+        )
+        bb.emit_func_output(relax.Tuple([dx, sums]))
+    return bb.get()
 
 
 def gradient_module(

@@ -6,7 +6,7 @@ the leading spatial axis, producers (padding) computed per parallel iteration, t
 loops, then the last spatial axis split and vectorized innermost; injective kernels (quantize,
 requantize) are flattened, parallelized and vectorized. Packed dot-product kernels get their own
 schedules (``schedule_dot``; ``schedule_dot_grad`` for the weight gradient; ``schedule_amx`` for the
-layout stages around the AMX tile kernel).
+layout stages around the AMX tile kernel; ``schedule_norm`` for batch norm's per-channel sums).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tvm.s_tir import Schedule
 from marvin_compile.passes.schedule_amx import has_amx_block, schedule_amx
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func, scheduled
 from marvin_compile.passes.schedule_dot_grad import has_dot_dw_block, schedule_dot_dw
+from marvin_compile.passes.schedule_norm import has_channel_sums_block, schedule_channel_sums
 from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ def schedule_prim_func(func: tirx.PrimFunc, tuning: TuningDatabase | None = None
         return scheduled(func, tvm.target.Target.current(), schedule_dot_dw)
     if has_amx_block(func):
         return schedule_amx(func)
+    if has_channel_sums_block(func):
+        return schedule_channel_sums(func)
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if any(iv.iter_type == REDUCE for iv in sch.get(b).iter_vars)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,13 @@ from marvin_compile.runtime.variant_store import Variant, VariantStore
 
 BRIDGED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 BACKWARDS = ("float", "lowbit")
+
+
+def interleave_with_torch() -> None:
+    """Training interleaves TVM kernels with torch ops: TVM's idle workers must not spin against
+    torch's. Read when TVM's pool starts, at the first parallel kernel; deployed inference, whose
+    kernels run back to back, keeps TVM's spinning default."""
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 def to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
@@ -97,6 +105,11 @@ class CompiledLayer:
         amax = max(-float(lo), float(hi))
         if amax == 0.0:
             return (torch.zeros_like(x) if input_grad else None), torch.zeros_like(w)
+        if not math.isfinite(amax):
+            raise FloatingPointError(
+                f"layer {self.layer.name}: its output gradient is not finite (the training diverged; "
+                "a lower learning rate may help)"
+            )
         scale = min(max(math.floor(math.log2(p.int_max / amax)), -126), 126)
         dev = self.store.device
         qp_g = tvm.runtime.tensor(np.array([2.0**scale, 2.0**-scale, p.int_min, p.int_max], np.float32), dev)
