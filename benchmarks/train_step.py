@@ -262,6 +262,7 @@ def marvin_results(
     model = copy.deepcopy(base).train()
     route_batch_norms(model, BatchNormKernels(VariantStore(resolve_target("cpu"))))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    restore_affinity()  # as for the other float32 rows
     ms, parts = time_steps(lambda: torch_step(model, opt, x, y), steps, True, warmup)
     results = [Result("float32 eager, MARViN's batch norm", ms, "torch.optim.SGD", parts)]
     print(f"  {results[-1].name}: {ms:.1f} ms", flush=True)
