@@ -8,7 +8,7 @@ backward, as the driver runs it); the same model's float32 eager step (torch.opt
 ``torch.compile`` step (reported unavailable when it fails or its warm-up passes 120 s).
 
 A MARViN step's time is split into compiled kernels (inside ``CompiledLayer.run`` /
-``run_gradients``), batch norm's compiled statistics and backward (``BatchNormKernels``), torch-side
+``run_gradients``), batch norm's compiled kernels (``BatchNormKernels``), torch-side
 ``quantize`` calls, ``opt.step`` (optimizer + controller, less the quantize calls it makes) and the
 rest (torch glue: batch norm's normalization, activations, autograd, float backward of the bridged
 layers). A float32 eager step whose batch norms run as MARViN's do shows how much of the gap is
@@ -114,6 +114,7 @@ def instrument() -> None:
     CompiledLayer.run = REGION_TIMER.wrap("kernels", CompiledLayer.run)
     CompiledLayer.run_gradients = REGION_TIMER.wrap("kernels", CompiledLayer.run_gradients)
     BatchNormKernels.stats = REGION_TIMER.wrap("batch_norm", BatchNormKernels.stats)
+    BatchNormKernels.normalize_relu = REGION_TIMER.wrap("batch_norm", BatchNormKernels.normalize_relu)
     BatchNormKernels.backward = REGION_TIMER.wrap("batch_norm", BatchNormKernels.backward)
     for mod in (bridge_mod, optimizer_mod, controller_mod):
         mod.quantize = REGION_TIMER.wrap("quantize", mod.quantize)
@@ -382,15 +383,18 @@ def section(
         "torch.compile compiles the model (the optimizer stays eager), timed after its warm-up step.",
         "- Batch norm: `quantize_` routes a model's batch norms through compiled kernels for their "
         "training statistics and backward (`runtime/batch_norm.py`; PyTorch's CPU kernel sums each "
-        "channel one element at a time), normalizing with PyTorch's inference kernel. The float32 "
-        "eager rows run PyTorch's own batch norm, except `float32 eager, MARViN's batch norm`.",
+        "channel one element at a time), normalizing with PyTorch's inference kernel; ResNet-20's "
+        "batch norms that a ReLU (after a residual add, in a block's second) follows are "
+        "`models.BatchNormReLU2d` modules, whose normalization, add and ReLU run as one kernel each "
+        "way. The float32 eager rows run PyTorch's own ops (batch norm, add, ReLU), except `float32 "
+        "eager, MARViN's batch norm`.",
         "- Breakdown (median ms per region, share of their sum): kernels = inside `CompiledLayer.run` "
-        "/ `run_gradients`; batch-norm kernels = `BatchNormKernels.stats` / `backward`; quantize = "
-        "`fixed_point.quantize` calls (bridge, optimizer, controller); optimizer+controller = "
-        "`MSGD.step` less its quantize calls; rest = step time less the four (torch glue: batch "
-        "norm's normalization, activations, pooling, autograd, float backward of the bridged "
-        "layers). Timed with wrappers this script monkeypatches in; nested time counts in the "
-        "innermost region only.",
+        "/ `run_gradients`; batch-norm kernels = `BatchNormKernels.stats` / `normalize_relu` / "
+        "`backward`; quantize = `fixed_point.quantize` calls (bridge, optimizer, controller); "
+        "optimizer+controller = `MSGD.step` less its quantize calls; rest = step time less the four "
+        "(torch glue: batch norm's normalization where no ReLU follows, activations, pooling, "
+        "autograd, float backward of the bridged layers). Timed with wrappers this script "
+        "monkeypatches in; nested time counts in the innermost region only.",
         "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "
         "affinity TVM's thread pool narrows before timing them.",
         f"- Threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "

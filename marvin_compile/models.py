@@ -43,6 +43,16 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
+class BatchNormReLU2d(nn.BatchNorm2d):
+    """``relu(batch_norm(x) [+ residual])``: batch norm and what follows it as one module, so that
+    MARViN's training runs each direction as one compiled kernel (``runtime/batch_norm``); plain
+    PyTorch runs the separate ops it always did. Parameters and state dict are BatchNorm2d's."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x)
+        return F.relu(y if residual is None else y + residual)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN layers with a residual connection (He et al. 2016, CIFAR variant).
 
@@ -55,9 +65,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNormReLU2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNormReLU2d(planes)  # with the shortcut added before its ReLU
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
@@ -68,9 +78,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))), self.shortcut(x))
 
 
 class ResNet20(nn.Module):
@@ -83,7 +91,7 @@ class ResNet20(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = BatchNormReLU2d(16)
         self.layer1 = self._stage(16, 16, stride=1)
         self.layer2 = self._stage(16, 32, stride=2)
         self.layer3 = self._stage(32, 64, stride=2)
@@ -99,7 +107,7 @@ class ResNet20(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)

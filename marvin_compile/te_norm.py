@@ -65,11 +65,62 @@ def batch_stats(x: te.Tensor) -> te.Tensor:
     return te.compute((3, x.shape[1]), lambda row, ch: stat(row, ch).astype("float32"), name="bn_stats")
 
 
-def grad_sums(g: te.Tensor, x: te.Tensor, mean: te.Tensor, invstd: te.Tensor) -> te.Tensor:
-    """``[2, C]`` float32: the bias and weight gradients, sum(g) and sum(g * (x - mean)) * invstd."""
+def _normalized(x, mean, invstd, weight, bias, b, ch, k) -> tirx.PrimExpr:
+    """(x - mean) * (invstd * weight) + bias: one expression for the forward and the ReLU's gate."""
+    return (x[b, ch, k] - mean[ch]) * (invstd[ch] * weight[ch]) + bias[ch]
+
+
+def normalize_relu(
+    x: te.Tensor,
+    mean: te.Tensor,
+    invstd: te.Tensor,
+    weight: te.Tensor,
+    bias: te.Tensor,
+    residual: te.Tensor | None = None,
+) -> te.Tensor:
+    """relu((x - mean) * invstd * weight + bias [+ residual]): batch norm's normalization and the
+    ReLU (and residual add) that follow it in one pass."""
+
+    def y(b, ch, k) -> tirx.PrimExpr:
+        v = _normalized(x, mean, invstd, weight, bias, b, ch, k)
+        if residual is not None:
+            v = v + residual[b, ch, k]
+        return tirx.max(v, tirx.const(0.0, "float32"))
+
+    return te.compute(x.shape, y, name="bn_relu")
+
+
+def _gate(
+    x: te.Tensor, mean: te.Tensor, invstd: te.Tensor, weight: te.Tensor, after: tuple
+) -> Callable | None:
+    """Where a ReLU after batch norm passed its input on: ``after`` is empty (no ReLU), the bias
+    (``normalize_relu`` without a residual: recomputed from ``x``, which the backward reads anyway,
+    rather than read from the output) or the ReLU's output (with a residual)."""
+    if not after:
+        return None
+    (t,) = after
+    if len(t.shape) == 1:
+        return lambda b, ch, k: _normalized(x, mean, invstd, weight, t, b, ch, k) > tirx.const(0.0, "float32")
+    return lambda b, ch, k: t[b, ch, k] > tirx.const(0.0, "float32")
+
+
+def _gated(g: te.Tensor, gate: Callable | None, b, ch, k) -> tirx.PrimExpr:
+    """The gradient behind the ReLU (none: ``g`` itself)."""
+    if gate is None:
+        return g[b, ch, k]
+    return tirx.Select(gate(b, ch, k), g[b, ch, k], tirx.const(0.0, "float32"))
+
+
+def grad_sums(
+    g: te.Tensor, x: te.Tensor, mean: te.Tensor, invstd: te.Tensor, weight: te.Tensor, *after: te.Tensor
+) -> te.Tensor:
+    """``[2, C]`` float32: the bias and weight gradients, sum(g) and sum(g * (x - mean)) * invstd,
+    ``g`` taken behind the ReLU that ``after`` describes (``_gate``)."""
+    gate = _gate(x, mean, invstd, weight, after)
 
     def term(b, ch, k, t) -> tirx.PrimExpr:
-        return tirx.Select(t == 0, tirx.const(1.0, "float32"), x[b, ch, k] - mean[ch]) * g[b, ch, k]
+        grad = _gated(g, gate, b, ch, k)
+        return tirx.Select(t == 0, tirx.const(1.0, "float32"), x[b, ch, k] - mean[ch]) * grad
 
     sums = _channel_sums(x.shape, term)
     return te.compute(
@@ -82,14 +133,28 @@ def grad_sums(g: te.Tensor, x: te.Tensor, mean: te.Tensor, invstd: te.Tensor) ->
 
 
 def input_grad(
-    g: te.Tensor, x: te.Tensor, mean: te.Tensor, invstd: te.Tensor, weight: te.Tensor, sums: te.Tensor
+    g: te.Tensor,
+    x: te.Tensor,
+    mean: te.Tensor,
+    invstd: te.Tensor,
+    weight: te.Tensor,
+    sums: te.Tensor,
+    *after: te.Tensor,
 ) -> te.Tensor:
-    """The input gradient of normalization by the batch's statistics, from ``grad_sums``:
-    weight * invstd * (g - sum(g) / M - (x - mean) * invstd * sum(g * x_hat) / M)."""
+    """The input gradient of normalization by the batch's statistics, from ``grad_sums`` (``after``
+    as there): weight * invstd * (g - sum(g) / M - (x - mean) * invstd * sum(g * x_hat) / M)."""
+    gate = _gate(x, mean, invstd, weight, after)
     scale = 1.0 / tirx.Cast("float32", x.shape[0] * x.shape[2])
 
     def dx(b, ch, k) -> tirx.PrimExpr:
         centred = (x[b, ch, k] - mean[ch]) * invstd[ch]
-        return weight[ch] * invstd[ch] * (g[b, ch, k] - sums[0, ch] * scale - centred * sums[1, ch] * scale)
+        grad = _gated(g, gate, b, ch, k)
+        return weight[ch] * invstd[ch] * (grad - sums[0, ch] * scale - centred * sums[1, ch] * scale)
 
     return te.compute(x.shape, dx, name="bn_input_grad")
+
+
+def gated_grad(g: te.Tensor, out: te.Tensor) -> te.Tensor:
+    """The residual's gradient: ``g`` where the ReLU's output ``out`` is positive."""
+    gate = _gate(g, g, g, g, (out,))
+    return te.compute(g.shape, lambda b, ch, k: _gated(g, gate, b, ch, k), name="bn_relu_grad")

@@ -103,36 +103,46 @@ def input_quantizer_module(func: relax.Function, rounding: str) -> tvm.IRModule:
 
 
 def batch_norm_module(channels: int, plane: int) -> tvm.IRModule:
-    """Batch norm in training over ``[N, channels, plane]`` (``te_norm``): ``batch_stats(x)`` and
-    ``backward(g, x, mean, invstd, weight)`` -> (input gradient, [bias; weight] gradients)."""
+    """Batch norm in training over ``[N, channels, plane]`` (``te_norm``): ``batch_stats(x)``;
+    ``normalize_relu(x, mean, invstd, weight, bias[, residual])`` (``normalize_add_relu`` with the
+    residual); ``backward(g, x, mean, invstd, weight)`` -> (input gradient, [bias; weight]
+    gradients), behind ``normalize_relu``'s ReLU: ``backward_relu`` taking the bias last (the ReLU's
+    gate recomputed from x), ``backward_add_relu`` the ReLU's output, returning the residual's
+    gradient third."""
     bb = relax.BlockBuilder()
     n = tirx.Var("n", "int64")
 
     def planes(name: str) -> relax.Var:
         return param(name, (n, channels, plane), "float32")
 
+    def vectors(*names: str) -> list[relax.Var]:
+        return [param(name, (channels,), "float32") for name in names]
+
     x = planes("x")
     with bb.function("batch_stats", [x]):
         bb.emit_func_output(bb.emit(bb.call_te(te_norm.batch_stats, x, primfunc_name_hint="marvin_bn_stats")))
-    g, x = planes("g"), planes("x")
-    mean, invstd, weight = (param(name, (channels,), "float32") for name in ("mean", "invstd", "weight"))
-    with bb.function("backward", [g, x, mean, invstd, weight]):
-        sums = bb.emit(
-            bb.call_te(te_norm.grad_sums, g, x, mean, invstd, primfunc_name_hint="marvin_bn_grad_sums")
-        )
-        dx = bb.emit(
-            bb.call_te(
-                te_norm.input_grad,
-                g,
-                x,
-                mean,
-                invstd,
-                weight,
-                sums,
-                primfunc_name_hint="marvin_bn_input_grad",
+    for name, residual in (("normalize_relu", False), ("normalize_add_relu", True)):
+        x, stats = planes("x"), vectors("mean", "invstd", "weight", "bias")
+        args = [x, *stats] + ([planes("residual")] if residual else [])
+        with bb.function(name, args):
+            y = bb.call_te(te_norm.normalize_relu, *args, primfunc_name_hint="marvin_bn_relu")
+            bb.emit_func_output(bb.emit(y))
+    for name in ("backward", "backward_relu", "backward_add_relu"):
+        g, x, stats = planes("g"), planes("x"), vectors("mean", "invstd", "weight")
+        after = {"backward": [], "backward_relu": vectors("bias"), "backward_add_relu": [planes("out")]}[name]
+        with bb.function(name, [g, x, *stats, *after]):
+            sums = bb.emit(
+                bb.call_te(te_norm.grad_sums, g, x, *stats, *after, primfunc_name_hint="marvin_bn_grad_sums")
             )
-        )
-        bb.emit_func_output(relax.Tuple([dx, sums]))
+            dx = bb.call_te(
+                te_norm.input_grad, g, x, *stats, sums, *after, primfunc_name_hint="marvin_bn_input_grad"
+            )
+            results = [bb.emit(dx), sums]
+            if name == "backward_add_relu":
+                results.append(
+                    bb.emit(bb.call_te(te_norm.gated_grad, g, *after, primfunc_name_hint="marvin_relu_grad"))
+                )
+            bb.emit_func_output(relax.Tuple(results))
     return bb.get()
 
 

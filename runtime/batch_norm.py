@@ -6,13 +6,15 @@ its backward 1.2-1.8 ms, together a fifth of a low-bit MARViN training step over
 batch norms. ``quantize_`` routes a model's batch norms here: the statistics come from
 ``te_norm``'s kernel (one vectorized pass, 0.1-0.25 ms there), the normalization from PyTorch's
 inference kernel given them, the gradients from ``te_norm``'s two backward kernels (the
-per-channel sums, then the input gradient: 0.4 ms). In evaluation, on other devices and dtypes,
-and with one value per channel, the module runs its own forward."""
+per-channel sums, then the input gradient: 0.4 ms). A ``models.BatchNormReLU2d`` (batch norm, an
+optional residual add, a ReLU) runs its normalization, add and ReLU as one kernel and takes the
+ReLU's gradient inside the backward kernels, which spares the ReLU's two passes each way (and the
+add's). In evaluation, on other devices and dtypes, and with one value per channel, the module
+runs its own forward."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import onnx
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
+from marvin_compile.models import BatchNormReLU2d
 from marvin_compile.passes import pipeline
 from marvin_compile.runtime.torch_bridge import interleave_with_torch
 from marvin_compile.runtime.variant_store import VariantStore
@@ -34,29 +37,55 @@ class BatchNormKernels:
     def __init__(self, store: VariantStore) -> None:
         interleave_with_torch()
         self.store = store
-        self._entries: dict[tuple[int, int], tuple[Callable, Callable]] = {}
+        self._vms: dict[tuple[int, int], tvm.runtime.Module] = {}
 
-    def entries(self, channels: int, plane: int) -> tuple[Callable, Callable]:
-        """``batch_stats`` and ``backward`` for this shape."""
+    def entries(self, channels: int, plane: int) -> tvm.runtime.Module:
+        """The VM holding this shape's entries (``pipeline.batch_norm_module``)."""
         key = channels, plane
-        if key not in self._entries:
-            vm = self.store.get_module(pipeline.batch_norm_module(*key), None)
-            self._entries[key] = vm["batch_stats"], vm["backward"]
-        return self._entries[key]
+        if key not in self._vms:
+            self._vms[key] = self.store.get_module(pipeline.batch_norm_module(*key), None)
+        return self._vms[key]
+
+    def _call(self, entry: str, x: torch.Tensor, *args: torch.Tensor) -> list[torch.Tensor]:
+        planes = _planes(x)
+        tensors = [tvm.runtime.from_dlpack(_planes(t) if t.dim() > 1 else t) for t in args]
+        out = self.entries(*planes.shape[1:])[entry](*tensors)
+        return [torch.from_dlpack(o) for o in ([out] if isinstance(out, tvm.runtime.Tensor) else out)]
 
     def stats(self, x: torch.Tensor) -> torch.Tensor:
         """``[3, C]``: per channel the mean, the biased and the unbiased variance."""
-        planes = _planes(x)
-        return torch.from_dlpack(self.entries(*planes.shape[1:])[0](tvm.runtime.from_dlpack(planes)))
+        return self._call("batch_stats", x, x)[0]
+
+    def normalize_relu(
+        self,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """relu(normalized x * weight + bias [+ residual]), shaped as ``x``."""
+        args = (x, mean, invstd, weight, bias) + (() if residual is None else (residual,))
+        entry = "normalize_relu" if residual is None else "normalize_add_relu"
+        return self._call(entry, x, *args)[0].view(x.shape)
 
     def backward(
-        self, g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input gradient (shaped as ``x``) and ``[2, C]``: the bias and weight gradients."""
-        planes = _planes(x)
-        args = [tvm.runtime.from_dlpack(t) for t in (_planes(g), planes, mean, invstd, weight)]
-        dx, sums = self.entries(*planes.shape[1:])[1](*args)
-        return torch.from_dlpack(dx).view(x.shape), torch.from_dlpack(sums)
+        self,
+        g: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        weight: torch.Tensor,
+        after: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The input gradient (shaped as ``x``), ``[2, C]`` (the bias and weight gradients), with
+        ``g`` taken behind ``normalize_relu``'s ReLU where ``after`` is given: its bias (no residual)
+        or its output (with one, whose gradient then comes third)."""
+        entry = "backward" if after is None else "backward_relu" if after.dim() == 1 else "backward_add_relu"
+        args = (g, x, mean, invstd, weight) + (() if after is None else (after,))
+        results = self._call(entry, x, *args)
+        return [r.view(x.shape) if r.dim() > 2 else r for r in results]
 
 
 def _planes(x: torch.Tensor) -> torch.Tensor:
@@ -79,26 +108,34 @@ def onnx_batch_norm_shapes(model: onnx.ModelProto) -> set[tuple[int, int]]:
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Normalization by the batch's statistics, which it returns too (not differentiable)."""
+    """Normalization by the batch's statistics, then with ``relu`` a ReLU (over the sum with
+    ``residual`` where given); returns the statistics too (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, kernels):  # noqa: ANN001, ANN205 - autograd's signature
+    def forward(ctx, x, weight, bias, residual, eps, kernels, relu):  # noqa: ANN001, ANN205 - autograd's
         mean, var, unbiased = kernels.stats(x)
-        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        invstd = torch.rsqrt(var + eps)
+        if relu:
+            scale = torch.ones_like(mean) if weight is None else weight.detach()
+            shift = torch.zeros_like(mean) if bias is None else bias.detach()
+            y = kernels.normalize_relu(x, mean, invstd, scale, shift, residual)
+        else:
+            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        # the ReLU's gate: recomputed from x and the bias, or read from the output past a residual
+        after = (shift if residual is None else y) if relu else None
+        ctx.save_for_backward(x, weight, mean, invstd, *([] if after is None else [after]))
         ctx.kernels = kernels
-        ctx.has_bias = bias is not None
+        ctx.affine = weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
     @staticmethod
     def backward(ctx, grad, _mean, _unbiased):  # noqa: ANN001, ANN205
-        x, weight, mean, invstd = ctx.saved_tensors
-        affine = weight is not None
-        dx, (gb, gw) = ctx.kernels.backward(
-            grad, x, mean, invstd, weight if affine else torch.ones_like(mean)
-        )
-        return dx, gw if affine else None, gb if ctx.has_bias else None, None, None
+        x, weight, mean, invstd, *after = ctx.saved_tensors
+        scale = torch.ones_like(mean) if weight is None else weight
+        dx, (gb, gw), *residual = ctx.kernels.backward(grad, x, mean, invstd, scale, *after)
+        gw, gb = (gw if ctx.affine[0] else None), (gb if ctx.affine[1] else None)
+        return dx, gw, gb, residual[0] if residual else None, None, None, None
 
 
 def vectorizable(x: torch.Tensor) -> bool:
@@ -114,11 +151,18 @@ def vectorizable(x: torch.Tensor) -> bool:
 
 
 def _forward(
-    module: nn.modules.batchnorm._BatchNorm, kernels: BatchNormKernels, x: torch.Tensor
+    module: nn.modules.batchnorm._BatchNorm,
+    kernels: BatchNormKernels,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``module``'s own forward, in training by ``kernels``."""
-    if not (module.training and vectorizable(x)):
-        return type(module).forward(module, x)
+    """``module``'s own forward (a ``BatchNormReLU2d``'s takes ``residual``), in training by
+    ``kernels``."""
+    relu = isinstance(module, BatchNormReLU2d)
+    plain = (x,) if not relu else (x, residual)
+    fits = residual is None or (residual.shape == x.shape and vectorizable(residual))
+    if not (module.training and vectorizable(x) and fits):
+        return type(module).forward(module, *plain)
     module._check_input_dim(x)
     momentum = 0.0 if module.momentum is None else module.momentum
     tracked = module.track_running_stats
@@ -126,7 +170,9 @@ def _forward(
         module.num_batches_tracked.add_(1)
         if module.momentum is None:  # a cumulative average
             momentum = 1.0 / float(module.num_batches_tracked)
-    y, mean, unbiased = _BatchNormTrain.apply(x, module.weight, module.bias, module.eps, kernels)
+    y, mean, unbiased = _BatchNormTrain.apply(
+        x, module.weight, module.bias, residual, module.eps, kernels, relu
+    )
     if tracked and module.running_mean is not None:
         with torch.no_grad():
             module.running_mean.lerp_(mean, momentum)

@@ -31,7 +31,7 @@ import onnx
 import torch
 import tvm
 from onnx import helper, numpy_helper, version_converter
-from torch import nn
+from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from tvm import relax
 
@@ -39,6 +39,7 @@ from marvin_compile import __version__
 from marvin_compile.fixed_point import Precision
 from marvin_compile.frontend import ModelError, export_onnx, import_onnx, load_onnx
 from marvin_compile.kernel_classes import class_for_wl
+from marvin_compile.models import BatchNormReLU2d
 from marvin_compile.passes import pipeline
 from marvin_compile.report import atomic_write_json
 from marvin_compile.runtime.controller import push_down
@@ -54,6 +55,33 @@ ALIGNMENT = 64  # bytes: TVM's default data alignment, which its kernels may ass
 STAGED_BYTES = 1 << 16  # inputs up to this size are always copied into a staging tensor (_input)
 
 
+class _BatchNormApart(fx.Tracer):
+    """Traces a ``BatchNormReLU2d`` as a call of itself followed by its add and ReLU, so that
+    ``apart`` can make the call a plain batch norm that ``fuse`` folds into its Conv."""
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> object:
+        if not isinstance(m, BatchNormReLU2d):
+            return super().call_module(m, forward, args, kwargs)
+        y = self.create_proxy("call_module", self.path_of_module(m), (args[0],), {})
+        residual = args[1] if len(args) > 1 else kwargs.get("residual")
+        return torch.relu(y if residual is None else y + residual)
+
+
+def _batch_norm_apart(model: nn.Module) -> nn.Module:
+    """``model`` with each ``BatchNormReLU2d`` a plain BatchNorm2d followed by its add and ReLU."""
+    fused = [n for n, m in model.named_modules() if isinstance(m, BatchNormReLU2d)]
+    if not fused:
+        return model
+    graph = fx.GraphModule(model, _BatchNormApart().trace(model))
+    for name in fused:
+        old = graph.get_submodule(name)
+        plain = nn.BatchNorm2d(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
+        plain.load_state_dict(old.state_dict())
+        parent, _, leaf = name.rpartition(".")
+        setattr(graph.get_submodule(parent) if parent else graph, leaf, plain.eval())
+    return graph
+
+
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, set[str]]:
     """Eval-mode copy with every Conv->BatchNorm pair folded; returns the names of changed layers."""
     model = copy.deepcopy(model).eval()
@@ -62,7 +90,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, set[str]]:
     before = {
         n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)
     }
-    fused = fuse(model)
+    fused = fuse(_batch_norm_apart(model))
     after = dict(fused.named_modules())
     changed = {n for n, w in before.items() if n in after and not torch.equal(after[n].weight, w)}
     return fused, changed

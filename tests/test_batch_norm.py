@@ -11,6 +11,7 @@ from torch import nn
 
 from marvin_compile.api import MarvinConfig, quantize_
 from marvin_compile.frontend import export_onnx, load_onnx
+from marvin_compile.models import BatchNormReLU2d
 from marvin_compile.runtime.batch_norm import BatchNormKernels, onnx_batch_norm_shapes, route_batch_norms
 from marvin_compile.runtime.variant_store import VariantStore
 from marvin_compile.target import resolve_target
@@ -75,6 +76,30 @@ def test_training_matches_torch_in_float64(case, kernels):
         assert int(ours.num_batches_tracked) == 2
     else:
         assert ours.running_mean is None
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", [(16, 8, 8, 8), (6, 3, 5, 5)])
+def test_batch_norm_relu_matches_torch_in_float64(shape, residual, kernels):
+    """relu(batch_norm(x) [+ r]) in one kernel each way, against the separate ops in float64."""
+    reference, ours = _modules(BatchNormReLU2d(shape[1]), kernels)
+    torch.manual_seed(1)
+    for _ in range(2):
+        x, r, g = torch.randn(shape) * 2.0 + 0.5, torch.randn(shape), torch.randn(shape)
+        xr, xo = x.double().requires_grad_(), x.clone().requires_grad_()
+        rr, ro = r.double().requires_grad_(), r.clone().requires_grad_()
+        yr = reference(xr, rr if residual else None)
+        yo = ours(xo, ro if residual else None)
+        yr.backward(g.double())
+        yo.backward(g)
+        assert bool((yo == 0).any()) and bool((yo > 0).any())  # the ReLU cuts
+        _close(yo, yr, 2e-5)
+        _close(xo.grad, xr.grad, 2e-5)
+        if residual:
+            _close(ro.grad, rr.grad, 1e-6)
+    _close(ours.weight.grad, reference.weight.grad, 2e-5)
+    _close(ours.bias.grad, reference.bias.grad, 2e-5)
+    _close(ours.running_var, reference.running_var, 1e-6)
 
 
 def test_statistics_keep_their_digits_far_from_zero(kernels):
