@@ -61,6 +61,7 @@ from common import REPO, busy_cpu_s, command_line, machine, markers, restore_aff
 BATCH = 128
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-4
 WARMUP = 2
+ROUNDS = 6  # side-by-side rounds of float32 eager and MARViN int8 lowbit steps
 COMPILE_LIMIT_S = 120
 FIXED: dict[str, Precision] = {
     "int8": Precision(8, 4),
@@ -130,6 +131,7 @@ class Result:
     median_ms: float | None
     note: str = ""
     breakdown: dict[str, float] | None = None  # region -> median ms per step (incl. "rest")
+    ratio: float | None = None  # against the float32 eager steps it alternated with, where it did
 
 
 def time_steps(
@@ -320,7 +322,64 @@ def bench_model(name: str, steps: int, warmup: int, try_compile: bool) -> list[R
             f"  {r.name}: {r.median_ms if r.median_ms is None else round(r.median_ms, 1)} ms {r.note}",
             flush=True,
         )
-    return results + marvin_results(base, x, y, steps, warmup)
+    return (
+        results + marvin_results(base, x, y, steps, warmup) + [alternating(name, base, x, y, steps, warmup)]
+    )
+
+
+# The float32 eager side of the side-by-side row: a child process that never starts TVM (eager
+# steps timed in a process whose TVM pool had run read 10-35% slower here), with this process's
+# thread settings. Times ``steps`` steps (median ms) per line it reads.
+_EAGER_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import train_step as ts
+import torch
+name, steps, warmup = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+build, shape, _, _ = ts.MODELS[name]
+torch.manual_seed(0)
+model = build().train()
+x, y = torch.randn(ts.BATCH, *shape), torch.randint(0, 10, (ts.BATCH,))
+opt = torch.optim.SGD(model.parameters(), lr=ts.LR, momentum=ts.MOMENTUM, weight_decay=ts.WEIGHT_DECAY)
+for _ in sys.stdin:
+    print(ts.time_steps(lambda: ts.torch_step(model, opt, x, y), steps, False, warmup)[0], flush=True)
+"""
+
+
+def alternating(
+    name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
+) -> Result:
+    """MARViN int8 lowbit against float32 eager side by side: ``ROUNDS`` rounds, each timing
+    ``steps`` eager steps (in ``_EAGER_CHILD``, this process waiting) and right after them
+    ``steps`` MARViN steps, so that the host's drift in speed (eager ResNet-20 steps read
+    350-480 ms across runs here) hits both sides of each round's ratio alike. The row's ratio is
+    the median of the rounds'."""
+    model = copy.deepcopy(base).train()
+    p = FIXED["int8"]
+    handle = quantize_(
+        model, x[:2], MarvinConfig(target="cpu", rounding="stochastic", backward="lowbit", initial=p)
+    )
+    opt = marvin_optimizer(model, handle, precision=(p.wl, p.fl))
+    args = [sys.executable, "-c", _EAGER_CHILD, str(Path(__file__).parent), name, str(steps), str(warmup)]
+    eager, ours = [], []
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+        for _ in range(ROUNDS):
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            eager.append(float(child.stdout.readline()))
+            ours.append(time_steps(lambda: torch_step(model, opt, x, y), steps, False, warmup)[0])
+        child.stdin.close()
+    ratios = sorted(o / e for o, e in zip(ours, eager, strict=True))
+    note = (
+        f"{ROUNDS} rounds alternating with float32 eager in a child process ({statistics.median(eager):.1f} "
+        f"ms median there); round ratios {ratios[0]:.2f}-{ratios[-1]:.2f}"
+    )
+    result = Result(
+        f"MARViN int8 {p.wl},{p.fl}, lowbit backward, side by side", statistics.median(ours), note
+    )
+    result.ratio = statistics.median(ratios)
+    print(f"  {result.name}: {result.median_ms:.1f} ms, ratio {result.ratio:.2f} ({note})", flush=True)
+    return result
 
 
 # ---------------------------------------------------------------- report
@@ -337,6 +396,8 @@ def table(per_model: dict[str, list[Result]]) -> str:
         for r in results:
             ms = "n/a" if r.median_ms is None else f"{r.median_ms:.1f}"
             ratio = "n/a" if r.median_ms is None or not eager else f"{r.median_ms / eager:.2f}"
+            if r.ratio is not None:
+                ratio = f"{r.ratio:.2f} (side by side)"
             b = r.breakdown
             parts = (
                 [f"{b[k]:.1f} ({100 * b[k] / sum(b.values()):.0f}%)" for k in (*REGIONS, "rest")]
@@ -396,7 +457,12 @@ def section(
         "autograd, float backward of the bridged layers). Timed with wrappers this script "
         "monkeypatches in; nested time counts in the innermost region only.",
         "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "
-        "affinity TVM's thread pool narrows before timing them.",
+        "affinity TVM's thread pool narrows before timing them. The `side by side` row times "
+        f"{ROUNDS} rounds of float32 eager steps (in a child process that never starts TVM: eager "
+        "steps in a process whose TVM pool had run read 10-35% slower) each followed right away by "
+        "MARViN int8 lowbit steps (the same counts), so that the host's drift in speed hits both "
+        "sides of a round's ratio alike; its ratio is the median of the rounds' (the acceptance "
+        "measure for the lowbit step), the other rows' ratios are against the float32 eager row.",
         f"- Threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')} for every row but "
         "the `libgomp default wait policy` one (importing marvin_compile before torch sets it, as the "
