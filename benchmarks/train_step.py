@@ -328,8 +328,8 @@ def bench_model(name: str, steps: int, warmup: int, try_compile: bool) -> list[R
 
 
 # The float32 eager side of the side-by-side row: a child process that never starts TVM (eager
-# steps timed in a process whose TVM pool had run read 10-35% slower here), with this process's
-# thread settings. Times ``steps`` steps (median ms) per line it reads.
+# steps timed in a process whose TVM pool had run read up to 35% slower in some runs here), with
+# this process's thread settings. Times ``steps`` steps (median ms) per line it reads.
 _EAGER_CHILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -459,10 +459,11 @@ def section(
         "- The float32 steps of a model run before its MARViN steps; the script restores the CPU "
         "affinity TVM's thread pool narrows before timing them. The `side by side` row times "
         f"{ROUNDS} rounds of float32 eager steps (in a child process that never starts TVM: eager "
-        "steps in a process whose TVM pool had run read 10-35% slower) each followed right away by "
-        "MARViN int8 lowbit steps (the same counts), so that the host's drift in speed hits both "
-        "sides of a round's ratio alike; its ratio is the median of the rounds' (the acceptance "
-        "measure for the lowbit step), the other rows' ratios are against the float32 eager row.",
+        "steps in a process whose TVM pool had run read up to 35% slower in some runs) each "
+        "followed right away by MARViN int8 lowbit steps (the same counts), so that the host's "
+        "drift in speed hits both sides of a round's ratio alike; its ratio is the median of the "
+        "rounds' (the acceptance measure for the lowbit step), the other rows' ratios are against "
+        "the float32 eager row.",
         f"- Threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')} for every row but "
         "the `libgomp default wait policy` one (importing marvin_compile before torch sets it, as the "
