@@ -66,6 +66,18 @@ def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
 
 
+def test_lowbit_backward_refuses_a_gradient_that_is_not_finite(cache_dir):
+    """A diverged training's inf gradient gets an error naming the layer, not a math domain error."""
+    layer, shape = _net("linear")
+    cfg = MarvinConfig(backward="lowbit", initial=Precision(8, 4), cache_dir=cache_dir, precompile=())
+    quantize_(layer, torch.zeros(shape), cfg)
+    y = layer(torch.randn(shape))
+    g = torch.ones_like(y)
+    g[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="output gradient is not finite"):
+        y.backward(g)
+
+
 def test_lowbit_backward_is_unbiased(cache_dir):
     """Off-grid gradients: stochastic quantization averages to the float backward."""
     torch.manual_seed(1)
