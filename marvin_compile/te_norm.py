@@ -101,7 +101,11 @@ def _gate(
     (t,) = after
     if len(t.shape) == 1:
         return lambda b, ch, k: _normalized(x, mean, invstd, weight, t, b, ch, k) > tirx.const(0.0, "float32")
-    return lambda b, ch, k: t[b, ch, k] > tirx.const(0.0, "float32")
+    return _output_gate(t)
+
+
+def _output_gate(out: te.Tensor) -> Callable:
+    return lambda b, ch, k: out[b, ch, k] > tirx.const(0.0, "float32")
 
 
 def _gated(g: te.Tensor, gate: Callable | None, b, ch, k) -> tirx.PrimExpr:
@@ -156,5 +160,4 @@ def input_grad(
 
 def gated_grad(g: te.Tensor, out: te.Tensor) -> te.Tensor:
     """The residual's gradient: ``g`` where the ReLU's output ``out`` is positive."""
-    gate = _gate(g, g, g, g, (out,))
-    return te.compute(g.shape, lambda b, ch, k: _gated(g, gate, b, ch, k), name="bn_relu_grad")
+    return te.compute(g.shape, lambda b, ch, k: _gated(g, _output_gate(out), b, ch, k), name="bn_relu_grad")

@@ -24,7 +24,7 @@ from torch import nn
 
 from marvin_compile.models import BatchNormReLU2d
 from marvin_compile.passes import pipeline
-from marvin_compile.runtime.torch_bridge import interleave_with_torch
+from marvin_compile.runtime.torch_bridge import interleave_with_torch, to_tvm
 from marvin_compile.runtime.variant_store import VariantStore
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -48,7 +48,7 @@ class BatchNormKernels:
 
     def _call(self, entry: str, x: torch.Tensor, *args: torch.Tensor) -> list[torch.Tensor]:
         planes = _planes(x)
-        tensors = [tvm.runtime.from_dlpack(_planes(t) if t.dim() > 1 else t) for t in args]
+        tensors = [to_tvm(_planes(t) if t.dim() > 1 else t) for t in args]
         out = self.entries(*planes.shape[1:])[entry](*tensors)
         return [torch.from_dlpack(o) for o in ([out] if isinstance(out, tvm.runtime.Tensor) else out)]
 

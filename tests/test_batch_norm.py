@@ -124,6 +124,8 @@ def test_evaluation_and_other_inputs_run_torchs_own_forward(kernels):
     assert torch.equal(ours(x), reference(x))
     reference.train()
     ours.train()
+    torch.testing.assert_close(ours(x[1:]), reference(x[1:].clone()))  # a slice: not 64-byte aligned
+    ours.load_state_dict(reference.state_dict())
     strided = x.to(memory_format=torch.channels_last)  # not contiguous NCHW: PyTorch's kernel
     assert torch.equal(ours(strided), reference(strided))
     assert torch.equal(ours.running_var, reference.running_var)

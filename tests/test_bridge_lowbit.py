@@ -66,6 +66,17 @@ def test_lowbit_backward_exact_when_gradient_fits(kind, wl, fl, cache_dir):
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
 
 
+def test_a_slice_of_a_batch_runs_as_its_copy(cache_dir):
+    """A slice that starts past a batch's first sample is not 64-byte aligned, which TVM refuses
+    without a copy."""
+    layer, shape = _net("conv2d_dense")
+    cfg = MarvinConfig(rounding="nearest", backward="lowbit", cache_dir=cache_dir, precompile=())
+    quantize_(layer, torch.zeros(shape), cfg)
+    x = torch.randn(shape)
+    assert x[1:].data_ptr() % 64 != 0
+    torch.testing.assert_close(layer(x[1:]), layer(x[1:].clone()), rtol=0, atol=0)
+
+
 def test_lowbit_backward_refuses_a_gradient_that_is_not_finite(cache_dir):
     """A diverged training's inf gradient gets an error naming the layer, not a math domain error."""
     layer, shape = _net("linear")
