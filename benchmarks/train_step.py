@@ -205,10 +205,13 @@ def float_results(
     return results
 
 
-# The float32 eager step in a child process whose libgomp keeps its default wait policy (idle
-# workers spin before they sleep): torch loads before marvin_compile there, so OMP_WAIT_POLICY and
-# GOMP_SPINCOUNT stay unset. Prints the median step ms.
-_DEFAULT_POLICY_CHILD = """
+# A float32 eager child process: times ``steps`` steps (prints the median ms) per line it reads.
+# torch loads before marvin_compile, so libgomp takes its wait policy from the environment the
+# child is given: its default where OMP_WAIT_POLICY and GOMP_SPINCOUNT are unset (the `libgomp
+# default wait policy` row), this process's settings otherwise (the eager side of the side-by-side
+# row, in a process that never starts TVM: eager steps timed in a process whose TVM pool had run
+# read up to 35% slower in some runs here).
+_EAGER_CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import train_step as ts
@@ -218,23 +221,21 @@ torch.manual_seed(0)
 model = build().train()
 x, y = torch.randn(ts.BATCH, *shape), torch.randint(0, 10, (ts.BATCH,))
 opt = torch.optim.SGD(model.parameters(), lr=ts.LR, momentum=ts.MOMENTUM, weight_decay=ts.WEIGHT_DECAY)
-print(ts.time_steps(lambda: ts.torch_step(model, opt, x, y), steps, False, warmup)[0])
+for _ in sys.stdin:
+    print(ts.time_steps(lambda: ts.torch_step(model, opt, x, y), steps, False, warmup)[0], flush=True)
 """
+
+
+def _eager_child(name: str, steps: int, warmup: int) -> list[str]:
+    return [sys.executable, "-c", _EAGER_CHILD, str(Path(__file__).parent), name, str(steps), str(warmup)]
 
 
 def default_policy_eager(name: str, steps: int, warmup: int) -> Result:
     """float32 eager with libgomp's default wait policy (a child process, see above)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    args = [
-        sys.executable,
-        "-c",
-        _DEFAULT_POLICY_CHILD,
-        str(Path(__file__).parent),
-        name,
-        str(steps),
-        str(warmup),
-    ]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        _eager_child(name, steps, warmup), input="go\n", env=env, capture_output=True, text=True, check=False
+    )
     label = "float32 eager, libgomp default wait policy"
     if done.returncode != 0:
         return Result(label, None, f"failed: {done.stderr.strip().splitlines()[-1][:120]}")
@@ -327,42 +328,24 @@ def bench_model(name: str, steps: int, warmup: int, try_compile: bool) -> list[R
     )
 
 
-# The float32 eager side of the side-by-side row: a child process that never starts TVM (eager
-# steps timed in a process whose TVM pool had run read up to 35% slower in some runs here), with
-# this process's thread settings. Times ``steps`` steps (median ms) per line it reads.
-_EAGER_CHILD = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import train_step as ts
-import torch
-name, steps, warmup = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-build, shape, _, _ = ts.MODELS[name]
-torch.manual_seed(0)
-model = build().train()
-x, y = torch.randn(ts.BATCH, *shape), torch.randint(0, 10, (ts.BATCH,))
-opt = torch.optim.SGD(model.parameters(), lr=ts.LR, momentum=ts.MOMENTUM, weight_decay=ts.WEIGHT_DECAY)
-for _ in sys.stdin:
-    print(ts.time_steps(lambda: ts.torch_step(model, opt, x, y), steps, False, warmup)[0], flush=True)
-"""
-
-
 def alternating(
     name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
 ) -> Result:
     """MARViN int8 lowbit against float32 eager side by side: ``ROUNDS`` rounds, each timing
-    ``steps`` eager steps (in ``_EAGER_CHILD``, this process waiting) and right after them
-    ``steps`` MARViN steps, so that the host's drift in speed (eager ResNet-20 steps read
-    350-480 ms across runs here) hits both sides of each round's ratio alike. The row's ratio is
-    the median of the rounds'."""
+    ``steps`` eager steps (in ``_EAGER_CHILD`` with this process's thread settings, this process
+    waiting) and right after them ``steps`` MARViN steps, so that the host's drift in speed (eager
+    ResNet-20 steps read 350-490 ms across runs here) hits both sides of each round's ratio alike.
+    The row's ratio is the median of the rounds'."""
     model = copy.deepcopy(base).train()
     p = FIXED["int8"]
     handle = quantize_(
         model, x[:2], MarvinConfig(target="cpu", rounding="stochastic", backward="lowbit", initial=p)
     )
     opt = marvin_optimizer(model, handle, precision=(p.wl, p.fl))
-    args = [sys.executable, "-c", _EAGER_CHILD, str(Path(__file__).parent), name, str(steps), str(warmup)]
     eager, ours = [], []
-    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+    with subprocess.Popen(
+        _eager_child(name, steps, warmup), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
         for _ in range(ROUNDS):
             child.stdin.write("go\n")
             child.stdin.flush()
