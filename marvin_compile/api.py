@@ -5,8 +5,9 @@
 
 Conv and Linear modules then run compiled fixed-point variants; everything else (activations,
 pooling, residual adds) stays plain PyTorch and trains as written, batch norm too, except that on
-the CPU its training statistics come from a compiled kernel (``runtime/batch_norm``: PyTorch's
-took a tenth of a ResNet-20 step).
+the CPU its training statistics and gradients come from compiled kernels (``runtime/batch_norm``:
+PyTorch's sums each channel one element at a time), a ``models.BatchNormReLU2d``'s add and ReLU
+with them.
 """
 
 from __future__ import annotations

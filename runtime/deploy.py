@@ -57,7 +57,7 @@ STAGED_BYTES = 1 << 16  # inputs up to this size are always copied into a stagin
 
 class _BatchNormApart(fx.Tracer):
     """Traces a ``BatchNormReLU2d`` as a call of itself followed by its add and ReLU, so that
-    ``apart`` can make the call a plain batch norm that ``fuse`` folds into its Conv."""
+    ``_batch_norm_apart`` can make the call a plain batch norm that ``fuse`` folds into its Conv."""
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> object:
         if not isinstance(m, BatchNormReLU2d):
@@ -69,11 +69,11 @@ class _BatchNormApart(fx.Tracer):
 
 def _batch_norm_apart(model: nn.Module) -> nn.Module:
     """``model`` with each ``BatchNormReLU2d`` a plain BatchNorm2d followed by its add and ReLU."""
-    fused = [n for n, m in model.named_modules() if isinstance(m, BatchNormReLU2d)]
-    if not fused:
+    combined = [n for n, m in model.named_modules() if isinstance(m, BatchNormReLU2d)]
+    if not combined:
         return model
     graph = fx.GraphModule(model, _BatchNormApart().trace(model))
-    for name in fused:
+    for name in combined:
         old = graph.get_submodule(name)
         plain = nn.BatchNorm2d(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
         plain.load_state_dict(old.state_dict())
