@@ -47,10 +47,14 @@ class BatchNormKernels:
         return self._vms[key]
 
     def _call(self, entry: str, x: torch.Tensor, *args: torch.Tensor) -> list[torch.Tensor]:
+        """The entry's outputs, those over all of ``x`` shaped as ``x``. The shape is set on TVM's
+        side: a torch view would keep autograd from summing into a returned gradient in place (a
+        fresh tensor and a pass over it each time a block's input gradient is summed)."""
         planes = _planes(x)
         tensors = [to_tvm(_planes(t) if t.dim() > 1 else t) for t in args]
         out = self.entries(*planes.shape[1:])[entry](*tensors)
-        return [torch.from_dlpack(o) for o in ([out] if isinstance(out, tvm.runtime.Tensor) else out)]
+        outs = [out] if isinstance(out, tvm.runtime.Tensor) else out
+        return [torch.from_dlpack(o._create_view(x.shape) if len(o.shape) == 3 else o) for o in outs]
 
     def stats(self, x: torch.Tensor) -> torch.Tensor:
         """``[3, C]``: per channel the mean, the biased and the unbiased variance."""
@@ -68,7 +72,7 @@ class BatchNormKernels:
         """relu(normalized x * weight + bias [+ residual]), shaped as ``x``."""
         args = (x, mean, invstd, weight, bias) + (() if residual is None else (residual,))
         entry = "normalize_relu" if residual is None else "normalize_add_relu"
-        return self._call(entry, x, *args)[0].view(x.shape)
+        return self._call(entry, x, *args)[0]
 
     def backward(
         self,
@@ -84,8 +88,7 @@ class BatchNormKernels:
         or its output (with one, whose gradient then comes third)."""
         entry = "backward" if after is None else "backward_relu" if after.dim() == 1 else "backward_add_relu"
         args = (g, x, mean, invstd, weight) + (() if after is None else (after,))
-        results = self._call(entry, x, *args)
-        return [r.view(x.shape) if r.dim() > 2 else r for r in results]
+        return self._call(entry, x, *args)
 
 
 def _planes(x: torch.Tensor) -> torch.Tensor:
