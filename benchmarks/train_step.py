@@ -110,15 +110,15 @@ REGION_TIMER = Regions()
 
 
 def instrument() -> None:
-    """Wrap the compiled-kernel calls (layers, batch norm), every imported ``quantize`` and
-    ``MSGD.step`` (benchmark only)."""
+    """Wrap the compiled-kernel calls (layers, batch norm), every imported ``quantize`` (and the
+    optimizer's ``quantize_each``) and ``MSGD.step`` (benchmark only)."""
     CompiledLayer.run = REGION_TIMER.wrap("kernels", CompiledLayer.run)
     CompiledLayer.run_gradients = REGION_TIMER.wrap("kernels", CompiledLayer.run_gradients)
     BatchNormKernels.stats = REGION_TIMER.wrap("batch_norm", BatchNormKernels.stats)
     BatchNormKernels.normalize_relu = REGION_TIMER.wrap("batch_norm", BatchNormKernels.normalize_relu)
     BatchNormKernels.backward = REGION_TIMER.wrap("batch_norm", BatchNormKernels.backward)
-    for mod in (bridge_mod, optimizer_mod, controller_mod):
-        mod.quantize = REGION_TIMER.wrap("quantize", mod.quantize)
+    for mod, name in ((bridge_mod, "quantize"), (optimizer_mod, "quantize_each"), (controller_mod, "quantize")):
+        setattr(mod, name, REGION_TIMER.wrap("quantize", getattr(mod, name)))
     MSGD.step = REGION_TIMER.wrap("optimizer", MSGD.step)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
@@ -93,6 +95,49 @@ def quantize(
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         up = u.ge_(frac.neg_().add_(1.0))
     return floor.add_(up).clamp_(p.int_min, p.int_max).mul_(p.step)
+
+
+_ON_GRID = WeakTensorKeyDictionary()
+
+
+def _grid_key(t: torch.Tensor, wl: int, fl: int) -> tuple[int, int, int, int]:
+    return t._version, t.data_ptr(), int(wl), int(fl)
+
+
+def mark_on_grid(t: torch.Tensor, wl: int, fl: int) -> None:
+    """Note that ``t`` holds values of the (wl, fl) grid (an optimizer that just wrote Q(master) into
+    a parameter), so ``on_grid`` spares its consumers quantizing it again, until ``t`` is written in
+    place (its version counter moves) or given other storage. Writes through ``t.data`` escape."""
+    _ON_GRID[t] = _grid_key(t, wl, fl)
+
+
+def on_grid(t: torch.Tensor, wl: int, fl: int) -> bool:
+    """Whether ``t`` was marked on the (wl, fl) grid and is unchanged since (``mark_on_grid``)."""
+    return _ON_GRID.get(t) == _grid_key(t, wl, fl)
+
+
+def quantize_each(
+    tensors: Sequence[torch.Tensor],
+    precisions: Sequence[tuple[int, int]],
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Q of each tensor at its own (wl, fl), as one ``quantize`` over the concatenation of the tensors
+    that share a precision. Same values as a call per tensor (stochastic rounding draws in another
+    order); an optimizer's many small parameters pay quantize's ten operations once a precision, not
+    once a tensor: 2-3 ms of a ResNet-20 step here, where each small operation costs ~20-50 us."""
+    if len(tensors) != len(precisions):
+        raise ValueError(f"{len(tensors)} tensors but {len(precisions)} precisions; one precision per tensor")
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (wl, fl) in enumerate(precisions):
+        groups.setdefault((wl, fl), []).append(i)
+    for (wl, fl), members in groups.items():
+        flat = torch.cat([tensors[i].reshape(-1) for i in members])
+        parts = quantize(flat, wl, fl, rounding, generator).split([tensors[i].numel() for i in members])
+        for i, q in zip(members, parts, strict=True):
+            out[i] = q.view(tensors[i].shape)
+    return out  # type: ignore[return-value]
 
 
 def quantize_np(x: np.ndarray, wl: int, fl: int) -> np.ndarray:

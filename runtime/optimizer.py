@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from marvin_compile.fixed_point import check_precision, quantize
+from marvin_compile.fixed_point import check_precision, mark_on_grid, quantize_each
 
 from .controller import PrecisionController
 
@@ -64,7 +64,8 @@ class MSGD(torch.optim.Optimizer):
     the layer's current (wl, fl) and normalised to unit L2 norm; (2) for the weight, the controller
     observes it and may decide a new precision from the master weight before the update; (3) SGD
     updates the master; (4) the parameter becomes Q(master; wl, fl, stochastic) at the layer's
-    (possibly new) precision; the bias always follows its weight. Without a controller the
+    (possibly new) precision, marked as such (``fixed_point.mark_on_grid``: the bridged forward then
+    takes it as it is); the bias always follows its weight. Without a controller the
     precision stays fixed at ``precision`` (one pair for all layers, or a pair per layer).
 
     Arguments beyond torch.optim.SGD's: ``l1`` (adds ``l1 * sign(master)`` to the update, like
@@ -170,11 +171,7 @@ class MSGD(torch.optim.Optimizer):
         """Snapshot the masters and put the quantized layers' parameters on their grids now."""
         if not self.quantize_weights:
             return
-        precision = self.precision
-        for p, (name, _) in self._layer_of.items():
-            master = self._master(p)
-            wl, fl = precision[name]
-            p.copy_(quantize(master, wl, fl, "stochastic", self._generator(master.device)))
+        self._write_params(list(self._layer_of), self.precision)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -188,34 +185,19 @@ class MSGD(torch.optim.Optimizer):
             self.controller.update_strategy(loss)
 
         before = self.precision
-        updated: list[torch.Tensor] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MSGD does not support sparse gradients")
-                master = self._master(p)
-                grad = p.grad
-                ref = self._layer_of.get(p)
-                if ref is not None:
-                    name, is_weight = ref
-                    grad = self._marvin_grad(grad, *before[name])
-                    if is_weight and self.controller is not None:
-                        self.controller.observe(name, grad)
-                        self.controller.maybe_decide(name, master, self._generator(master.device))
-                self._sgd(master, grad, self.state[p], group)
-                updated.append(p)
-
+        stepped = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p, _ in stepped):
+            raise RuntimeError("MSGD does not support sparse gradients")
+        grads = self._marvin_grads([p for p, _ in stepped], before)
+        for (p, group), grad in zip(stepped, grads, strict=True):
+            master = self._master(p)
+            name, is_weight = self._layer_of.get(p, (None, False))
+            if is_weight and self.controller is not None:
+                self.controller.observe(name, grad)
+                self.controller.maybe_decide(name, master, self._generator(master.device))
+            self._sgd(master, grad, self.state[p], group)
         after = self.precision
-        for p in updated:
-            master = self.state[p]["master"]
-            ref = self._layer_of.get(p)
-            if ref is not None and self.quantize_weights:
-                wl, fl = after[ref[0]]
-                p.copy_(quantize(master, wl, fl, "stochastic", self._generator(master.device)))
-            else:
-                p.copy_(master)
+        self._write_params([p for p, _ in stepped], after)
 
         self.precision_changes = {name: pair for name, pair in after.items() if pair != before[name]}
         if self.precision_changes:
@@ -223,16 +205,59 @@ class MSGD(torch.optim.Optimizer):
                 hook(dict(self.precision_changes))
         return loss
 
-    def _marvin_grad(self, grad: torch.Tensor, wl: int, fl: int) -> torch.Tensor:
-        """Section 3 step 1: stochastic quantization at the precision that produced the gradient, then
-        unit L2 norm (a zero gradient stays zero; no host sync)."""
-        g = grad.to(torch.float32)
+    def _marvin_grads(
+        self, params: list[torch.Tensor], precision: dict[str, tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Section 3 step 1 for the quantized layers' parameters: stochastic quantization at the
+        precision that produced the gradient, then unit L2 norm (a zero gradient stays zero; no host
+        sync). Every other parameter's gradient as it is."""
+        grads = [p.grad for p in params]
+        layer = [i for i, p in enumerate(params) if p in self._layer_of]
         if self.quantize_grads:
-            g = quantize(g, wl, fl, "stochastic", self._generator(g.device))
-        if self.normalize_grads:
-            norm = torch.linalg.vector_norm(g)
-            g = g / torch.where(norm > 0, norm, torch.ones_like(norm))
-        return g
+            qs = self._quantize(
+                [grads[i].to(torch.float32) for i in layer],
+                [precision[self._layer_of[params[i]][0]] for i in layer],
+            )
+            for i, q in zip(layer, qs, strict=True):
+                grads[i] = q
+        for i in layer:
+            g = grads[i].to(torch.float32)
+            if self.normalize_grads:
+                norm = torch.linalg.vector_norm(g)
+                g = g / torch.where(norm > 0, norm, torch.ones_like(norm))
+            grads[i] = g
+        return grads
+
+    def _write_params(self, params: list[torch.Tensor], precision: dict[str, tuple[int, int]]) -> None:
+        """Step 4: each quantized layer's parameter becomes Q(master) at the layer's precision, every
+        other parameter its master."""
+        layer = [p for p in params if p in self._layer_of and self.quantize_weights]
+        qs = self._quantize(
+            [self._master(p) for p in layer], [precision[self._layer_of[p][0]] for p in layer]
+        )
+        for p, q in zip(layer, qs, strict=True):
+            p.copy_(q)
+            mark_on_grid(p, *precision[self._layer_of[p][0]])
+        for p in params:
+            if p not in self._layer_of or not self.quantize_weights:
+                p.copy_(self._master(p))
+
+    def _quantize(self, tensors: list[torch.Tensor], precisions: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Stochastic Q of each tensor at its precision, batched per device (``quantize_each``)."""
+        out: list[torch.Tensor] = list(tensors)
+        devices: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            devices.setdefault(t.device, []).append(i)
+        for device, members in devices.items():
+            qs = quantize_each(
+                [tensors[i] for i in members],
+                [precisions[i] for i in members],
+                "stochastic",
+                self._generator(device),
+            )
+            for i, q in zip(members, qs, strict=True):
+                out[i] = q
+        return out
 
     @staticmethod
     def _sgd(master: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from marvin_compile.api import MarvinConfig, quantize_
-from marvin_compile.fixed_point import Precision, quantize
+from marvin_compile.fixed_point import Precision, mark_on_grid, on_grid, quantize
+from marvin_compile.runtime.optimizer import MSGD, quantizable_layers
 
 
 def _net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -153,3 +154,32 @@ def test_stochastic_dw_quantizes_the_input_as_the_forward_did(kind, cache_dir):
         torch.testing.assert_close(dw.double(), want, rtol=0, atol=0)
         draws.append(dw)
     assert not torch.equal(*draws)  # x really drawn from each seed
+
+
+def test_a_weight_msgd_put_on_the_grid_is_used_as_is_until_written(cache_dir):
+    """After MSGD's step the bridge takes the weight as it is (no second quantization); written in
+    place afterwards, the weight is quantized again. The float backward shows which weight the
+    forward saved: dx = g @ w_saved."""
+    torch.manual_seed(3)
+    layer = nn.Linear(12, 5)
+    wl, fl = 8, 4
+    cfg = MarvinConfig(rounding="nearest", initial=Precision(wl, fl), cache_dir=cache_dir, precompile=())
+    quantize_(layer, torch.zeros(2, 12), cfg)
+    opt = MSGD(layer.parameters(), lr=0.1, layers=quantizable_layers(layer), precision=(wl, fl))
+    x, g = torch.randn(3, 12), torch.randn(3, 5)
+    layer(x).backward(g)
+    opt.step()
+    assert on_grid(layer.weight, wl, fl)
+
+    def input_grad() -> torch.Tensor:
+        xr = x.clone().requires_grad_()
+        layer(xr).backward(g)
+        return xr.grad
+
+    torch.testing.assert_close(input_grad(), g @ layer.weight.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.weight.add_(0.01)  # off the grid now
+    assert not on_grid(layer.weight, wl, fl)
+    torch.testing.assert_close(input_grad(), g @ quantize(layer.weight.detach(), wl, fl), rtol=0, atol=0)
+    mark_on_grid(layer.weight, wl, fl)  # a false mark is believed: the saved weight is the raw one
+    torch.testing.assert_close(input_grad(), g @ layer.weight.detach(), rtol=0, atol=0)
