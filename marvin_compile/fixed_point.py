@@ -125,7 +125,7 @@ def quantize_each(
     """Q of each tensor at its own (wl, fl), as one ``quantize`` over the concatenation of the tensors
     that share a precision. Same values as a call per tensor (stochastic rounding draws in another
     order); an optimizer's many small parameters pay quantize's ten operations once a precision, not
-    once a tensor: 2-3 ms of a ResNet-20 step here, where each small operation costs ~20-50 us."""
+    once a tensor (MSGD's 46 calls a ResNet-20 step took 7-8 ms here, its two batched ones 4)."""
     if len(tensors) != len(precisions):
         raise ValueError(f"{len(tensors)} tensors but {len(precisions)} precisions; one precision per tensor")
     out: list[torch.Tensor | None] = [None] * len(tensors)
