@@ -132,13 +132,23 @@ class CompiledLayer:
         return gx, torch.from_dlpack(gw)
 
 
-def _quantized_param(
-    t: torch.Tensor | None, p: Precision, rounding: str, gen: torch.Generator
-) -> torch.Tensor | None:
-    """Q(t), or ``t`` as it is where MSGD just put it on this grid (``fixed_point.on_grid``)."""
-    if t is None:
-        return None
-    return t.detach() if on_grid(t, p.wl, p.fl) else quantize(t.detach(), p.wl, p.fl, rounding, gen)
+def _quantized_params(
+    weight: torch.Tensor, bias: torch.Tensor | None, p: Precision, rounding: str, seed: int
+) -> list[torch.Tensor | None]:
+    """Q(weight), Q(bias), each as it is where MSGD just put it on this grid (``fixed_point.on_grid``).
+    Stochastic draws come from a generator seeded by the call's ``seed``, so whether they are drawn
+    does not move the layer's generator: a resumed run (whose loaded parameters are not marked)
+    draws the same seeds as an uninterrupted one."""
+    gen = None
+    out = []
+    for t in (weight, bias):
+        if t is None or on_grid(t, p.wl, p.fl):
+            out.append(None if t is None else t.detach())
+            continue
+        if gen is None and rounding == "stochastic":
+            gen = torch.Generator(device=t.device).manual_seed(seed)
+        out.append(quantize(t.detach(), p.wl, p.fl, rounding, gen))
+    return out
 
 
 class _QuantizedLayerFn(torch.autograd.Function):
@@ -146,12 +156,11 @@ class _QuantizedLayerFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module, seed, grad_seed):  # noqa: ANN001 - autograd signature
         layer: CompiledLayer = module.marvin
         p = layer.precision
-        gen = module.marvin_generator
         # Q(w) is an operand of the straight-through gradients: quantize the (small) parameters here
         # (a no-op in the kernel, where quantizing on-grid values is exact), unless MSGD just put them
         # on this grid. The backward quantizes x again, bit for bit, from x and the same seed (in dw's
         # kernel on the low-bit path).
-        wq, bq = (_quantized_param(t, p, layer.rounding, gen) for t in (weight, bias))
+        wq, bq = _quantized_params(weight, bias, p, layer.rounding, seed)
         x = x.detach().contiguous()
         y = layer.run(x, wq, bq, seed)
         ctx.save_for_backward(x, wq)
