@@ -117,7 +117,8 @@ def instrument() -> None:
     BatchNormKernels.stats = REGION_TIMER.wrap("batch_norm", BatchNormKernels.stats)
     BatchNormKernels.normalize_relu = REGION_TIMER.wrap("batch_norm", BatchNormKernels.normalize_relu)
     BatchNormKernels.backward = REGION_TIMER.wrap("batch_norm", BatchNormKernels.backward)
-    for mod, name in ((bridge_mod, "quantize"), (optimizer_mod, "quantize_each"), (controller_mod, "quantize")):
+    quantizers = ((bridge_mod, "quantize"), (optimizer_mod, "quantize_each"), (controller_mod, "quantize"))
+    for mod, name in quantizers:
         setattr(mod, name, REGION_TIMER.wrap("quantize", getattr(mod, name)))
     MSGD.step = REGION_TIMER.wrap("optimizer", MSGD.step)
 
@@ -434,7 +435,9 @@ def section(
         "eager, MARViN's batch norm`.",
         "- Breakdown (median ms per region, share of their sum): kernels = inside `CompiledLayer.run` "
         "/ `run_gradients`; batch-norm kernels = `BatchNormKernels.stats` / `normalize_relu` / "
-        "`backward`; quantize = `fixed_point.quantize` calls (bridge, optimizer, controller); "
+        "`backward`; quantize = `fixed_point.quantize` calls (bridge, controller) and MSGD's "
+        "`quantize_each` (its gradients, then its masters, one pass per precision; the bridge "
+        "quantizes a parameter only where MSGD did not just put it on the layer's grid); "
         "optimizer+controller = `MSGD.step` less its quantize calls; rest = step time less the four "
         "(torch glue: batch norm's normalization where no ReLU follows, activations, pooling, "
         "autograd, float backward of the bridged layers). Timed with wrappers this script "
