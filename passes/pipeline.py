@@ -48,7 +48,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, param
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 53  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 52  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
@@ -60,24 +60,6 @@ def codegen_key(target: tvm.target.Target) -> str:
 
 def _isa(target: tvm.target.Target | None) -> DotISA | None:
     return None if target is None else dot_isa(target)
-
-
-# LLVM's x86 MachineCombiner reassociates the packed kernels' accumulating adds for instruction-level
-# parallelism: each accumulator then holds a second partial sum, the register tile outgrows AVX2's
-# 16 vector registers, and LLVM spills (ResNet-20's 16-channel int16 conv: 25 stack accesses per 64
-# vpmaddwd, 3 without it; 6% faster, int8 3-7%, 32 / 64 channels unchanged within 1%)
-NO_MACHINE_COMBINER = "-x86-machine-combiner:bool=false"
-
-
-def codegen_target(target: tvm.target.Target) -> tvm.target.Target:
-    """``target`` with the LLVM options our AVX2 kernels compile under (``NO_MACHINE_COMBINER``);
-    other targets as they are (AVX-512's 32 registers hold the tiles either way)."""
-    isa = _isa(target)
-    if isa is None or isa.name != "avx2":
-        return target
-    config = dict(target.export())
-    config["cl-opt"] = [*config.get("cl-opt", []), NO_MACHINE_COMBINER]
-    return tvm.target.Target(config)
 
 
 def bind_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
@@ -230,7 +212,6 @@ def build(
         raise ValueError(f"exec_mode {exec_mode!r} is not one of {EXEC_MODES}")
     if target.kind.name != "llvm":
         return tvm.compile(mod, target=target)
-    target = codegen_target(target)
     seq = tvm.transform.Sequential(
         cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
