@@ -25,7 +25,17 @@ from tvm import te, tirx
 
 from marvin_compile import te_dot
 from marvin_compile.dot_isa import DotISA
-from marvin_compile.te_dot import OFFSET, cast_to, ceil_div, masked, operand, operand_of, pack_word, pad_value
+from marvin_compile.te_dot import (
+    OFFSET,
+    cast_to,
+    ceil_div,
+    masked,
+    operand,
+    operand_of,
+    pack_word,
+    packed_steps,
+    pad_value,
+)
 
 DW_BLOCK = "marvin_dot_dw"
 DW_CHUNK = 128  # products per int32 partial sum aimed at: amortises the int64 fold of a chunk
@@ -230,11 +240,7 @@ def _weight_grad(
     rows = dw_rows(isa, container, (oh, ow))
     blocks = dw_chunk(isa, container, (oh, ow)) // (depth * rows * ow)  # sample blocks per chunk
     chunks = (n + blocks * depth - 1) // (blocks * depth)
-    # A 1x1 kernel reads only every stride-th row and column: as in ``te_dot.conv2d``, the packing
-    # takes just those (and quantizes just those: ResNet-20's 16->32 shortcut dw took 1.8 ms at
-    # batch 128 packing all of x)
-    step_h, step_w = (sh, sw) if kh == kw == 1 else (1, 1)
-    sh, sw = sh // step_h, sw // step_w
+    (step_h, step_w), (sh, sw) = packed_steps((kh, kw), (sh, sw))  # only those a 1x1 kernel reads
     hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw
     pad = pad_value(isa, container)
 

@@ -211,35 +211,35 @@ class MSGD(torch.optim.Optimizer):
         """Section 3 step 1 for the quantized layers' parameters: stochastic quantization at the
         precision that produced the gradient, then unit L2 norm (a zero gradient stays zero; no host
         sync). Every other parameter's gradient as it is."""
-        grads = [p.grad for p in params]
         layer = [i for i, p in enumerate(params) if p in self._layer_of]
+        grads = [p.grad for p in params]
+        for i in layer:
+            grads[i] = grads[i].to(torch.float32)
         if self.quantize_grads:
             qs = self._quantize(
-                [grads[i].to(torch.float32) for i in layer],
-                [precision[self._layer_of[params[i]][0]] for i in layer],
+                [grads[i] for i in layer], [precision[self._layer_of[params[i]][0]] for i in layer]
             )
             for i, q in zip(layer, qs, strict=True):
                 grads[i] = q
-        for i in layer:
-            g = grads[i].to(torch.float32)
-            if self.normalize_grads:
-                norm = torch.linalg.vector_norm(g)
-                g = g / torch.where(norm > 0, norm, torch.ones_like(norm))
-            grads[i] = g
+        if self.normalize_grads:
+            for i in layer:
+                norm = torch.linalg.vector_norm(grads[i])
+                grads[i] = grads[i] / torch.where(norm > 0, norm, torch.ones_like(norm))
         return grads
 
     def _write_params(self, params: list[torch.Tensor], precision: dict[str, tuple[int, int]]) -> None:
         """Step 4: each quantized layer's parameter becomes Q(master) at the layer's precision, every
         other parameter its master."""
-        layer = [p for p in params if p in self._layer_of and self.quantize_weights]
-        qs = self._quantize(
-            [self._master(p) for p in layer], [precision[self._layer_of[p][0]] for p in layer]
-        )
-        for p, q in zip(layer, qs, strict=True):
+        quantized = [p for p in params if p in self._layer_of] if self.quantize_weights else []
+        pairs = [precision[self._layer_of[p][0]] for p in quantized]
+        for p, q, pair in zip(
+            quantized, self._quantize([self._master(p) for p in quantized], pairs), pairs, strict=True
+        ):
             p.copy_(q)
-            mark_on_grid(p, *precision[self._layer_of[p][0]])
+            mark_on_grid(p, *pair)
+        written = {id(p) for p in quantized}
         for p in params:
-            if p not in self._layer_of or not self.quantize_weights:
+            if id(p) not in written:
                 p.copy_(self._master(p))
 
     def _quantize(self, tensors: list[torch.Tensor], precisions: list[tuple[int, int]]) -> list[torch.Tensor]:
