@@ -530,7 +530,10 @@ def kernel_note() -> str:
             "into int32: 16 MACs per instruction, plus a vpaddd), int8 widened to int16 "
             "(vpmaddubsw saturates its int16 pair sums for full-range signed operands). The other int8 "
             "layers take a ReLU's output, levels in [0, 127], and run on vpmaddubsw (unsigned x signed "
-            "bytes, 32 MACs, pair sums exact at 2 * 127 * 128) then vpmaddwd by ones and a vpaddd. "
+            "bytes, 32 MACs, pair sums exact at 2 * 127 * 128), summed in int16 by a vpaddw where the "
+            "deployed weights keep every int16 lane's sum in range (checked per layer when deploying; "
+            "the kernel adds each lane's two halves once, at the end), else widened by vpmaddwd by ones "
+            "and a vpaddd. "
             "ORT int8 runs every layer on vpmaddubsw (uint8 activations x int8 weights, its pair sums "
             "saturating); see the kernels section for per-layer throughput."
         )

@@ -34,10 +34,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 
-from marvin_compile.dot_isa import DotISA, lane_of
+from marvin_compile.dot_isa import DotISA, int16_lanes_add, int16_pair_word, int16_word_sum, lane_of
 
 DOT_BLOCK = "marvin_dot"
 ROW_BLOCK = 8  # matmul rows per register block
@@ -98,6 +99,37 @@ def pack_weight(w: te.Tensor, isa: DotISA, container: str) -> PackedWeight:
         (ceil_div(o, lanes), groups, kh, 1 if fold else kw, lanes, depth), f, name="dot_pack_w"
     )
     return PackedWeight(packed, weight_sums(w, isa, container), shape)
+
+
+def int16_sums_fit(levels: np.ndarray, input_max: int, depth: int = 4) -> bool:
+    """Whether the byte chain's int16 accumulators (``int16_sums``) hold their exact sums for
+    every input in ``[0, input_max]`` against these integer weights (``[O, C, KH, KW]`` or ``[O,
+    K]``): an accumulator sums the products at one pair position of the words (``q``: the
+    reduction index's place in its word, halved) for one output, so the largest it reaches is
+    ``input_max * max(sum of its positive weights, -(sum of its negative ones))``. Every partial
+    sum is inside that bound too, and each instruction's pair sum (2 * 127 * 128) never saturates."""
+    if input_max > 127:
+        raise ValueError(f"the byte chain takes inputs up to 127, not {input_max}")
+    if levels.ndim == 4:
+        _, c, kh, kw = levels.shape
+        # the index packed into the words: a (kernel column, channel) pair where taps fold in
+        channel, column = np.arange(c)[:, None, None], np.arange(kw)[None, None, :]
+        place = column * c + channel if folds_taps(c, kw, depth) else channel + 0 * column
+        place = np.broadcast_to(place, (c, kh, kw))
+    else:
+        place = np.arange(levels.shape[1])
+    pair = (place.reshape(-1) % depth) // 2
+    w = levels.reshape(levels.shape[0], -1).astype(np.int64)
+    largest = max(
+        int(
+            max(
+                np.clip(w[:, pair == q], 0, None).sum(1).max(),
+                np.clip(-w[:, pair == q], 0, None).sum(1).max(),
+            )
+        )
+        for q in (0, 1)
+    )
+    return input_max * largest < 2**15
 
 
 def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
@@ -180,41 +212,80 @@ def pixel_lanes(out_channels: int, out_width: int, stride: int, lanes: int) -> b
     return stride == 1 and padded_rows <= ceil_div(out_channels, lanes) * lanes * out_width
 
 
-def _reduce_rows(xp, wp, out_shape, stride_h, kh, kw, isa: DotISA, container: str) -> te.Tensor:
+INT16_SUMS_ATTR = "marvin.int16_sums"  # a reduction block's annotation: it sums int16 pairs
+
+
+def _reduction(out_shape, word, weight, axes, isa: DotISA, container: str, int16_sums: bool) -> te.Tensor:
+    """``sum over axes and the word's depth of operand * weight``, ``word(out)`` / ``weight(out,
+    p)`` reading the packed operands at an output index. With ``int16_sums`` each output is an
+    int32 word of two int16 sums (``int16_pair_word``), one per pair of a word's four elements,
+    accumulated with ``int16_lanes_add``: the byte chain's int16 accumulators (``dot_isa``), which
+    ``int16_word_sum`` adds up once the reduction is done."""
+    if not int16_sums:
+        p = te.reduce_axis((0, isa.depth(container)), name="p")
+        dtype = isa.product_dtype(container)
+        return te.compute(
+            out_shape,
+            lambda *o: te.sum(
+                operand_of(word(o), p, isa, container) * cast_to(dtype, weight(o, p)), axis=[*axes, p]
+            ),
+            name=DOT_BLOCK,
+        )
+    add = te.comm_reducer(int16_lanes_add, lambda dtype: tirx.const(0, dtype), name="int16_lanes_add")
+    unit = te.reduce_axis((0, 1), name="p")  # the word's depth, taken whole: the loop the schedule tiles
+
+    def pair_sums(*o):
+        def product(k: int) -> tirx.PrimExpr:
+            return operand_of(word(o), k, isa, container) * cast_to("int32", weight(o, k))
+
+        return add(int16_pair_word(product(0) + product(1), product(2) + product(3)), axis=[*axes, unit])
+
+    return te.compute(out_shape, pair_sums, name=DOT_BLOCK, attrs={INT16_SUMS_ATTR: 1})
+
+
+def _reduce_rows(
+    xp, wp, out_shape, stride_h, kh, kw, isa: DotISA, container: str, int16_sums: bool = False
+) -> te.Tensor:
     """The pixel-lane reduction: ``[N, O, OH, OW]`` from ``xp`` read along its rows."""
     lanes = isa.lanes
     cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
     i = te.reduce_axis((0, kh), name="kh")
     j = te.reduce_axis((0, kw), name="kw")
-    p = te.reduce_axis((0, isa.depth(container)), name="p")
-    dtype = isa.product_dtype(container)
-    return te.compute(
+    return _reduction(
         out_shape,
-        lambda n, oc, h, w: te.sum(
-            operand_of(xp[n, cb, h * stride_h + i, w + j], p, isa, container)
-            * cast_to(dtype, wp[oc // lanes, cb, i, j, oc % lanes, p]),
-            axis=[cb, i, j, p],
-        ),
-        name=DOT_BLOCK,
+        lambda o: xp[o[0], cb, o[2] * stride_h + i, o[3] + j],
+        lambda o, p: wp[o[1] // lanes, cb, i, j, o[1] % lanes, p],
+        [cb, i, j],
+        isa,
+        container,
+        int16_sums,
     )
 
 
-def _reduce(xp, wp, out_shape, stride, kh, kw, isa: DotISA, container: str) -> te.Tensor:
+def _reduce(
+    xp, wp, out_shape, stride, kh, kw, isa: DotISA, container: str, int16_sums: bool = False
+) -> te.Tensor:
+    """The channel-lane reduction: ``[N, O/L, OH, OW, L]``."""
     cb = te.reduce_axis((0, int(wp.shape[1])), name="cb")
     i = te.reduce_axis((0, kh), name="kh")
     j = te.reduce_axis((0, kw), name="kw")
-    p = te.reduce_axis((0, isa.depth(container)), name="p")
     sh, sw = stride
-    dtype = isa.product_dtype(container)
-    return te.compute(
+    return _reduction(
         out_shape,
-        lambda n, ob, h, w, oi: te.sum(
-            operand_of(xp[n, cb, h * sh + i, w * sw + j], p, isa, container)
-            * cast_to(dtype, wp[ob, cb, i, j, oi, p]),
-            axis=[cb, i, j, p],
-        ),
-        name=DOT_BLOCK,
+        lambda o: xp[o[0], cb, o[2] * sh + i, o[3] * sw + j],
+        lambda o, p: wp[o[1], cb, i, j, o[4], p],
+        [cb, i, j],
+        isa,
+        container,
+        int16_sums,
     )
+
+
+def summed(y: te.Tensor, index: tuple, int16_sums: bool) -> tirx.PrimExpr:
+    """The reduction's sum at ``index``: with ``int16_sums`` its word's two int16 sums added."""
+    if not int16_sums:
+        return y[index]
+    return int16_word_sum(y[index])
 
 
 def operand_of(word: tirx.PrimExpr, p: tirx.PrimExpr, isa: DotISA, container: str) -> tirx.PrimExpr:
@@ -251,8 +322,10 @@ def conv2d(
     isa: DotISA,
     container: str,
     acc: str,
+    int16_sums: bool = False,
 ) -> te.Tensor:
-    """NCHW x OIHW -> NCHW in ``acc`` (int32, or int64 for the int16 class), groups 1, dilation 1."""
+    """NCHW x OIHW -> NCHW in ``acc`` (int32, or int64 for the int16 class), groups 1, dilation 1;
+    ``int16_sums``: the byte chain's pair sums accumulate in int16 (only where ``int16_sums_fit``)."""
     n, c, h, wd = x.shape
     wpk = w if isinstance(w, PackedWeight) else pack_weight(w, isa, container)
     o, _, kh, kw = wpk.shape
@@ -295,19 +368,29 @@ def conv2d(
     spare = int(rows and ow % lanes != 0)
     xp = te.compute((n, groups, hp + spare, ow if fold else wp_), pack_x, name="dot_pack_x")
     if rows:
-        y = _reduce_rows(xp, wpk.data, (n, o, oh, ceil_div(ow, lanes) * lanes), sh, kh, taps, isa, container)
-        return te.compute((n, o, oh, ow), lambda *i: _correct(y[i], wpk.sums, i[1], acc), name="dot_unpack")
+        out_rows = (n, o, oh, ceil_div(ow, lanes) * lanes)
+        y = _reduce_rows(xp, wpk.data, out_rows, sh, kh, taps, isa, container, int16_sums)
+        return te.compute(
+            (n, o, oh, ow),
+            lambda *i: _correct(summed(y, i, int16_sums), wpk.sums, i[1], acc),
+            name="dot_unpack",
+        )
     out_shape = (n, ceil_div(o, lanes), oh, ow, lanes)
-    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, taps, isa, container)
+    y = _reduce(xp, wpk.data, out_shape, (sh, 1 if fold else sw), kh, taps, isa, container, int16_sums)
     return te.compute(
         (n, o, oh, ow),
-        lambda b, oc, i, j: _correct(y[b, oc // lanes, i, j, oc % lanes], wpk.sums, oc, acc),
+        lambda b, oc, i, j: _correct(
+            summed(y, (b, oc // lanes, i, j, oc % lanes), int16_sums), wpk.sums, oc, acc
+        ),
         name="dot_unpack",
     )
 
 
-def matmul(x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: str, acc: str) -> te.Tensor:
-    """``x [M, K]`` times ``w [O, K]`` transposed -> ``[M, O]`` in ``acc``."""
+def matmul(
+    x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: str, acc: str, int16_sums: bool = False
+) -> te.Tensor:
+    """``x [M, K]`` times ``w [O, K]`` transposed -> ``[M, O]`` in ``acc`` (``int16_sums``: as in
+    ``conv2d``)."""
     m, k = x.shape
     wpk = w if isinstance(w, PackedWeight) else pack_weight(w, isa, container)
     o = wpk.out_features
@@ -326,12 +409,13 @@ def matmul(x: te.Tensor, w: te.Tensor | PackedWeight, isa: DotISA, container: st
         return pack_word(lambda p: element(b, cb, j, p), isa, container)
 
     xp = te.compute((blocks, ceil_div(int(k), depth), 1, rows), pack_x, name="dot_pack_x")
-    y = _reduce(xp, wpk.data, (blocks, ceil_div(o, lanes), 1, rows, lanes), (1, 1), 1, 1, isa, container)
+    out_shape = (blocks, ceil_div(o, lanes), 1, rows, lanes)
+    y = _reduce(xp, wpk.data, out_shape, (1, 1), 1, 1, isa, container, int16_sums)
     return te.compute(
         (m, o),
         lambda row, oc: _correct(
             # min(): row // rows < blocks always, but TVM cannot prove it for a symbolic M
-            y[te.min(row // rows, blocks - 1), oc // lanes, 0, row % rows, oc % lanes],
+            summed(y, (te.min(row // rows, blocks - 1), oc // lanes, 0, row % rows, oc % lanes), int16_sums),
             wpk.sums,
             oc,
             acc,

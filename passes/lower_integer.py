@@ -14,6 +14,9 @@ int32 kernel where they keep the sums and the requantize in int32 (trained-size 
 wl 16), else the packed kernel on float64 FMAs, whose integer-valued sums are exact below 2**53
 (any K < 2**23).
 
+A deployed layer on the byte chain (a ReLU-fed int8 input without VNNI) whose constant weights
+keep every pair lane's sum inside int16 accumulates in int16 (``te_dot.int16_sums_fit``).
+
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
 input channels run on them (``amx``): the int8 class always; the int16 class as byte products
 summed in int64, exact at every word length: convs from 32 input channels with no branch at all
@@ -207,6 +210,15 @@ class LowerToIntegerKernels:
         narrow = container == "int16" and frozen is not None and fits_byte(*frozen)
         tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa, narrow)
         on_tiles_only = amx.always(tiles)
+        # a deployed byte-chain layer whose weights keep its pair sums inside int16 accumulates them
+        # there: one multiply a step instead of two (``te_dot.int16_sums_fit``)
+        int16_sums = (
+            frozen is not None
+            and packed is not None
+            and tiles is None
+            and self.isa.pairs_in_int16(dot_container)
+            and te_dot.int16_sums_fit(weight_levels(*frozen), 2 ** (frozen[1].wl - 1) - 1)
+        )
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
         # a deployed layer's weights are constants: its sums fit int32 (exact_int32) or never do
         wide_only = branch and frozen is not None and not exact_int32
@@ -244,6 +256,7 @@ class LowerToIntegerKernels:
                 isa=self.isa,
                 container="float64" if wide else dot_container,
                 acc=sums,
+                int16_sums=int16_sums and not wide,
             )
             optional = {"bias": bi, "seed": seed}
             present = [k for k, v in optional.items() if v is not None]

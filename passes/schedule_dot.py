@@ -20,7 +20,7 @@ from tvm.s_tir import Schedule
 
 from marvin_compile.dot_isa import DotISA, dot_isa
 from marvin_compile.passes.utils import parallel, schedule_injective, static_extent, vectorize_loop
-from marvin_compile.te_dot import DOT_BLOCK
+from marvin_compile.te_dot import DOT_BLOCK, INT16_SUMS_ATTR
 
 STACK_BYTES = 1024  # TVM puts a buffer this large or larger in the heap workspace
 REGISTERS = {16: 32, 8: 16}  # vector registers by lanes: zmm0-31 (AVX-512), ymm0-15 (AVX2)
@@ -45,7 +45,8 @@ def intrinsic_for(sch: Schedule, block, isa: DotISA, rows: bool = False) -> str:
     stmt = sch.get(block)
     weight = str(stmt.reads[1].source.dtype)
     container = "uint8" if weight == "int8" else weight
-    return isa.intrinsic(container, str(stmt.iter_vars[-1].var.ty.dtype), rows=rows)
+    index = str(stmt.iter_vars[-1].var.ty.dtype)
+    return isa.intrinsic(container, index, rows=rows, int16_sums=INT16_SUMS_ATTR in stmt.annotations)
 
 
 def pixel_lanes_block(sch: Schedule, block) -> bool:

@@ -227,3 +227,102 @@ def test_float32_conv_matches_float64(isa, h, stride):
     out = tvm.runtime.tensor(np.zeros(ref.shape, np.float32))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+PAIR_ISAS = [p for p in isa_params() if ISAS[p.values[0]].pairs_in_int16("uint8")]
+
+
+def _pairs_kernel(isa: str, x_shape, w_shape, conv: tuple[int, int] | None):
+    """A ``uint8`` kernel accumulating int16 pair sums (``int16_sums``): a conv (stride, padding)
+    or, with ``conv`` None, a matmul."""
+    lead = tvm.tirx.Var("n", "int64")
+    xp = te.placeholder((lead, *x_shape[1:]), "int8", name="x")
+    wp = te.placeholder(w_shape, "int8", name="w")
+
+    def make(xt, wt, isa_):
+        if conv is None:
+            return te_dot.matmul(xt, wt, isa_, "uint8", "int32", int16_sums=True)
+        stride, pad = conv
+        return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, "uint8", "int32", int16_sums=True)
+
+    return _build(isa, make, xp, wp)
+
+
+def _product(x: np.ndarray, w: np.ndarray, conv: tuple[int, int] | None) -> np.ndarray:
+    x64, w64 = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
+    if conv is None:
+        return (x64 @ w64.T).numpy()
+    return torch.nn.functional.conv2d(x64, w64, stride=conv[0], padding=conv[1]).numpy()
+
+
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize("shape", CONVS, ids=lambda s: "n{}c{}h{}o{}k{}s{}p{}".format(*s))
+def test_int16_sum_conv2d_exact(isa, shape):
+    """Weights whose pair lanes fit int16 (``int16_sums_fit``), full-range non-negative inputs:
+    the int16-sum kernel equals float64 torch, for every shape the int32 kernels cover."""
+    n, c, h, o, k, stride, pad = shape
+    rng = np.random.default_rng(sum(shape) + 2)
+    x = rng.integers(0, 128, size=(n, c, h, h)).astype(np.int8)
+    x[0] = 127
+    w = rng.integers(-4, 5, size=(o, c, k, k)).astype(np.int8)
+    assert te_dot.int16_sums_fit(w, 127)
+    lib = _pairs_kernel(isa, x.shape, w.shape, (stride, pad))
+    ref = _product(x, w, (stride, pad))
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
+    lib["main"](tvm.runtime.tensor(x), at_page_end(w), out)
+    np.testing.assert_array_equal(out.numpy().astype(np.float64), ref)
+
+
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ((2, 16, 8, 8), (4, 16, 3, 3), (1, 1)),
+        ((2, 1, 16, 16), (6, 1, 5, 5), (1, 2)),
+        ((5, 37), (3, 37), None),
+    ],
+    ids=["conv", "conv-folded-taps", "matmul"],
+)
+def test_int16_sums_fit_is_the_exact_bound(isa, layer):
+    """Output 0's weights all equal to v, every input 127: the largest v ``int16_sums_fit``
+    accepts gives the exact product, the next one (a pair lane past 2**15 - 1) a wrong one. So
+    the bound admits no weights the kernel gets wrong and refuses none it gets right, in each of
+    the layouts that place the reduction differently in the words."""
+    x_shape, w_shape, conv = layer
+    lib = _pairs_kernel(isa, x_shape, w_shape, conv)
+    x = np.full(x_shape, 127, np.int8)
+    w = np.ones(w_shape, np.int8)
+
+    def exact(v: int) -> bool:
+        w[0] = v
+        ref = _product(x, w, conv)
+        out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        return bool(np.array_equal(out.numpy().astype(np.float64), ref))
+
+    def fits(v: int) -> bool:
+        w_v = w.copy()
+        w_v[0] = v
+        return te_dot.int16_sums_fit(w_v, 127)
+
+    largest = max(v for v in range(1, 128) if fits(v))
+    assert largest < 127 and not fits(-largest - 1)
+    assert exact(largest) and not exact(largest + 1)
+    assert exact(-largest) and not exact(-largest - 1)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_int16_sum_kernels_tensorize_on_every_byte_chain_isa(isa):
+    """Compiled, not run: int16-sum convs over a symbolic batch, channels and pixels on the lanes,
+    reach ``vpmaddubsw`` and the int16 add; VNNI has no such form (``vpdpbusd`` sums in int32)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU[isa], "num-cores": 2})
+    nv = tvm.tirx.Var("n", "int64")
+    w = te.placeholder((32, 16, 3, 3), "int8", name="w")
+    for size in (6, 16):
+        x = te.placeholder((nv, 16, size, size), "int8", name="x")
+        y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS[isa], "uint8", "int32", int16_sums=True)
+        func = schedule_dot_func(te.create_prim_func([x, w, y]), target)
+        asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
+        assert "vpmaddubsw" in asm and "vpaddw" in asm, f"{isa} width {size}"
+    with pytest.raises(ValueError, match="no int16-sum kernel"):
+        ISAS["avx512_vnni"].intrinsic("uint8", int16_sums=True)
