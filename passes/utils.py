@@ -76,7 +76,9 @@ MAX_VECTOR = 64  # longest row vectorized as one vector
 # A loop nest of fewer iterations (all extents static: a library specialized to a small batch) runs on
 # the calling thread: waking the thread pool costs more than the work it would share. Serial layout
 # kernels (and tile loops, ``amx.SERIAL_TILE_STEPS``) took ResNet-20 at batch 1 from 0.58 to 0.31 ms.
-SERIAL_ITERATIONS = 1 << 16
+# At 2**16 its stem and its 32->64 strided conv (0.44M and 1.2M multiply-adds) ran serially in 15 and
+# 16 us, shared in 11 and 11 us; 2**13 and 2**12 gained nothing more (the 1x1 shortcuts stay serial)
+SERIAL_ITERATIONS = 1 << 14
 
 
 def iterations(sch: Schedule, block) -> int | None:
