@@ -276,11 +276,22 @@ def _desc_fma(lanes: int, dtype: str, rows: bool):
     return desc
 
 
-def _impl_bytes(lanes: int, llvm_names: tuple[str, str], rows: bool):
-    """u8 x s8 on ``vpmaddubsw`` (pairs into int16), ``vpmaddwd`` by ones (into int32), an add."""
+def _impl_bytes(lanes: int, llvm_names: tuple[str, str], rows: bool, int16_sums: bool = False):
+    """u8 x s8 on ``vpmaddubsw`` (pairs into int16), then ``vpmaddwd`` by ones (into int32) and an
+    add, or with ``int16_sums`` an int16 add (``vpaddw``) into C's two halves per lane."""
     pairs_vec, acc_vec = f"int16x{lanes * 2}", f"int32x{lanes}"
     ubsw, wd = llvm_names
     a_shape, b_shape = _shapes(lanes, 4, rows)
+
+    def accumulate(A, B, C):
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(ubsw), *_operands(A, B, lanes, 4, "int8", rows), dtype=pairs_vec
+        )
+        acc = C.vload([0], acc_vec)
+        if int16_sums:
+            return T.reinterpret(T.reinterpret(acc, dtype=pairs_vec) + pairs, dtype=acc_vec)
+        ones = T.broadcast(T.int16(1), lanes * 2)
+        return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(wd), pairs, ones, dtype=acc_vec)
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -291,16 +302,7 @@ def _impl_bytes(lanes: int, llvm_names: tuple[str, str], rows: bool):
         with T.sblock("root"):
             T.reads(C[0:lanes], _whole(A), _whole(B))
             T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], acc_vec) + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(wd),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(ubsw),
-                    *_operands(A, B, lanes, 4, "int8", rows),
-                    dtype=pairs_vec,
-                ),
-                T.broadcast(T.int16(1), lanes * 2),
-                dtype=acc_vec,
-            )
+            C[T.ramp(T.int32(0), 1, lanes)] = accumulate(A, B, C)
 
     return impl
 
@@ -334,33 +336,6 @@ def _desc_pairs(lanes: int, index: str, rows: bool):
                     C[vi] = int16_lanes_add(C[vi], terms(A, B, vi))
 
     return desc
-
-
-def _impl_pairs(lanes: int, ubsw: str, rows: bool):
-    """``vpmaddubsw`` (u8 x s8 pairs into int16) added into C's int16 halves (``vpaddw``)."""
-    pairs_vec, acc_vec = f"int16x{lanes * 2}", f"int32x{lanes}"
-    a_shape, b_shape = _shapes(lanes, 4, rows)
-
-    @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer(a_shape, "int32", offset_factor=1),
-        B: T.Buffer(b_shape, "int8", offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], _whole(A), _whole(B))
-            T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = T.reinterpret(
-                T.reinterpret(C.vload([0], acc_vec), dtype=pairs_vec)
-                + T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(ubsw),
-                    *_operands(A, B, lanes, 4, "int8", rows),
-                    dtype=pairs_vec,
-                ),
-                dtype=acc_vec,
-            )
-
-    return impl
 
 
 def _impl(lanes: int, depth: int, b_dtype: str, llvm_name: str, fused: bool, rows: bool):
@@ -434,8 +409,11 @@ def _register(name: str) -> None:
     key, _, index = key.rpartition("_") if key.endswith(("_int32", "_int64")) else (key, "", "")
     with fast_parsing():
         if key.endswith(PAIRS):
-            lanes, (ubsw, _) = BYTES[key.removesuffix(PAIRS)]
-            desc, impl = _desc_pairs(lanes, index, rows), _impl_pairs(lanes, ubsw, rows)
+            lanes, llvm_names = BYTES[key.removesuffix(PAIRS)]
+            desc, impl = (
+                _desc_pairs(lanes, index, rows),
+                _impl_bytes(lanes, llvm_names, rows, int16_sums=True),
+            )
         elif key in BYTES:
             lanes, llvm_names = BYTES[key]
             desc, impl = _desc(lanes, 4, "uint8", "int8", index, rows), _impl_bytes(lanes, llvm_names, rows)
