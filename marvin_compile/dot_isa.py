@@ -20,7 +20,7 @@ B[k]``: a vector of ``lanes`` activation words (one pixel each) against one broa
     sum inside int16, ``te_dot.int16_sums_fit``): ``vpmaddubsw`` then a wrapping ``vpaddw`` into
     int16 accumulators, each lane the running sum of one pair position; the kernel's unpacking adds
     the two halves in int32. One multiply a step, not two: ResNet-20's int8 layers at batch 64 took
-    0.66-0.74x the time;
+    0.66-0.75x the time;
 - every family: float32 ``vfmadd`` (depth 1) for the float32 class, and float64 ``vfmadd`` for
   int16 products above the int32 bound: integer-valued float64 sums are exact below 2**53, i.e.
   for any reduction shorter than 2**23 of products of at most 2**30.
