@@ -20,7 +20,9 @@ B[k]``: a vector of ``lanes`` activation words (one pixel each) against one broa
     sum inside int16, ``te_dot.int16_sums_fit``): ``vpmaddubsw`` then a wrapping ``vpaddw`` into
     int16 accumulators, each lane the running sum of one pair position; the kernel's unpacking adds
     the two halves in int32. One multiply a step, not two: ResNet-20's int8 layers at batch 64 took
-    0.66-0.75x the time;
+    0.66-0.75x the time. A deployed int8 layer whose input may be negative takes this form too where
+    its weights allow it with inputs up to 255, its activation packed as ``x + 128``
+    (``BIASED_INT8``, as for vpdpbusd), instead of widening to int16 (LeNet-5's conv1);
 - every family: float32 ``vfmadd`` (depth 1) for the float32 class, and float64 ``vfmadd`` for
   int16 products above the int32 bound: integer-valued float64 sums are exact below 2**53, i.e.
   for any reduction shorter than 2**23 of products of at most 2**30.
@@ -64,8 +66,9 @@ class DotISA:
 
     def offset(self, container: str) -> bool:
         """Whether the packed activation is ``x + 128``: vpdpbusd's unsigned operand for a signed
-        int8 activation (the kernel subtracts ``128 * sum(w)`` again)."""
-        return self.name == "avx512_vnni" and container == "int8"
+        int8 activation, or the byte chain's (``BIASED_INT8``); the kernel subtracts ``128 *
+        sum(w)`` again."""
+        return (self.name == "avx512_vnni" and container == "int8") or container == BIASED_INT8
 
     def operand_dtype(self, container: str) -> str:
         """The dtype the packed activation holds (uint8: offset for vpdpbusd, or non-negative)."""
@@ -81,7 +84,7 @@ class DotISA:
     def pairs_in_int16(self, container: str) -> bool:
         """Whether the byte chain (``vpmaddubsw``) computes this container's products: its int16
         pair sums can then accumulate in int16 (``int16_sums``) where the weights allow."""
-        return container == "uint8" and f"marvin_dot_{self.name}_4" in BYTES
+        return container in ("uint8", BIASED_INT8) and f"marvin_dot_{self.name}_4" in BYTES
 
     def intrinsic(
         self, container: str, index: str = "int32", rows: bool = False, int16_sums: bool = False
@@ -102,6 +105,9 @@ class DotISA:
 
 
 FLOATS = ("float32", "float64")
+# a signed int8 activation as the byte chain's unsigned operand, x + 128: only with int16 sums, whose
+# weight check also bounds each pair sum (255 * 128 * 2 would saturate ``vpmaddubsw``)
+BIASED_INT8 = "int8+128"
 ISAS = {
     "avx512_vnni": DotISA("avx512_vnni", 16),
     "avx512": DotISA("avx512", 16),

@@ -38,7 +38,14 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from marvin_compile.dot_isa import DotISA, int16_lanes_add, int16_pair_word, int16_word_sum, lane_of
+from marvin_compile.dot_isa import (
+    BIASED_INT8,
+    DotISA,
+    int16_lanes_add,
+    int16_pair_word,
+    int16_word_sum,
+    lane_of,
+)
 
 DOT_BLOCK = "marvin_dot"
 ROW_BLOCK = 8  # matmul rows per register block
@@ -107,9 +114,10 @@ def int16_sums_fit(levels: np.ndarray, input_max: int, depth: int = 4) -> bool:
     K]``): an accumulator sums the products at one pair position of the words (``q``: the
     reduction index's place in its word, halved) for one output, so the largest it reaches is
     ``input_max * max(sum of its positive weights, -(sum of its negative ones))``. Every partial
-    sum is inside that bound too, and each instruction's pair sum (2 * 127 * 128) never saturates."""
-    if input_max > 127:
-        raise ValueError(f"the byte chain takes inputs up to 127, not {input_max}")
+    sum is inside that bound too, each instruction's pair sum included, so ``vpmaddubsw`` never
+    saturates (inputs up to 255: a signed int8 activation as ``x + 128``, ``BIASED_INT8``)."""
+    if not 0 < input_max <= 255:
+        raise ValueError(f"the byte chain takes inputs in [0, 255], not up to {input_max}")
     if levels.ndim == 4:
         _, c, kh, kw = levels.shape
         # the index packed into the words: a (kernel column, channel) pair where taps fold in
@@ -221,6 +229,8 @@ def _reduction(out_shape, word, weight, axes, isa: DotISA, container: str, int16
     int32 word of two int16 sums (``int16_pair_word``), one per pair of a word's four elements,
     accumulated with ``int16_lanes_add``: the byte chain's int16 accumulators (``dot_isa``), which
     ``int16_word_sum`` adds up once the reduction is done."""
+    if container == BIASED_INT8 and not int16_sums:
+        raise ValueError(f"{BIASED_INT8} operands run only with int16 sums (int32 pair sums would saturate)")
     if not int16_sums:
         p = te.reduce_axis((0, isa.depth(container)), name="p")
         dtype = isa.product_dtype(container)

@@ -35,7 +35,7 @@ import tvm
 from tvm import relax
 
 from marvin_compile import amx, te_dot, te_ops
-from marvin_compile.dot_isa import DotISA
+from marvin_compile.dot_isa import BIASED_INT8, DotISA
 from marvin_compile.fixed_point import Precision, quantize_np
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
@@ -174,6 +174,23 @@ class LowerToIntegerKernels:
             return self.kernel_class
         return self.kernel_class[str(func.attrs[LAYER_ATTR])]
 
+    def _int16_sums(
+        self, dot_container: str, frozen: tuple[np.ndarray, Precision] | None
+    ) -> tuple[str, bool]:
+        """(operand container, whether the kernel sums int16 pairs): a deployed (``frozen``)
+        byte-chain layer whose weights keep its pair sums inside int16 accumulates them there, one
+        multiply a step instead of two (``te_dot.int16_sums_fit``); a signed int8 one joins it as
+        ``x + 128`` (``BIASED_INT8``) where the weights allow inputs up to 255."""
+        if frozen is None or self.isa is None:
+            return dot_container, False
+        levels, top = weight_levels(*frozen), 2 ** (frozen[1].wl - 1) - 1
+        if self.isa.pairs_in_int16(dot_container) and te_dot.int16_sums_fit(levels, top):
+            return dot_container, True
+        biased = dot_container == "int8" and self.isa.pairs_in_int16(BIASED_INT8)
+        if biased and te_dot.int16_sums_fit(levels, top + te_dot.OFFSET):
+            return BIASED_INT8, True
+        return dot_container, False
+
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return map_layers(mod, self._rewrite)
 
@@ -210,15 +227,7 @@ class LowerToIntegerKernels:
         narrow = container == "int16" and frozen is not None and fits_byte(*frozen)
         tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa, narrow)
         on_tiles_only = amx.always(tiles)
-        # a deployed byte-chain layer whose weights keep its pair sums inside int16 accumulates them
-        # there: one multiply a step instead of two (``te_dot.int16_sums_fit``)
-        int16_sums = (
-            frozen is not None
-            and packed is not None
-            and tiles is None
-            and self.isa.pairs_in_int16(dot_container)
-            and te_dot.int16_sums_fit(weight_levels(*frozen), 2 ** (frozen[1].wl - 1) - 1)
-        )
+        dot_container, int16_sums = self._int16_sums(dot_container, frozen if packed and not tiles else None)
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
         # a deployed layer's weights are constants: its sums fit int32 (exact_int32) or never do
         wide_only = branch and frozen is not None and not exact_int32

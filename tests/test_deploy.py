@@ -528,12 +528,14 @@ def test_relu_and_max_pool_after_a_tile_conv_fuse_into_its_unpacking(tmp_path):
     np.testing.assert_array_equal(load(tmp_path / "d")(x), want.astype(np.float32))
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu-fed", "signed"])
 @pytest.mark.parametrize("levels", [2, 128], ids=["pairs-fit-int16", "full-range"])
-def test_relu_fed_int8_layer_sums_pairs_in_int16_only_where_its_weights_allow(tmp_path, levels: int):
-    """A deployed ReLU-fed int8 conv on the byte chain: weight levels in [-1, 1] keep every pair
-    lane inside int16, so the kernel accumulates there (``te_dot.int16_sums_fit``); full-range
-    levels do not, and it keeps the int32 chain (whose sums ``test_nonneg_inputs`` checks). Both
-    equal the float64 reference on inputs that reach the largest level (127)."""
+def test_int8_layer_sums_pairs_in_int16_only_where_its_weights_allow(tmp_path, levels: int, relu: bool):
+    """A deployed int8 conv on the byte chain: weight levels in [-1, 1] keep every pair lane inside
+    int16, so the kernel accumulates there (``te_dot.int16_sums_fit``), a signed input packed as
+    x + 128; full-range levels do not, and it keeps its int32 kernel (whose sums
+    ``test_nonneg_inputs`` and ``test_dot_kernels`` check). Both equal the float64 reference on
+    inputs that reach the extreme levels."""
     from marvin_compile.dot_isa import dot_isa
     from marvin_compile.frontend import import_onnx, load_onnx
     from marvin_compile.passes import pipeline
@@ -542,13 +544,14 @@ def test_relu_fed_int8_layer_sums_pairs_in_int16_only_where_its_weights_allow(tm
     from tests.test_semantics import reference
 
     p = Precision(8, 4)
-    model = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False)).eval()
+    model = nn.Sequential(nn.ReLU() if relu else nn.Identity(), nn.Conv2d(16, 16, 3, padding=1, bias=False))
+    model = model.eval()
     rng = np.random.default_rng(3)
     w_levels = rng.integers(1 - levels, levels, size=model[1].weight.shape)
     with torch.no_grad():
         model[1].weight.copy_(torch.from_numpy(w_levels * 2.0**-p.fl))
-    assert int16_sums_fit(w_levels, 2 ** (p.wl - 1) - 1) == (levels == 2)
-    x = (rng.integers(-64, 160, size=(2, 16, 8, 8)) * 2.0**-p.fl).astype(np.float32)
+    assert int16_sums_fit(w_levels, 255) == (levels == 2)
+    x = (rng.integers(-160, 160, size=(2, 16, 8, 8)) * 2.0**-p.fl).astype(np.float32)
     deploy(model, torch.from_numpy(x), {"1": p}, tmp_path / "d", batches=())
     imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
     target = resolve_target("cpu")
@@ -558,7 +561,7 @@ def test_relu_fed_int8_layer_sums_pairs_in_int16_only_where_its_weights_allow(tm
     assert (INT16_SUMS_ATTR in frozen.script()) == (pairs and levels == 2)
     got = load(tmp_path / "d")(x)
     exact = reference(model, x, {"1": (p.wl, p.fl)})
-    assert (np.maximum(x, 0) * 2**p.fl).max() >= 127  # inputs at the byte chain's largest level
+    assert (x * 2**p.fl).max() >= 127 and (x * 2**p.fl).min() <= -128  # inputs at the extreme levels
     if levels == 2:  # most outputs inside the word: the sums are checked, not the clamp
         assert (np.abs(exact * 2**p.fl) < 127).mean() > 0.3
     np.testing.assert_array_equal(got, exact)

@@ -16,7 +16,7 @@ import tvm
 from tvm import te
 
 from marvin_compile import te_dot, te_dot_grad
-from marvin_compile.dot_isa import ISAS, dot_isa
+from marvin_compile.dot_isa import BIASED_INT8, ISAS, dot_isa
 from marvin_compile.passes.lower_integer import int32_max_wl
 from marvin_compile.passes.schedule_dot import schedule_dot_func, scheduled
 from marvin_compile.passes.schedule_dot_grad import schedule_dot_dw
@@ -232,18 +232,19 @@ def test_float32_conv_matches_float64(isa, h, stride):
 PAIR_ISAS = [p for p in isa_params() if ISAS[p.values[0]].pairs_in_int16("uint8")]
 
 
-def _pairs_kernel(isa: str, x_shape, w_shape, conv: tuple[int, int] | None):
-    """A ``uint8`` kernel accumulating int16 pair sums (``int16_sums``): a conv (stride, padding)
-    or, with ``conv`` None, a matmul."""
+def _pairs_kernel(isa: str, x_shape, w_shape, conv: tuple[int, int] | None, container: str = "uint8"):
+    """A kernel accumulating int16 pair sums (``int16_sums``) on ``uint8`` (a ReLU-fed input) or
+    ``BIASED_INT8`` (a signed one as x + 128): a conv (stride, padding) or, with ``conv`` None, a
+    matmul."""
     lead = tvm.tirx.Var("n", "int64")
     xp = te.placeholder((lead, *x_shape[1:]), "int8", name="x")
     wp = te.placeholder(w_shape, "int8", name="w")
 
     def make(xt, wt, isa_):
         if conv is None:
-            return te_dot.matmul(xt, wt, isa_, "uint8", "int32", int16_sums=True)
+            return te_dot.matmul(xt, wt, isa_, container, "int32", int16_sums=True)
         stride, pad = conv
-        return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, "uint8", "int32", int16_sums=True)
+        return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, container, "int32", int16_sums=True)
 
     return _build(isa, make, xp, wp)
 
@@ -255,18 +256,26 @@ def _product(x: np.ndarray, w: np.ndarray, conv: tuple[int, int] | None) -> np.n
     return torch.nn.functional.conv2d(x64, w64, stride=conv[0], padding=conv[1]).numpy()
 
 
+# (container, lowest input, the largest value the byte chain's operand reaches)
+PAIR_OPERANDS = [("uint8", 0, 127), (BIASED_INT8, -128, 255)]
+
+
 @pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize(("container", "low", "top"), PAIR_OPERANDS, ids=["relu-fed", "signed"])
 @pytest.mark.parametrize("shape", CONVS, ids=lambda s: "n{}c{}h{}o{}k{}s{}p{}".format(*s))
-def test_int16_sum_conv2d_exact(isa, shape):
-    """Weights whose pair lanes fit int16 (``int16_sums_fit``), full-range non-negative inputs:
-    the int16-sum kernel equals float64 torch, for every shape the int32 kernels cover."""
+def test_int16_sum_conv2d_exact(isa, container, low, top, shape):
+    """Weights whose pair lanes fit int16 (``int16_sums_fit``), inputs over the whole range (the
+    signed ones at -128 and 127 too): the int16-sum kernel equals float64 torch, for every shape
+    the int32 kernels cover."""
     n, c, h, o, k, stride, pad = shape
     rng = np.random.default_rng(sum(shape) + 2)
-    x = rng.integers(0, 128, size=(n, c, h, h)).astype(np.int8)
-    x[0] = 127
+    x = rng.integers(low, 128, size=(n, c, h, h)).astype(np.int8)
+    x[0], x[-1, 0] = 127, low
     w = rng.integers(-4, 5, size=(o, c, k, k)).astype(np.int8)
-    assert te_dot.int16_sums_fit(w, 127)
-    lib = _pairs_kernel(isa, x.shape, w.shape, (stride, pad))
+    if not te_dot.int16_sums_fit(w, top):
+        w = rng.integers(-1, 2, size=(o, c, k, k)).astype(np.int8)
+    assert te_dot.int16_sums_fit(w, top)
+    lib = _pairs_kernel(isa, x.shape, w.shape, (stride, pad), container)
     ref = _product(x, w, (stride, pad))
     out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
     lib["main"](tvm.runtime.tensor(x), at_page_end(w), out)
@@ -274,6 +283,7 @@ def test_int16_sum_conv2d_exact(isa, shape):
 
 
 @pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize(("container", "low", "top"), PAIR_OPERANDS, ids=["relu-fed", "signed"])
 @pytest.mark.parametrize(
     "layer",
     [
@@ -283,13 +293,13 @@ def test_int16_sum_conv2d_exact(isa, shape):
     ],
     ids=["conv", "conv-folded-taps", "matmul"],
 )
-def test_int16_sums_fit_is_the_exact_bound(isa, layer):
+def test_int16_sums_fit_is_the_exact_bound(isa, container, low, top, layer):
     """Output 0's weights all equal to v, every input 127: the largest v ``int16_sums_fit``
     accepts gives the exact product, the next one (a pair lane past 2**15 - 1) a wrong one. So
     the bound admits no weights the kernel gets wrong and refuses none it gets right, in each of
     the layouts that place the reduction differently in the words."""
     x_shape, w_shape, conv = layer
-    lib = _pairs_kernel(isa, x_shape, w_shape, conv)
+    lib = _pairs_kernel(isa, x_shape, w_shape, conv, container)
     x = np.full(x_shape, 127, np.int8)
     w = np.ones(w_shape, np.int8)
 
@@ -303,7 +313,7 @@ def test_int16_sums_fit_is_the_exact_bound(isa, layer):
     def fits(v: int) -> bool:
         w_v = w.copy()
         w_v[0] = v
-        return te_dot.int16_sums_fit(w_v, 127)
+        return te_dot.int16_sums_fit(w_v, top)
 
     largest = max(v for v in range(1, 128) if fits(v))
     assert largest < 127 and not fits(-largest - 1)
