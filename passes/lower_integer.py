@@ -157,17 +157,23 @@ class LowerToIntegerKernels:
 
     ``frozen`` (deployment) gives each layer's final weight and precision: the int32 bound is then
     checked against the actual quantized weights, ``2**(wl-1) * max_o sum_k |w[o, k]|``, which
-    trained weights meet far above the worst-case word length."""
+    trained weights meet far above the worst-case word length. ``biased_int8``: whether a signed
+    int8 layer may take the int16-sum kernel (``_int16_sums``); not where a tuning database will
+    schedule the kernels: its records are the training kernels', and a signed layer's is its
+    widened int16 kernel (a ReLU-fed layer's int16-sum kernel shares its twin's record,
+    ``schedule_dot.dot_signature``)."""
 
     def __init__(
         self,
         kernel_class: KernelClass | Mapping[str, KernelClass],
         isa: DotISA | None = None,
         frozen: Mapping[str, tuple[np.ndarray, Precision]] | None = None,
+        biased_int8: bool = True,
     ) -> None:
         self.kernel_class = kernel_class
         self.isa = isa
         self.frozen = frozen or {}
+        self.biased_int8 = biased_int8
 
     def _class_of(self, func: relax.Function) -> KernelClass:
         if isinstance(self.kernel_class, KernelClass):
@@ -186,7 +192,7 @@ class LowerToIntegerKernels:
         levels, top = weight_levels(*frozen), 2 ** (frozen[1].wl - 1) - 1
         if self.isa.pairs_in_int16(dot_container) and te_dot.int16_sums_fit(levels, top):
             return dot_container, True
-        biased = dot_container == "int8" and self.isa.pairs_in_int16(BIASED_INT8)
+        biased = self.biased_int8 and dot_container == "int8" and self.isa.pairs_in_int16(BIASED_INT8)
         if biased and te_dot.int16_sums_fit(levels, top + te_dot.OFFSET):
             return BIASED_INT8, True
         return dot_container, False

@@ -170,15 +170,17 @@ def freeze(
     precision: Mapping[str, Precision],
     params: Mapping[str, np.ndarray],
     target: tvm.target.Target | None = None,
+    tuned: bool = False,
 ) -> tvm.IRModule:
-    """Deployment: every layer quantized (nearest) at its own class and precision, weights folded."""
+    """Deployment: every layer quantized (nearest) at its own class and precision, weights folded
+    (``tuned``: the kernels will be scheduled from a tuning database, see ``LowerToIntegerKernels``)."""
     classes = {name: class_for_wl(p.wl) for name, p in precision.items()}
     weights = {layer_name(k): np.asarray(v) for k, v in params.items() if k.endswith("weight")}
     frozen = {name: (weights[name], p) for name, p in precision.items() if name in weights}
     seq = tvm.transform.Sequential(
         [
             InsertFixedPointQuantize("nearest"),
-            LowerToIntegerKernels(classes, _isa(target), frozen),
+            LowerToIntegerKernels(classes, _isa(target), frozen, biased_int8=not tuned),
             LowerFloatDotKernels(_isa(target)),
             relax.transform.BindParams("main", dict(params)),
             FreezeLayerPrecision(precision),

@@ -89,7 +89,7 @@ def dot_signature(func: tirx.PrimFunc) -> str:
     """What a register tile depends on: the reduction block's operand and accumulator buffers and
     its loop extents (the symbolic batch as ``n``). A tuned kernel's tile applies to every kernel
     with this signature: the training variant, and the deployed one that takes its weight packed
-    and has the layer's ReLU or residual add fused in."""
+    and has the layer's ReLU or residual add fused in, or sums int16 pairs."""
     sch = Schedule(func)
     block = sch.get(sch.get_sblock(DOT_BLOCK))
 
@@ -98,6 +98,8 @@ def dot_signature(func: tirx.PrimFunc) -> str:
 
     buffers = [f"{r.source.dtype}[{dims(r.source.shape)}]" for r in (*block.reads, *block.writes)]
     loops = [f"{int(iv.iter_type)}:{dims([iv.dom.extent])}" for iv in block.iter_vars]
+    if INT16_SUMS_ATTR in block.annotations:  # one step a word where its int32 twin walks 4 bytes:
+        loops[-1] = f"{int(block.iter_vars[-1].iter_type)}:4"  # the same operands, the same tile
     return ";".join(buffers + loops)
 
 

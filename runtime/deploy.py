@@ -125,7 +125,7 @@ def compile_library(
     imported = import_onnx(load_onnx(onnx_path))
     mod = imported.mod if batch is None else pipeline.bind_batch(imported.mod, batch)
     mod = pipeline.partition(mod)
-    mod = pipeline.freeze(mod, precision, imported.params, target)
+    mod = pipeline.freeze(mod, precision, imported.params, target, tuned=tuning is not None)
     return pipeline.build(mod, target, tuning, exec_mode)
 
 

@@ -18,7 +18,7 @@ from tvm import te
 from marvin_compile import te_dot, te_dot_grad
 from marvin_compile.dot_isa import BIASED_INT8, ISAS, dot_isa
 from marvin_compile.passes.lower_integer import int32_max_wl
-from marvin_compile.passes.schedule_dot import schedule_dot_func, scheduled
+from marvin_compile.passes.schedule_dot import dot_signature, schedule_dot_func, scheduled
 from marvin_compile.passes.schedule_dot_grad import schedule_dot_dw
 from marvin_compile.target import resolve_target
 from tests.guard_pages import at_page_end
@@ -336,3 +336,24 @@ def test_int16_sum_kernels_tensorize_on_every_byte_chain_isa(isa):
         assert "vpmaddubsw" in asm and "vpaddw" in asm, f"{isa} width {size}"
     with pytest.raises(ValueError, match="no int16-sum kernel"):
         ISAS["avx512_vnni"].intrinsic("uint8", int16_sums=True)
+
+
+def test_an_int16_sum_kernel_shares_its_int32_twins_tuning_record():
+    """A tuning database records the training kernels (int32 sums); the deployed int16-sum kernel
+    of a ReLU-fed layer has the same operands and spatial loops, so it takes the same record
+    (``dot_signature``), and the tuned tile schedules it. (So would a signed layer's x + 128 one,
+    but the database holds that layer's widened int16 kernel: under a database it keeps that.)"""
+    nv = tvm.tirx.Var("n", "int64")
+    x = te.placeholder((nv, 16, 16, 16), "int8", name="x")
+    w = te.placeholder((32, 16, 3, 3), "int8", name="w")
+
+    def func(container: str, int16_sums: bool) -> tvm.tirx.PrimFunc:
+        y = te_dot.conv2d(x, w, (1, 1), (1,) * 4, ISAS["avx2"], container, "int32", int16_sums=int16_sums)
+        return te.create_prim_func([x, w, y])
+
+    twin, pairs = func("uint8", False), func("uint8", True)
+    assert dot_signature(twin) == dot_signature(pairs) == dot_signature(func(BIASED_INT8, True))
+    assert dot_signature(twin) != dot_signature(func("int8", False))
+    target = tvm.target.Target({"kind": "llvm", "mcpu": MCPU["avx2"], "num-cores": 2})
+    for f in (twin, pairs):
+        schedule_dot_func(f, target, tiles=(2, 2, 1))
