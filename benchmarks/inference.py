@@ -525,15 +525,14 @@ def kernel_note() -> str:
         )
     if isa is not None and isa.name == "avx2":
         return (
-            "On this AVX2 host every layer runs the packed kernel. int16 layers, and int8 layers whose "
-            "input may be negative (LeNet-5's conv1, ResNet-20's stem), run on vpmaddwd (int16 pairs "
-            "into int32: 16 MACs per instruction, plus a vpaddd), int8 widened to int16 "
-            "(vpmaddubsw saturates its int16 pair sums for full-range signed operands). The other int8 "
-            "layers take a ReLU's output, levels in [0, 127], and run on vpmaddubsw (unsigned x signed "
-            "bytes, 32 MACs, pair sums exact at 2 * 127 * 128), summed in int16 by a vpaddw where the "
-            "deployed weights keep every int16 lane's sum in range (checked per layer when deploying; "
-            "the kernel adds each lane's two halves once, at the end), else widened by vpmaddwd by ones "
-            "and a vpaddd. "
+            "On this AVX2 host every layer runs the packed kernel. int16 layers run on vpmaddwd (int16 "
+            "pairs into int32: 16 MACs per instruction, plus a vpaddd). int8 layers run on vpmaddubsw "
+            "(unsigned x signed bytes, 32 MACs), summed in int16 by a vpaddw where the deployed weights "
+            "keep every int16 lane's sum in range (checked per layer when deploying; the kernel adds "
+            "each lane's two halves once, at the end): the ReLU-fed ones (levels in [0, 127]), and one "
+            "whose input may be negative packed as x + 128 (LeNet-5's conv1); else a ReLU-fed layer "
+            "widens its pair sums by vpmaddwd by ones and a vpaddd, and a signed one (ResNet-20's stem, "
+            "whose weights would take a lane past int16) runs widened to int16 on vpmaddwd. "
             "ORT int8 runs every layer on vpmaddubsw (uint8 activations x int8 weights, its pair sums "
             "saturating); see the kernels section for per-layer throughput."
         )
