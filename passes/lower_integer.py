@@ -233,7 +233,8 @@ class LowerToIntegerKernels:
         narrow = container == "int16" and frozen is not None and fits_byte(*frozen)
         tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa, narrow)
         on_tiles_only = amx.always(tiles)
-        dot_container, int16_sums = self._int16_sums(dot_container, frozen if packed and not tiles else None)
+        on_packed_kernel = packed is not None and tiles is None
+        dot_container, int16_sums = self._int16_sums(dot_container, frozen if on_packed_kernel else None)
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
         # a deployed layer's weights are constants: its sums fit int32 (exact_int32) or never do
         wide_only = branch and frozen is not None and not exact_int32
