@@ -15,7 +15,8 @@ wl 16), else the packed kernel on float64 FMAs, whose integer-valued sums are ex
 (any K < 2**23).
 
 A deployed layer on the byte chain (a ReLU-fed int8 input without VNNI) whose constant weights
-keep every pair lane's sum inside int16 accumulates in int16 (``te_dot.int16_sums_fit``).
+keep every pair lane's sum inside int16 accumulates in int16 (``te_dot.int16_sums_fit``); so does
+a signed int8 one, its input packed as x + 128, where the weights allow inputs up to 255.
 
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
 input channels run on them (``amx``): the int8 class always; the int16 class as byte products
