@@ -92,6 +92,25 @@ def quantize_to_int(
     )
 
 
+def rescale_levels(t: te.Tensor, shift: int, bounds: tuple[int, int] | None, dtype: str) -> te.Tensor:
+    """``quantize_to_int`` (nearest) of integer levels ``t`` times ``2**shift``: ``t << shift``,
+    or ``(t + 2**(-shift-1)) >> -shift`` (ties up, as ``floor(v + 1/2)``), clamped to ``bounds``
+    (None: the caller knows they hold). Exact where the float32 path is: its values are these
+    levels times a power of two."""
+
+    def f(*i):
+        v = tirx.Cast("int32", t(*i))
+        if shift > 0:
+            v = tirx.shift_left(v, tirx.const(shift, "int32"))
+        elif shift < 0:
+            v = tirx.shift_right(v + tirx.const(1 << (-shift - 1), "int32"), tirx.const(-shift, "int32"))
+        if bounds is not None:
+            v = te.max(te.min(v, tirx.const(bounds[1], "int32")), tirx.const(bounds[0], "int32"))
+        return tirx.Cast(dtype, v)
+
+    return te.compute(t.shape, f, name=QUANTIZE_NAME + "_int")
+
+
 def requantize(
     acc: te.Tensor,
     bias: te.Tensor | None,
@@ -100,8 +119,10 @@ def requantize(
     channel_axis: int,
     seed: te.Tensor | None = None,
     salt: int = SALT_OUTPUT,
+    out_dtype: str = "float32",
 ) -> te.Tensor:
-    """Exact Q of an accumulator on the 2**-2fl grid back to the 2**-fl grid, as float32.
+    """Exact Q of an accumulator on the 2**-2fl grid back to the 2**-fl grid, as float32 (or, with
+    an integer ``out_dtype``, as the levels themselves: a deployed layer handing them on).
 
     floor(acc / 2**fl + offset) = (acc + r) >> fl with r = 2**(fl-1) (nearest, ties up) or r
     uniform in [0, 2**fl) (stochastic): integer arithmetic, so no float rounding can creep in.
@@ -111,6 +132,8 @@ def requantize(
         b = None if bias is None else bias[i[channel_axis]]
         h = None if seed is None else _hash32(seed, i, acc.shape, salt)
         level = requantized_level(acc(*i), acc.dtype, b, fl[()], qp[2], qp[3], h)
+        if out_dtype != "float32":
+            return tirx.Cast(out_dtype, level)
         return tirx.Cast("float32", level) * qp[1]
 
     return te.compute(acc.shape, f, name="fxp_requantize")

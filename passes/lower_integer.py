@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from marvin_compile import amx, te_dot, te_ops
 from marvin_compile.dot_isa import BIASED_INT8, DotISA
@@ -41,6 +41,13 @@ from marvin_compile.fixed_point import Precision, quantize_np
 from marvin_compile.kernel_classes import KernelClass
 from marvin_compile.passes.find_layers import CORE_OPS, op_name
 from marvin_compile.passes.insert_quantize import SALTS
+from marvin_compile.passes.integer_activations import (
+    INPUT_LEVELS_ATTR,
+    LEVELS_DTYPE,
+    OUTPUT_LEVELS_ATTR,
+    Levels,
+    to_levels,
+)
 from marvin_compile.passes.nonneg_inputs import operand_container
 from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param, static_extent
 
@@ -245,18 +252,39 @@ class LowerToIntegerKernels:
         tiles_branch = on_tiles_only and frozen is None and tiles.sums > 1 and acc != "int32"
         tiles_branch = tiles_branch and fast_wl < kernel_class.max_wl
         axis = _channel_axis(core.value)
+        sd = [] if seed is None else [seed]
+        fed, levels_out = _levels_interface(func, frozen)
+        out_dtype = LEVELS_DTYPE if levels_out else "float32"
+
+        def x_int(xt: te.Tensor, qp_t: te.Tensor, *s: te.Tensor) -> te.Tensor:
+            """The input's levels in the container: quantized, or fed levels (``IntegerActivations``)
+            rescaled to the layer's grid by a shift."""
+            if fed is None:
+                return te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
+            p = frozen[1]
+            shift = p.fl - fed.fl
+            inside = _rescaled(fed.lo, shift) >= p.int_min and _rescaled(fed.hi, shift) <= p.int_max
+            return te_ops.rescale_levels(xt, shift, None if inside else (p.int_min, p.int_max), container)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
             """Quantize, TVM's own integer conv2d/matmul, requantize (``bind``: emit or normalize)."""
-            xi = bind(
-                bb.call_te(te_ops.quantize_to_int, x, qp, container, seed, SALTS[0], primfunc_name_hint=QNAME)
-            )
+            xi = bind(bb.call_te(x_int, x, qp, *sd, primfunc_name_hint=QNAME))
             wi = bind(
                 bb.call_te(te_ops.quantize_to_int, w, qp, container, seed, SALTS[1], primfunc_name_hint=QNAME)
             )
             wt = wi if w_perm is None else bind(relax.op.permute_dims(wi, w_perm.attrs.axes))
             y = bind(_integer_core(core.value, xi, wt, acc))
-            return bb.call_te(te_ops.requantize, y, bi, qp, fl, axis, seed, primfunc_name_hint="requantize")
+            return bb.call_te(
+                te_ops.requantize,
+                y,
+                bi,
+                qp,
+                fl,
+                axis,
+                seed,
+                out_dtype=out_dtype,
+                primfunc_name_hint="requantize",
+            )
 
         def fast(
             bi: relax.Expr | None, weight: list[relax.Expr] | None, wide: bool = False, sums: str = acc
@@ -287,12 +315,14 @@ class LowerToIntegerKernels:
                 )
                 given = dict(zip(present, extra, strict=True))
                 sd = given.get("seed")
-                xq = te_ops.quantize_to_int(xt, qp_t, container, sd, SALTS[0])
+                xq = x_int(xt, qp_t, *([] if sd is None else [sd]))
                 if weight is None:
                     wq = te_ops.quantize_to_int(wts[0], qp_t, container, sd, SALTS[1])
                 else:
                     wq = te_dot.PackedWeight(wts[0], wts[1] if len(wts) > 1 else None, tuple(weight_shape))
-                return te_ops.requantize(dot(xq, wq), given.get("bias"), qp_t, fl_t, axis, sd)
+                return te_ops.requantize(
+                    dot(xq, wq), given.get("bias"), qp_t, fl_t, axis, sd, out_dtype=out_dtype
+                )
 
             extra = [optional[k] for k in present]
             call = bb.call_te(
@@ -301,11 +331,6 @@ class LowerToIntegerKernels:
             if weight is not None:  # deployment: relu / residual add after the layer fuse into it
                 _set_pattern(bb, call, OUT_ELEMWISE_FUSABLE)
             return call
-
-        sd = [] if seed is None else [seed]
-
-        def x_int(xt, qp_t, *s):
-            return te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
 
         def w_int(wt, qp_t, *s):
             return te_ops.quantize_to_int(wt, qp_t, container, s[0] if s else None, SALTS[1])
@@ -341,7 +366,7 @@ class LowerToIntegerKernels:
             else:
                 epilogue = (requantize, [qp, fl, *[optional[k] for k in present]])
             xp, wp = packed or (x_q, w_q)
-            return tile_product(
+            out = tile_product(
                 bb,
                 bind,
                 tiles,
@@ -352,6 +377,7 @@ class LowerToIntegerKernels:
                 acc,
                 fits_int32,
             )
+            return to_levels(bind(out), frozen[1].fl) if levels_out else out
 
         def packed_weight() -> list[relax.Expr]:
             """Quantize and pack the (constant) weight in calls of their own, which constant
@@ -404,6 +430,25 @@ class LowerToIntegerKernels:
                 fits = on_tiles(bb.normalize, bi, None, fits_int32=True, packed=packed)
                 out = bb.emit(relax.If(cond, fits, on_tiles(bb.normalize, bi, None, packed=packed)))
             bb.emit_func_output(out)
+
+
+def _levels_interface(
+    func: relax.Function, frozen: tuple[np.ndarray, Precision] | None
+) -> tuple[Levels | None, bool]:
+    """The levels a deployed layer is fed (None: float32) and whether it returns its levels
+    (``IntegerActivations``)."""
+    fed = func.attrs.get(INPUT_LEVELS_ATTR)
+    levels_out = bool(func.attrs.get(OUTPUT_LEVELS_ATTR, False))
+    if (fed is not None or levels_out) and frozen is None:
+        raise ValueError(
+            f"layer {func.attrs[LAYER_ATTR]}: integer levels in or out need a deployed (frozen) layer"
+        )
+    return (None if fed is None else Levels(*(int(v) for v in fed))), levels_out
+
+
+def _rescaled(level: int, shift: int) -> int:
+    """``te_ops.rescale_levels`` of one level, before its clamp."""
+    return level << shift if shift >= 0 else (level + (1 << (-shift - 1))) >> -shift
 
 
 def _tile_geometry(

@@ -9,7 +9,8 @@
 - batch norm: training's statistics and gradients over ``[N, C, plane]`` (``te_norm``, scheduled by
              ``schedule_norm``), which ``runtime/batch_norm`` runs in place of PyTorch's;
 - freeze:    deployment: precisions and weights become constants, folded into integer containers
-             (packed for the dot-product kernels), and layers are inlined into ``main`` so TVM's
+             (packed for the dot-product kernels), layers hand each other int16 levels
+             (``integer_activations``; not on AMX), and layers are inlined into ``main`` so TVM's
              fusion appends each layer's ReLU / residual add to its kernel (a ReLU and max pool
              after an AMX conv fuse into its levels unpacking: ``fuse_pool``);
 - glue:      ``main`` calls layers through the runtime dispatcher;
@@ -39,6 +40,7 @@ from marvin_compile.passes.freeze_precision import FreezeLayerPrecision
 from marvin_compile.passes.fuse_pool import FuseMaxPoolIntoLevels
 from marvin_compile.passes.gradient_kernels import AddGradientKernels
 from marvin_compile.passes.insert_quantize import InsertFixedPointQuantize, input_quantizer
+from marvin_compile.passes.integer_activations import IntegerActivations
 from marvin_compile.passes.lower_float_dot import LowerFloatDotKernels
 from marvin_compile.passes.lower_integer import LowerToIntegerKernels
 from marvin_compile.passes.nonneg_inputs import MarkNonNegativeInputs
@@ -48,7 +50,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, param
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 53  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 54  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
@@ -177,11 +179,16 @@ def freeze(
     classes = {name: class_for_wl(p.wl) for name, p in precision.items()}
     weights = {layer_name(k): np.asarray(v) for k, v in params.items() if k.endswith("weight")}
     frozen = {name: (weights[name], p) for name, p in precision.items() if name in weights}
+    isa = _isa(target)
+    # integer levels between layers where the packed kernels take them (AMX's tile kernels hand
+    # on float32 fused into the next packing instead)
+    levels = [IntegerActivations(precision)] if isa is not None and not isa.amx else []
     seq = tvm.transform.Sequential(
         [
             InsertFixedPointQuantize("nearest"),
-            LowerToIntegerKernels(classes, _isa(target), frozen, biased_int8=not tuned),
-            LowerFloatDotKernels(_isa(target)),
+            *levels,
+            LowerToIntegerKernels(classes, isa, frozen, biased_int8=not tuned),
+            LowerFloatDotKernels(isa),
             relax.transform.BindParams("main", dict(params)),
             FreezeLayerPrecision(precision),
             FuseMaxPoolIntoLevels(),
