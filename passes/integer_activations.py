@@ -115,7 +115,7 @@ class IntegerActivations:
         inputs: dict[relax.GlobalVar, Levels] = {}
         for b in bindings:
             v = b.value
-            if not isinstance(v, relax.Call):
+            if not isinstance(v, relax.Call) or not v.args:
                 continue
             args = [levels.get(a) if isinstance(a, relax.Var) else None for a in v.args]
             if v.op in layers:
