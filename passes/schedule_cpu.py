@@ -3,7 +3,8 @@
 TVM's default CPU pipeline compiles unscheduled loop nests (one thread, scalar code). This rule
 gives every reduction kernel (conv, matmul, gradient products) the classic shape: parallel over
 the leading spatial axis, producers (padding) computed per parallel iteration, the reduction
-loops, then the last spatial axis split and vectorized innermost; injective kernels (quantize,
+loops, then the last spatial axis split and vectorized innermost (a short row no wide vector
+divides: vectorized whole, the reduction loops outside it); injective kernels (quantize,
 requantize) are flattened, parallelized and vectorized. Packed dot-product kernels get their own
 schedules (``schedule_dot``; ``schedule_dot_grad`` for the weight gradient; ``schedule_amx`` for the
 layout stages around the AMX tile kernel; ``schedule_norm`` for batch norm's per-channel sums).
@@ -21,12 +22,13 @@ from marvin_compile.passes.schedule_amx import has_amx_block, schedule_amx
 from marvin_compile.passes.schedule_dot import has_dot_block, schedule_dot_func, scheduled
 from marvin_compile.passes.schedule_dot_grad import has_dot_dw_block, schedule_dot_dw
 from marvin_compile.passes.schedule_norm import has_channel_sums_block, schedule_channel_sums
-from marvin_compile.passes.utils import lanes_for, parallel, schedule_injective, static_extent
+from marvin_compile.passes.utils import MAX_VECTOR, lanes_for, parallel, schedule_injective, static_extent
 
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
 SPATIAL, REDUCE = 0, 2  # IterVar kinds
+ROW_MIN = 8  # a shorter row vectorized whole ran slower (LeNet-5's second pool, 5 wide: 5.7 -> 11 us)
 
 
 def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
@@ -38,7 +40,13 @@ def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
         return
     extent = static_extent(sch.get(spatial[-1]).extent)
     lanes = lanes_for(extent) if extent is not None and len(spatial) > 1 else None
-    if lanes is not None:
+    inner = None
+    if lanes is not None and lanes <= 2 and ROW_MIN <= extent <= MAX_VECTOR:
+        # a row no wide vector divides (a max pool's 14 outputs): one vector of the whole row,
+        # the window outside it (LeNet-5's first pool at batch 64: 35 -> 27 us)
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        inner = spatial[-1]
+    elif lanes is not None:
         outer, inner = sch.split(spatial[-1], factors=[None, lanes])
         sch.reorder(*spatial[:-1], outer, *reduce, inner)
     else:
@@ -46,7 +54,7 @@ def _schedule_reduction(sch: Schedule, blocks: list, block) -> None:
     parallel(sch, spatial[0], block)
     for producer in blocks[: blocks.index(block)]:
         sch.compute_at(producer, spatial[0])
-    if lanes is not None:
+    if inner is not None:
         sch.vectorize(inner)
     sch.decompose_reduction(block, reduce[0])
 
