@@ -78,11 +78,16 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def default_tiles(ob: int, w: int, lanes: int, acc_bytes: int = 4) -> tuple[int, int]:
-    """(ob_block, w_block): the most accumulators that fit, wider w first (it reuses weights)."""
+def default_tiles(
+    ob: int, w: int, lanes: int, acc_bytes: int = 4, channels_first: bool = False
+) -> tuple[int, int]:
+    """(ob_block, w_block): the most accumulators that fit, then wider w (it reuses each weight
+    vector), or with ``channels_first`` more output-channel vectors (each broadcast input word serves
+    them all: on AVX2 a broadcast is a load of its own, where AVX-512's vpdpbusd takes it for free;
+    at 2 x 5 instead of 1 x 10 LeNet-5's conv2 ran 13% faster, ResNet-20's 16->32 strided conv 14%)."""
     budget = max_accumulators(lanes, acc_bytes)
     pairs = [(o, x) for o in _divisors(ob, MAX_OB_BLOCK) for x in _divisors(w, budget) if o * x <= budget]
-    return max(pairs, key=lambda p: (p[0] * p[1], p[1]))
+    return max(pairs, key=lambda p: (p[0] * p[1], p[0] if channels_first else p[1]))
 
 
 def dot_signature(func: tirx.PrimFunc) -> str:
@@ -199,7 +204,9 @@ def _tile_channels(sch: Schedule, block, intrin: str, isa: DotISA, tune: bool, t
         ob_tiles = [None, _sampled(sch, _divisors(ob_extent, MAX_OB_BLOCK))]
         w_tiles = [None, _sampled(sch, _divisors(w_extent, budget))]
     else:
-        ob_block, w_block = tiles or default_tiles(ob_extent, w_extent, isa.lanes, acc_bytes)
+        ob_block, w_block = tiles or default_tiles(
+            ob_extent, w_extent, isa.lanes, acc_bytes, channels_first=isa.name == "avx2"
+        )
         if ob_extent % ob_block or w_extent % w_block:
             raise ValueError(f"tile {ob_block}x{w_block} does not divide the loops {ob_extent}x{w_extent}")
         ob_tiles, w_tiles = [None, ob_block], [None, w_block]
