@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import tvm
 from tvm import relax
 
 from marvin_compile.fixed_point import Precision
+from marvin_compile.passes.insert_quantize import precision_values
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, substitute
 
 
@@ -59,10 +59,8 @@ class FreezeLayerPrecision:
                 f"layer {name}: weights must be bound as constants (run BindParams on main first)"
             )
         p = self.precision[name]
-        binding = {
-            "qp": np.array([2.0**p.fl, 2.0**-p.fl, p.int_min, p.int_max], dtype=np.float32),
-            "fl": np.array(p.fl, dtype=np.int32),
-        }
+        qp, fl = precision_values(p)
+        binding = {"qp": qp, "fl": fl}
         for param, w in zip(func.params[1:], weights, strict=False):
             binding[param.name] = w.value
         return func.bind_params(binding)

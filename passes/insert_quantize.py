@@ -7,11 +7,12 @@ compiled variant serves every (wl, fl) of its kernel class. After this pass a la
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from marvin_compile import te_ops
-from marvin_compile.fixed_point import check_rounding
+from marvin_compile.fixed_point import Precision, check_rounding
 from marvin_compile.passes.utils import map_layers, param, substitute
 
 ROUNDING_ATTR = "marvin.rounding"
@@ -24,6 +25,12 @@ def precision_params(rounding: str) -> list[relax.Var]:
     if rounding == "stochastic":
         out.append(param("seed", (), "uint32"))
     return out
+
+
+def precision_values(p: Precision) -> tuple[np.ndarray, np.ndarray]:
+    """The values of ``precision_params``' qp and fl for precision ``p`` (layout: ``te_ops``)."""
+    qp = np.array([2.0**p.fl, 2.0**-p.fl, p.int_min, p.int_max], dtype=np.float32)
+    return qp, np.array(p.fl, dtype=np.int32)
 
 
 @tvm.transform.module_pass(opt_level=0, name="InsertFixedPointQuantize")

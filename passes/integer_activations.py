@@ -27,6 +27,7 @@ from tvm import relax
 
 from marvin_compile.fixed_point import Precision
 from marvin_compile.kernel_classes import class_for_wl
+from marvin_compile.passes.insert_quantize import precision_values
 from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, param, substitute
 
 INPUT_LEVELS_ATTR = "marvin.input_levels"  # (fl, lo, hi) of the levels a layer takes as its input
@@ -194,8 +195,7 @@ class IntegerActivations:
                         if len(v.args) + 2 != len(callee.params):
                             raise ValueError(f"{v.op.name_hint}: expected main to pass its tensors only")
                         p = self._precision(callee)
-                        qp = np.array([2.0**p.fl, 2.0**-p.fl, p.int_min, p.int_max], np.float32)
-                        precision = [relax.const(qp), relax.const(np.array(p.fl, np.int32))]
+                        precision = [relax.const(v) for v in precision_values(p)]
                         value = relax.Call(renamed[v.op], [x, *map(as_float, v.args[1:]), *precision])
                     elif b.var in levels and v.op.name == "relax.add":
                         a, c = v.args

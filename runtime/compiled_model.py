@@ -21,6 +21,7 @@ from marvin_compile.frontend import ImportedModel
 from marvin_compile.kernel_classes import class_for_wl
 from marvin_compile.passes import pipeline
 from marvin_compile.passes.bind_dispatch import DISPATCH
+from marvin_compile.passes.insert_quantize import precision_values
 from marvin_compile.runtime.variant_store import VariantStore
 
 PrecisionConfig = Precision | dict[str, Precision] | None
@@ -39,8 +40,7 @@ class Layer:
 
 def precision_args(p: Precision, device: tvm.runtime.Device) -> tuple:
     """The runtime arguments (qp, fl) of a variant for precision p."""
-    qp = np.array([2.0**p.fl, 2.0**-p.fl, p.int_min, p.int_max], dtype=np.float32)
-    return tvm.runtime.tensor(qp, device), tvm.runtime.tensor(np.array(p.fl, dtype=np.int32), device)
+    return tuple(tvm.runtime.tensor(v, device) for v in precision_values(p))
 
 
 def layers_of(mod: tvm.IRModule) -> list[Layer]:
