@@ -120,9 +120,12 @@ def requantize(
     seed: te.Tensor | None = None,
     salt: int = SALT_OUTPUT,
     out_dtype: str = "float32",
+    acc_shift: int = 0,
 ) -> te.Tensor:
     """Exact Q of an accumulator on the 2**-2fl grid back to the 2**-fl grid, as float32 (or, with
     an integer ``out_dtype``, as the levels themselves: a deployed layer handing them on).
+    ``acc_shift``: the accumulator's grid is 2**acc_shift coarser (its input came as levels on a
+    coarser grid, unshifted), so it shifts by fl - acc_shift (fl >= acc_shift: an fl >= 0 input).
 
     floor(acc / 2**fl + offset) = (acc + r) >> fl with r = 2**(fl-1) (nearest, ties up) or r
     uniform in [0, 2**fl) (stochastic): integer arithmetic, so no float rounding can creep in.
@@ -131,7 +134,7 @@ def requantize(
     def f(*i):
         b = None if bias is None else bias[i[channel_axis]]
         h = None if seed is None else _hash32(seed, i, acc.shape, salt)
-        level = requantized_level(acc(*i), acc.dtype, b, fl[()], qp[2], qp[3], h)
+        level = requantized_level(acc(*i), acc.dtype, b, fl[()] - acc_shift, qp[2], qp[3], h)
         if out_dtype != "float32":
             return tirx.Cast(out_dtype, level)
         return tirx.Cast("float32", level) * qp[1]

@@ -16,7 +16,9 @@ wl 16), else the packed kernel on float64 FMAs, whose integer-valued sums are ex
 
 A deployed layer on the byte chain (a ReLU-fed int8 input without VNNI) whose constant weights
 keep every pair lane's sum inside int16 accumulates in int16 (``te_dot.int16_sums_fit``); so does
-a signed int8 one, its input packed as x + 128, where the weights allow inputs up to 255.
+a signed int8 one, its input packed as x + 128, where the weights allow inputs up to 255. A deployed
+int16 layer joins the chain where its weight levels fit a byte and its input's levels (their range
+known from ``IntegerActivations``) fit unsigned bytes (``_byte_chain``).
 
 Where the machine has AMX tiles (``dot_isa(...).amx``), conv2d and Linear layers with at least 8
 input channels run on them (``amx``): the int8 class always; the int16 class as byte products
@@ -52,6 +54,7 @@ from marvin_compile.passes.nonneg_inputs import operand_container
 from marvin_compile.passes.utils import LAYER_ATTR, map_layers, param, static_extent
 
 ACC_ATTR = "marvin.accumulator"
+OPERAND_ATTR = "marvin.operand"  # a packed kernel's activation operand (``te_dot`` container)
 INT32_MAX = 2**31 - 1
 QNAME = "fxp_quantize_int"
 FLOAT64_EXACT_K = 2**23  # int16 products (<= 2**30) sum exactly in float64 below this many terms
@@ -166,7 +169,7 @@ class LowerToIntegerKernels:
     ``frozen`` (deployment) gives each layer's final weight and precision: the int32 bound is then
     checked against the actual quantized weights, ``2**(wl-1) * max_o sum_k |w[o, k]|``, which
     trained weights meet far above the worst-case word length. ``biased_int8``: whether a signed
-    int8 layer may take the int16-sum kernel (``_int16_sums``); not where a tuning database will
+    layer may take the int16-sum kernel on ``x + 128`` (``_byte_chain``); not where a tuning database will
     schedule the kernels: its records are the training kernels', and a signed layer's is its
     widened int16 kernel (a ReLU-fed layer's int16-sum kernel shares its twin's record,
     ``schedule_dot.dot_signature``)."""
@@ -188,22 +191,31 @@ class LowerToIntegerKernels:
             return self.kernel_class
         return self.kernel_class[str(func.attrs[LAYER_ATTR])]
 
-    def _int16_sums(
-        self, dot_container: str, frozen: tuple[np.ndarray, Precision] | None
-    ) -> tuple[str, bool]:
-        """(operand container, whether the kernel sums int16 pairs): a deployed (``frozen``)
-        byte-chain layer whose weights keep its pair sums inside int16 accumulates them there, one
-        multiply a step instead of two (``te_dot.int16_sums_fit``); a signed int8 one joins it as
-        ``x + 128`` (``BIASED_INT8``) where the weights allow inputs up to 255."""
-        if frozen is None or self.isa is None:
-            return dot_container, False
-        levels, top = weight_levels(*frozen), 2 ** (frozen[1].wl - 1) - 1
-        if self.isa.pairs_in_int16(dot_container) and te_dot.int16_sums_fit(levels, top):
-            return dot_container, True
-        biased = self.biased_int8 and dot_container == "int8" and self.isa.pairs_in_int16(BIASED_INT8)
-        if biased and te_dot.int16_sums_fit(levels, top + te_dot.OFFSET):
-            return BIASED_INT8, True
-        return dot_container, False
+    def _byte_chain(
+        self, dot_container: str, frozen: tuple[np.ndarray, Precision], fed: Levels | None
+    ) -> tuple[str, bool, int]:
+        """(operand container, whether the kernel sums int16 pairs, the input grid's coarseness) of
+        a deployed layer on the packed kernels. Its constant weights and its input's known range
+        decide, not its class: where the weight levels fit a byte and the input's levels fit
+        unsigned bytes (``x + 128`` for a signed int8 range, ``BIASED_INT8``), the byte chain takes
+        it, summing pairs in int16 where ``te_dot.int16_sums_fit`` allows (one multiply a step
+        instead of two). An int16 layer fed levels from a coarser grid (``IntegerActivations``)
+        multiplies them unshifted, its sums ``2**coarse`` coarser (``requantize``'s ``acc_shift``):
+        ResNet-20's int16 layers after an int8 one take levels up to 127 at fl 4, 508 at their fl 6."""
+        weight, p = frozen
+        if self.isa is None or not fits_byte(weight, p):
+            return dot_container, False, 0
+        levels = weight_levels(weight, p)
+        for lo, hi, coarse in _operand_ranges(fed, p, dot_container):
+            if lo >= 0 and hi <= 255 and self.isa.pairs_in_int16("uint8"):
+                if te_dot.int16_sums_fit(levels, max(hi, 1)):
+                    return "uint8", True, coarse
+                if hi <= 127:  # pair sums of bytes below 128 never saturate vpmaddubsw
+                    return "uint8", False, coarse
+            biased = self.biased_int8 and self.isa.pairs_in_int16(BIASED_INT8)
+            if biased and lo >= -128 and hi <= 127 and te_dot.int16_sums_fit(levels, hi + te_dot.OFFSET):
+                return BIASED_INT8, True, coarse
+        return dot_container, False, 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return map_layers(mod, self._rewrite)
@@ -242,7 +254,6 @@ class LowerToIntegerKernels:
         tiles = _tile_geometry(packed, list(x.ty.shape), weight_shape, container, self.isa, narrow)
         on_tiles_only = amx.always(tiles)
         on_packed_kernel = packed is not None and tiles is None
-        dot_container, int16_sums = self._int16_sums(dot_container, frozen if on_packed_kernel else None)
         branch = not on_tiles_only and packed is not None and fast_wl < kernel_class.max_wl
         # a deployed layer's weights are constants: its sums fit int32 (exact_int32) or never do
         wide_only = branch and frozen is not None and not exact_int32
@@ -255,16 +266,22 @@ class LowerToIntegerKernels:
         sd = [] if seed is None else [seed]
         fed, levels_out = _levels_interface(func, frozen)
         out_dtype = LEVELS_DTYPE if levels_out else "float32"
+        int16_sums, coarse = False, 0
+        if on_packed_kernel and frozen is not None and not wide_only:
+            dot_container, int16_sums, coarse = self._byte_chain(dot_container, frozen, fed)
+        if on_packed_kernel:
+            attrs[OPERAND_ATTR] = dot_container
 
         def x_int(xt: te.Tensor, qp_t: te.Tensor, *s: te.Tensor) -> te.Tensor:
             """The input's levels in the container: quantized, or fed levels (``IntegerActivations``)
-            rescaled to the layer's grid by a shift."""
+            rescaled to the layer's grid by a shift (to ``coarse`` bits above it)."""
             if fed is None:
                 return te_ops.quantize_to_int(xt, qp_t, container, s[0] if s else None, SALTS[0])
             p = frozen[1]
             shift = p.fl - fed.fl
             inside = _rescaled(fed.lo, shift) >= p.int_min and _rescaled(fed.hi, shift) <= p.int_max
-            return te_ops.rescale_levels(xt, shift, None if inside else (p.int_min, p.int_max), container)
+            bounds = None if inside else (p.int_min, p.int_max)
+            return te_ops.rescale_levels(xt, shift - coarse, bounds, container)
 
         def generic(bind: Callable[[relax.Expr], relax.Expr], bi: relax.Expr | None) -> relax.Expr:
             """Quantize, TVM's own integer conv2d/matmul, requantize (``bind``: emit or normalize)."""
@@ -321,7 +338,14 @@ class LowerToIntegerKernels:
                 else:
                     wq = te_dot.PackedWeight(wts[0], wts[1] if len(wts) > 1 else None, tuple(weight_shape))
                 return te_ops.requantize(
-                    dot(xq, wq), given.get("bias"), qp_t, fl_t, axis, sd, out_dtype=out_dtype
+                    dot(xq, wq),
+                    given.get("bias"),
+                    qp_t,
+                    fl_t,
+                    axis,
+                    sd,
+                    out_dtype=out_dtype,
+                    acc_shift=coarse,
                 )
 
             extra = [optional[k] for k in present]
@@ -444,6 +468,19 @@ def _levels_interface(
             f"layer {func.attrs[LAYER_ATTR]}: integer levels in or out need a deployed (frozen) layer"
         )
     return (None if fed is None else Levels(*(int(v) for v in fed))), levels_out
+
+
+def _operand_ranges(fed: Levels | None, p: Precision, dot_container: str) -> list[tuple[int, int, int]]:
+    """The ranges a layer's input levels can enter its kernel in, as (lo, hi, coarse): fed levels
+    from a coarser grid as they are where no clamp applies (coarse: the bits they lie above the
+    layer's grid), then the levels on the layer's grid (clamped); a quantized input spans the word
+    (from 0 where ReLU-fed)."""
+    if fed is None:
+        return [(0 if dot_container == "uint8" else p.int_min, p.int_max, 0)]
+    shift = p.fl - fed.fl
+    lo, hi = _rescaled(fed.lo, shift), _rescaled(fed.hi, shift)
+    ranges = [(fed.lo, fed.hi, shift)] if shift > 0 and lo >= p.int_min and hi <= p.int_max else []
+    return [*ranges, (max(lo, p.int_min), min(hi, p.int_max), 0)]
 
 
 def _rescaled(level: int, shift: int) -> int:

@@ -50,7 +50,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, param
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 56  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 57  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
@@ -176,6 +176,16 @@ def freeze(
 ) -> tvm.IRModule:
     """Deployment: every layer quantized (nearest) at its own class and precision, weights folded
     (``tuned``: the kernels will be scheduled from a tuning database, see ``LowerToIntegerKernels``)."""
+    return tvm.transform.Sequential(freeze_passes(precision, params, target, tuned), name="freeze")(mod)
+
+
+def freeze_passes(
+    precision: Mapping[str, Precision],
+    params: Mapping[str, np.ndarray],
+    target: tvm.target.Target | None = None,
+    tuned: bool = False,
+) -> list[tvm.transform.Pass]:
+    """Phase freeze's passes, in order (``freeze``)."""
     classes = {name: class_for_wl(p.wl) for name, p in precision.items()}
     weights = {layer_name(k): np.asarray(v) for k, v in params.items() if k.endswith("weight")}
     frozen = {name: (weights[name], p) for name, p in precision.items() if name in weights}
@@ -183,21 +193,17 @@ def freeze(
     # integer levels between layers where the packed kernels take them (AMX's tile kernels hand
     # on float32 fused into the next packing instead)
     levels = [IntegerActivations(precision)] if isa is not None and not isa.amx else []
-    seq = tvm.transform.Sequential(
-        [
-            InsertFixedPointQuantize("nearest"),
-            *levels,
-            LowerToIntegerKernels(classes, isa, frozen, biased_int8=not tuned),
-            LowerFloatDotKernels(isa),
-            relax.transform.BindParams("main", dict(params)),
-            FreezeLayerPrecision(precision),
-            FuseMaxPoolIntoLevels(),
-            relax.transform.FoldConstant(),
-            relax.transform.DeadCodeElimination(["main"]),
-        ],
-        name="freeze",
-    )
-    return seq(mod)
+    return [
+        InsertFixedPointQuantize("nearest"),
+        *levels,
+        LowerToIntegerKernels(classes, isa, frozen, biased_int8=not tuned),
+        LowerFloatDotKernels(isa),
+        relax.transform.BindParams("main", dict(params)),
+        FreezeLayerPrecision(precision),
+        FuseMaxPoolIntoLevels(),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(["main"]),
+    ]
 
 
 def glue_module(mod: tvm.IRModule) -> tvm.IRModule:

@@ -112,3 +112,73 @@ def test_a_layer_fed_levels_must_be_deployed(tmp_path):
     mod[gv] = func.with_attr(INPUT_LEVELS_ATTR, [4, 0, 127])
     with pytest.raises(ValueError, match="deployed"):
         LowerToIntegerKernels(class_for_wl(8), dot_isa(resolve_target("cpu")))(mod)
+
+
+class ByteFed(nn.Module):
+    """conv1 (int8) - [ReLU] - [conv2 (int8) + skip - ReLU] - conv3 (int16): conv3 is fed conv1's
+    (or the residual sum's) levels two steps coarser than its own grid."""
+
+    def __init__(self, relu: bool, residual: bool) -> None:
+        super().__init__()
+        self.relu, self.residual = relu, residual
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv1(x)
+        a = F.relu(a) if self.relu else a
+        if self.residual:
+            a = F.relu(self.conv2(a) + a)
+        return self.conv3(a)
+
+
+BYTE_CASES = {  # (relu, residual, conv3's weight levels in (-n, n), the operand, int16 sums)
+    "relu-fed": (True, False, 2, "uint8", True),
+    "relu-fed-byte-weights": (True, False, 128, "uint8", False),
+    "residual-up-to-254": (True, True, 2, "uint8", True),
+    "signed": (False, False, 2, "int8+128", True),
+    "weights-past-a-byte": (True, False, 2048, "int16", False),
+}
+
+
+@pytest.mark.parametrize("case", list(BYTE_CASES))
+def test_int16_layer_on_bytes_where_its_weights_and_input_levels_fit(tmp_path, case: str):
+    """A deployed int16 layer (12, 6) fed int8 levels (fl 4: up to 127, 254 after a residual add,
+    or signed) multiplies them unshifted on the byte chain where its weight levels fit a byte:
+    in int16 sums where they keep the pair lanes inside int16, else on int32 pair sums (inputs up
+    to 127); weights past a byte keep the int16 kernel. Every case equals the float64 reference on
+    inputs that reach conv1's top level."""
+    from marvin_compile.passes.lower_integer import OPERAND_ATTR
+    from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
+    from marvin_compile.te_dot import INT16_SUMS_ATTR
+
+    relu, residual, n, operand, sums = BYTE_CASES[case]
+    torch.manual_seed(0)
+    model = ByteFed(relu, residual).eval()
+    p3 = Precision(12, 6)
+    w_levels = np.random.default_rng(1).integers(1 - n, n, size=model.conv3.weight.shape)
+    with torch.no_grad():
+        model.conv3.weight.copy_(torch.from_numpy(w_levels * 2.0**-p3.fl))
+    prec = {"conv1": (8, 4), "conv2": (8, 4), "conv3": (p3.wl, p3.fl)}
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32) * 8
+    with torch.no_grad():
+        assert model.conv1(torch.from_numpy(x)).abs().max() > 8  # conv1's levels reach its clamp
+    precision = {k: Precision(*p) for k, p in prec.items()}
+    deploy(model, torch.from_numpy(x), precision, tmp_path / "d", batches=())
+    np.testing.assert_array_equal(load(tmp_path / "d")(x), reference(model, x, prec).astype(np.float32))
+
+    target = resolve_target("cpu")
+    isa = dot_isa(target)
+    if isa is None or isa.amx or not isa.pairs_in_int16("uint8"):
+        pytest.skip(f"the byte chain runs on AVX2 / AVX-512 without AMX, not on {target}")
+    imported = import_onnx(load_onnx(tmp_path / "d" / "model.float.onnx"))
+    mod = pipeline.partition(imported.mod)
+    for p in pipeline.freeze_passes(precision, imported.params, target):  # up to the lowering
+        mod = p(mod)
+        if p.info.name == "LowerToIntegerKernels":
+            break
+    (conv3,) = [f for _, f in layer_functions(mod) if str(f.attrs[LAYER_ATTR]) == "conv3"]
+    assert str(conv3.attrs[OPERAND_ATTR]) == operand
+    (kernel,) = [gv for gv in relax.analysis.all_global_vars(conv3) if "marvin_dot" in gv.name_hint]
+    assert (INT16_SUMS_ATTR in mod[kernel].script()) == sums
