@@ -116,28 +116,46 @@ def int16_sums_fit(levels: np.ndarray, input_max: int, depth: int = 4) -> bool:
     ``input_max * max(sum of its positive weights, -(sum of its negative ones))``. Every partial
     sum is inside that bound too, each instruction's pair sum included, so ``vpmaddubsw`` never
     saturates (inputs up to 255: a signed int8 activation as ``x + 128``, ``BIASED_INT8``)."""
+    place = _places(levels, input_max, depth)
+    return input_max * _largest_sum(levels, (place % depth) // 2) < 2**15
+
+
+def pair_sums_fit(levels: np.ndarray, input_max: int, depth: int = 4) -> bool:
+    """Whether no ``vpmaddubsw`` pair sum saturates for inputs in ``[0, input_max]``: each is
+    two neighbours of one word against their weights, at most ``input_max`` times their weights'
+    larger same-sign sum. Always so below 128 (2 * 127 * 128 < 2**15); above, only for weights
+    well inside a byte (the byte chain without int16 sums, ``int16_sums_fit``)."""
+    place = _places(levels, input_max, depth)
+    if levels.ndim == 4:  # a pair is one word's two neighbours: one kernel row (and column) apart
+        _, c, kh, kw = levels.shape
+        tap = np.arange(kh)[None, :, None] * kw + (
+            0 if folds_taps(c, kw, depth) else np.arange(kw)[None, None, :]
+        )
+        key = tap * levels.shape[1] * kw + place // 2
+    else:
+        key = place // 2
+    return input_max * _largest_sum(levels, key) < 2**15
+
+
+def _places(levels: np.ndarray, input_max: int, depth: int) -> np.ndarray:
+    """The place of each reduction element among the packed words' elements (``[C, KH, KW]`` or
+    ``[K]``): a (kernel column, channel) pair where taps fold in, else the channel."""
     if not 0 < input_max <= 255:
         raise ValueError(f"the byte chain takes inputs in [0, 255], not up to {input_max}")
     if levels.ndim == 4:
         _, c, kh, kw = levels.shape
-        # the index packed into the words: a (kernel column, channel) pair where taps fold in
         channel, column = np.arange(c)[:, None, None], np.arange(kw)[None, None, :]
         place = column * c + channel if folds_taps(c, kw, depth) else channel + 0 * column
-        place = np.broadcast_to(place, (c, kh, kw))
-    else:
-        place = np.arange(levels.shape[1])
-    pair = (place.reshape(-1) % depth) // 2
+        return np.broadcast_to(place, (c, kh, kw))
+    return np.arange(levels.shape[1])
+
+
+def _largest_sum(levels: np.ndarray, group: np.ndarray) -> int:
+    """The largest same-sign sum of one output's weights over the elements of one ``group``."""
     w = levels.reshape(levels.shape[0], -1).astype(np.int64)
-    largest = max(
-        int(
-            max(
-                np.clip(w[:, pair == q], 0, None).sum(1).max(),
-                np.clip(-w[:, pair == q], 0, None).sum(1).max(),
-            )
-        )
-        for q in (0, 1)
-    )
-    return input_max * largest < 2**15
+    _, index = np.unique(np.broadcast_to(group, levels.shape[1:]).reshape(-1), return_inverse=True)
+    onehot = np.eye(index.max() + 1, dtype=np.int64)[index]
+    return int(max((np.clip(w, 0, None) @ onehot).max(), (np.clip(-w, 0, None) @ onehot).max()))
 
 
 def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:

@@ -210,7 +210,7 @@ class LowerToIntegerKernels:
             if lo >= 0 and hi <= 255 and self.isa.pairs_in_int16("uint8"):
                 if te_dot.int16_sums_fit(levels, max(hi, 1)):
                     return "uint8", True, coarse
-                if hi <= 127:  # pair sums of bytes below 128 never saturate vpmaddubsw
+                if te_dot.pair_sums_fit(levels, max(hi, 1)):
                     return "uint8", False, coarse
             biased = self.biased_int8 and self.isa.pairs_in_int16(BIASED_INT8)
             if biased and lo >= -128 and hi <= 127 and te_dot.int16_sums_fit(levels, hi + te_dot.OFFSET):

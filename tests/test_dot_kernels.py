@@ -321,6 +321,54 @@ def test_int16_sums_fit_is_the_exact_bound(isa, container, low, top, layer):
     assert exact(-largest) and not exact(-largest - 1)
 
 
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ((2, 16, 8, 8), (4, 16, 3, 3), (1, 1)),
+        ((2, 1, 16, 16), (6, 1, 5, 5), (1, 2)),
+        ((5, 37), (3, 37), None),
+    ],
+    ids=["conv", "conv-folded-taps", "matmul"],
+)
+def test_pair_sums_fit_is_the_exact_bound(isa, layer):
+    """The byte chain on int32 sums, inputs up to 255 (an int16 layer's levels): output 0's
+    weights all v, every input 255. The largest v ``pair_sums_fit`` accepts (a pair's two products
+    just inside int16) gives the exact product, the next one (``vpmaddubsw`` saturates) a wrong
+    one, in each layout."""
+    x_shape, w_shape, conv = layer
+    xp = te.placeholder((tvm.tirx.Var("n", "int64"), *x_shape[1:]), "int16", name="x")
+    wp = te.placeholder(w_shape, "int8", name="w")
+
+    def make(xt, wt, isa_):
+        if conv is None:
+            return te_dot.matmul(xt, wt, isa_, "uint8", "int32")
+        stride, pad = conv
+        return te_dot.conv2d(xt, wt, (stride, stride), (pad,) * 4, isa_, "uint8", "int32")
+
+    lib = _build(isa, make, xp, wp)
+    x = np.full(x_shape, 255, np.int16)
+    w = np.ones(w_shape, np.int8)
+
+    def exact(v: int) -> bool:
+        w[0] = v
+        ref = _product(x, w, conv)
+        out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        return bool(np.array_equal(out.numpy().astype(np.float64), ref))
+
+    def fits(v: int) -> bool:
+        w_v = w.copy()
+        w_v[0] = v
+        return te_dot.pair_sums_fit(w_v, 255)
+
+    largest = max(v for v in range(1, 128) if fits(v))
+    assert largest == 64 and not fits(-largest - 1)
+    assert te_dot.pair_sums_fit(np.full(w_shape, -128, np.int8), 127)  # always below 128
+    assert exact(largest) and not exact(largest + 1)
+    assert exact(-largest) and not exact(-largest - 1)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_int16_sum_kernels_tensorize_on_every_byte_chain_isa(isa):
     """Compiled, not run: int16-sum convs over a symbolic batch, channels and pixels on the lanes,

@@ -137,6 +137,8 @@ BYTE_CASES = {  # (relu, residual, conv3's weight levels in (-n, n), the operand
     "relu-fed": (True, False, 2, "uint8", True),
     "relu-fed-byte-weights": (True, False, 128, "uint8", False),
     "residual-up-to-254": (True, True, 2, "uint8", True),
+    "residual-pairs-inside-int16": (True, True, 40, "uint8", False),
+    "residual-pairs-past-int16": (True, True, 128, "int16", False),
     "signed": (False, False, 2, "int8+128", True),
     "weights-past-a-byte": (True, False, 2048, "int16", False),
 }
@@ -146,9 +148,9 @@ BYTE_CASES = {  # (relu, residual, conv3's weight levels in (-n, n), the operand
 def test_int16_layer_on_bytes_where_its_weights_and_input_levels_fit(tmp_path, case: str):
     """A deployed int16 layer (12, 6) fed int8 levels (fl 4: up to 127, 254 after a residual add,
     or signed) multiplies them unshifted on the byte chain where its weight levels fit a byte:
-    in int16 sums where they keep the pair lanes inside int16, else on int32 pair sums (inputs up
-    to 127); weights past a byte keep the int16 kernel. Every case equals the float64 reference on
-    inputs that reach conv1's top level."""
+    in int16 sums where they keep the pair lanes inside int16, else on int32 sums where no pair of
+    products leaves int16 (always, for inputs up to 127); other weights keep the int16 kernel.
+    Every case equals the float64 reference on inputs that reach conv1's top level."""
     from marvin_compile.passes.lower_integer import OPERAND_ATTR
     from marvin_compile.passes.utils import LAYER_ATTR, layer_functions
     from marvin_compile.te_dot import INT16_SUMS_ATTR
