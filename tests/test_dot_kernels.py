@@ -282,9 +282,8 @@ def test_int16_sum_conv2d_exact(isa, container, low, top, shape):
     np.testing.assert_array_equal(out.numpy().astype(np.float64), ref)
 
 
-@pytest.mark.parametrize("isa", PAIR_ISAS)
-@pytest.mark.parametrize(("container", "low", "top"), PAIR_OPERANDS, ids=["relu-fed", "signed"])
-@pytest.mark.parametrize(
+# layouts that place the reduction differently in the words: (x shape, w shape, conv (stride, pad))
+BOUND_LAYERS = pytest.mark.parametrize(
     "layer",
     [
         ((2, 16, 8, 8), (4, 16, 3, 3), (1, 1)),
@@ -293,14 +292,13 @@ def test_int16_sum_conv2d_exact(isa, container, low, top, shape):
     ],
     ids=["conv", "conv-folded-taps", "matmul"],
 )
-def test_int16_sums_fit_is_the_exact_bound(isa, container, low, top, layer):
-    """Output 0's weights all equal to v, every input 127: the largest v ``int16_sums_fit``
-    accepts gives the exact product, the next one (a pair lane past 2**15 - 1) a wrong one. So
-    the bound admits no weights the kernel gets wrong and refuses none it gets right, in each of
-    the layouts that place the reduction differently in the words."""
-    x_shape, w_shape, conv = layer
-    lib = _pairs_kernel(isa, x_shape, w_shape, conv, container)
-    x = np.full(x_shape, 127, np.int8)
+
+
+def _exact_bound(lib, x: np.ndarray, layer, fits) -> int:
+    """Output 0's weights all v, the others 1: the largest v that ``fits`` (a weight check)
+    accepts gives ``lib``'s exact product and the next one a wrong one, at either sign. So the
+    check admits no weights the kernel gets wrong and refuses none it gets right. Returns v."""
+    _, w_shape, conv = layer
     w = np.ones(w_shape, np.int8)
 
     def exact(v: int) -> bool:
@@ -310,32 +308,36 @@ def test_int16_sums_fit_is_the_exact_bound(isa, container, low, top, layer):
         lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
         return bool(np.array_equal(out.numpy().astype(np.float64), ref))
 
-    def fits(v: int) -> bool:
+    def accepted(v: int) -> bool:
         w_v = w.copy()
         w_v[0] = v
-        return te_dot.int16_sums_fit(w_v, top)
+        return fits(w_v)
 
-    largest = max(v for v in range(1, 128) if fits(v))
-    assert largest < 127 and not fits(-largest - 1)
+    largest = max(v for v in range(1, 128) if accepted(v))
+    assert not accepted(-largest - 1)
     assert exact(largest) and not exact(largest + 1)
     assert exact(-largest) and not exact(-largest - 1)
+    return largest
 
 
 @pytest.mark.parametrize("isa", PAIR_ISAS)
-@pytest.mark.parametrize(
-    "layer",
-    [
-        ((2, 16, 8, 8), (4, 16, 3, 3), (1, 1)),
-        ((2, 1, 16, 16), (6, 1, 5, 5), (1, 2)),
-        ((5, 37), (3, 37), None),
-    ],
-    ids=["conv", "conv-folded-taps", "matmul"],
-)
+@pytest.mark.parametrize(("container", "low", "top"), PAIR_OPERANDS, ids=["relu-fed", "signed"])
+@BOUND_LAYERS
+def test_int16_sums_fit_is_the_exact_bound(isa, container, low, top, layer):
+    """The int16-sum kernel, every input 127 (a signed one packed as 255): ``int16_sums_fit``
+    is its exact bound (a pair lane past 2**15 - 1 is wrong)."""
+    x_shape, w_shape, conv = layer
+    lib = _pairs_kernel(isa, x_shape, w_shape, conv, container)
+    x = np.full(x_shape, 127, np.int8)
+    assert _exact_bound(lib, x, layer, lambda w: te_dot.int16_sums_fit(w, top)) < 127
+
+
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+@BOUND_LAYERS
 def test_pair_sums_fit_is_the_exact_bound(isa, layer):
-    """The byte chain on int32 sums, inputs up to 255 (an int16 layer's levels): output 0's
-    weights all v, every input 255. The largest v ``pair_sums_fit`` accepts (a pair's two products
-    just inside int16) gives the exact product, the next one (``vpmaddubsw`` saturates) a wrong
-    one, in each layout."""
+    """The byte chain on int32 sums, every input 255 (an int16 layer's levels): ``pair_sums_fit``
+    is its exact bound (a pair of products just inside int16 is exact, past it ``vpmaddubsw``
+    saturates); below 128 every byte weight fits."""
     x_shape, w_shape, conv = layer
     xp = te.placeholder((tvm.tirx.Var("n", "int64"), *x_shape[1:]), "int16", name="x")
     wp = te.placeholder(w_shape, "int8", name="w")
@@ -348,25 +350,8 @@ def test_pair_sums_fit_is_the_exact_bound(isa, layer):
 
     lib = _build(isa, make, xp, wp)
     x = np.full(x_shape, 255, np.int16)
-    w = np.ones(w_shape, np.int8)
-
-    def exact(v: int) -> bool:
-        w[0] = v
-        ref = _product(x, w, conv)
-        out = tvm.runtime.tensor(np.zeros(ref.shape, np.int32))
-        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
-        return bool(np.array_equal(out.numpy().astype(np.float64), ref))
-
-    def fits(v: int) -> bool:
-        w_v = w.copy()
-        w_v[0] = v
-        return te_dot.pair_sums_fit(w_v, 255)
-
-    largest = max(v for v in range(1, 128) if fits(v))
-    assert largest == 64 and not fits(-largest - 1)
-    assert te_dot.pair_sums_fit(np.full(w_shape, -128, np.int8), 127)  # always below 128
-    assert exact(largest) and not exact(largest + 1)
-    assert exact(-largest) and not exact(-largest - 1)
+    assert _exact_bound(lib, x, layer, lambda w: te_dot.pair_sums_fit(w, 255)) == 64
+    assert te_dot.pair_sums_fit(np.full(w_shape, -128, np.int8), 127)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
