@@ -153,9 +153,11 @@ def _places(levels: np.ndarray, input_max: int, depth: int) -> np.ndarray:
 def _largest_sum(levels: np.ndarray, group: np.ndarray) -> int:
     """The largest same-sign sum of one output's weights over the elements of one ``group``."""
     w = levels.reshape(levels.shape[0], -1).astype(np.int64)
-    _, index = np.unique(np.broadcast_to(group, levels.shape[1:]).reshape(-1), return_inverse=True)
-    onehot = np.eye(index.max() + 1, dtype=np.int64)[index]
-    return int(max((np.clip(w, 0, None) @ onehot).max(), (np.clip(-w, 0, None) @ onehot).max()))
+    keys = np.broadcast_to(group, levels.shape[1:]).reshape(-1)
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.diff(keys[order], prepend=keys[order][0] - 1))  # each group's first
+    w = w[:, order]
+    return int(max(np.add.reduceat(np.clip(s * w, 0, None), starts, axis=1).max() for s in (1, -1)))
 
 
 def weight_sums(w: te.Tensor, isa: DotISA, container: str) -> te.Tensor | None:
