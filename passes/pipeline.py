@@ -50,7 +50,7 @@ from marvin_compile.passes.utils import LAYER_ATTR, layer_functions, param
 if TYPE_CHECKING:
     from marvin_compile.tuning import TuningDatabase
 
-CODEGEN_REVISION = 58  # part of every cache key: bump when the same inputs compile to other code
+CODEGEN_REVISION = 59  # part of every cache key: bump when the same inputs compile to other code
 EXEC_MODES = ("compiled", "bytecode")
 
 
