@@ -202,10 +202,9 @@ class LowerToIntegerKernels:
         instead of two). An int16 layer fed levels from a coarser grid (``IntegerActivations``)
         multiplies them unshifted, its sums ``2**coarse`` coarser (``requantize``'s ``acc_shift``):
         ResNet-20's int16 layers after an int8 one take levels up to 127 at fl 4, 508 at their fl 6."""
-        weight, p = frozen
-        if self.isa is None or not fits_byte(weight, p):
+        levels, p = weight_levels(*frozen), frozen[1]
+        if self.isa is None or levels.min() < -128 or levels.max() > 127:  # ``fits_byte``
             return dot_container, False, 0
-        levels = weight_levels(weight, p)
         for lo, hi, coarse in _operand_ranges(fed, p, dot_container):
             if lo >= 0 and hi <= 255 and self.isa.pairs_in_int16("uint8"):
                 if te_dot.int16_sums_fit(levels, max(hi, 1)):
